@@ -1,0 +1,46 @@
+"""Write a folder so that readers only ever see the old or the complete new version."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``path``; on success it replaces ``path``.
+
+    A failure (or interrupt) inside the block deletes the temporary folder and leaves
+    any previous ``path`` untouched, so a crashed build never damages a good dataset or
+    checkpoint. The temporary folder lives in the same parent so the final rename stays
+    on one file system.
+    """
+    target = Path(path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _sibling(target, "old") if target.exists() else None
+    try:
+        if old is not None:
+            target.rename(old)
+        tmp.rename(target)
+    except BaseException:
+        if old is not None and not target.exists():
+            old.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

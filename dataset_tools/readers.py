@@ -1,0 +1,252 @@
+"""Readers for interaction logs and item tables in the formats peftrec accepts.
+
+Every reader returns string ids, numeric timestamps and a 1-based ``line`` column so that
+later checks can point the user at the exact line of the source file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+
+INTERACTION_FORMATS = ("recbole", "movielens", "csv", "tsv", "jsonl")
+
+# Genre flags of the GroupLens ``u.item`` file, in column order.
+_UITEM_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+_PANDAS_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path.name}: the file is empty; pass a file with interactions")
+
+
+def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
+                quoting: int = csv.QUOTE_MINIMAL, text: str | None = None) -> pd.DataFrame:
+    """Read a delimited file as strings, keeping blank lines so row i is line i+1(+header)."""
+    source = io.StringIO(text) if text is not None else path
+    try:
+        df = pd.read_csv(
+            source, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False,
+            quoting=quoting, skip_blank_lines=False, encoding=encoding,
+        )
+    except pd.errors.ParserError as e:
+        m = _PANDAS_FIELDS.search(str(e))
+        if m is None:
+            raise DataError(f"{path.name}: cannot parse the file ({str(e).strip()})") from e
+        want, line, saw = m.groups()
+        raise DataError(
+            f"{path.name} line {line}: expected {want} fields, found {saw}; "
+            f"fix or remove that line (is the separator {sep!r} used inside a field?)"
+        ) from e
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path.name}: the file is empty; pass a file with interactions") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path.name}: not valid {encoding} text ({e.reason})") from e
+    df["line"] = np.arange(len(df), dtype=np.int64) + (2 if header else 1)
+    blank = (df.drop(columns="line") == "").all(axis=1)
+    return df[~blank].reset_index(drop=True)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows, lines = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path.name} line {number}: not valid JSON ({e.msg}); "
+                    "each line must hold one JSON object"
+                ) from e
+            if not isinstance(obj, dict):
+                raise DataError(
+                    f"{path.name} line {number}: expected a JSON object, "
+                    f"found {type(obj).__name__}"
+                )
+            rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
+            lines.append(number)
+    if not rows:
+        raise DataError(f"{path.name}: the file is empty; pass a file with interactions")
+    df = pd.DataFrame(rows, dtype=str).fillna("")
+    df["line"] = np.asarray(lines, dtype=np.int64)
+    return df
+
+
+def _strip_recbole_types(df: pd.DataFrame) -> pd.DataFrame:
+    """RecBole headers are ``name:type``; keep the name."""
+    return df.rename(columns={c: c.split(":", 1)[0] for c in df.columns if c != "line"})
+
+
+def _require_columns(df: pd.DataFrame, path: Path, wanted: dict[str, str | None]) -> None:
+    available = ", ".join(c for c in df.columns if c != "line")
+    for flag, name in wanted.items():
+        if name is None:
+            raise DataError(
+                f"{path.name}: {flag} is required for this format; "
+                f"available columns: {available}"
+            )
+        if name not in df.columns:
+            raise DataError(
+                f"{path.name}: no column {name!r} (given by {flag}); "
+                f"available columns: {available}"
+            )
+
+
+def _check_nonempty(df: pd.DataFrame, path: Path, column: str, what: str) -> None:
+    empty = (df[column] == "").to_numpy()
+    if empty.any():
+        line = int(df["line"].to_numpy()[empty.argmax()])
+        raise DataError(
+            f"{path.name} line {line}: empty {what} field; every interaction needs "
+            "a user, an item and a timestamp (fix or remove that line)"
+        )
+
+
+def _to_number(df: pd.DataFrame, path: Path, column: str, what: str, hint: str) -> pd.Series:
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = values.isna().to_numpy() | ~np.isfinite(values.to_numpy(dtype=np.float64))
+    if bad.any():
+        i = int(bad.argmax())
+        raw = df[column].iloc[i]
+        line = int(df["line"].iloc[i])
+        problem = f"empty {what} field" if raw == "" else f"{what} {raw!r} is not a number"
+        raise DataError(f"{path.name} line {line}: {problem}; {hint}")
+    return values
+
+
+def _finish(df: pd.DataFrame, path: Path, user: str, item: str, time: str,
+            rating: str | None) -> pd.DataFrame:
+    """Validate required fields and return the canonical interaction frame."""
+    if df.empty:
+        raise DataError(f"{path.name}: the file has a header but no interactions")
+    for column, what in ((user, "user"), (item, "item"), (time, "timestamp")):
+        _check_nonempty(df, path, column, what)
+    ts = _to_number(df, path, time, "timestamp",
+                    "timestamps must be Unix seconds (convert the column first)")
+    if ts.dtype.kind == "f" and bool((ts == np.floor(ts)).all()):
+        ts = ts.astype(np.int64)
+    out = pd.DataFrame({
+        "user": df[user].astype(str).to_numpy(),
+        "item": df[item].astype(str).to_numpy(),
+        "timestamp": ts.to_numpy(),
+    })
+    if rating is not None:
+        out["rating"] = _to_number(
+            df, path, rating, "rating", "ratings must be numbers (or drop --rating-col)"
+        ).astype(np.float64).to_numpy()
+    out["line"] = df["line"].to_numpy()
+    return out
+
+
+def _is_grouplens_dat(path: Path) -> bool:
+    with path.open(encoding="latin-1") as f:
+        return "::" in f.readline()
+
+
+def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
+                      item_col: str | None = None, time_col: str | None = None,
+                      rating_col: str | None = None) -> pd.DataFrame:
+    """Read an interaction log into columns user, item, timestamp[, rating], line.
+
+    ``line`` is the 1-based line of each row in the source file (for error messages);
+    drop it before writing anything.
+    """
+    path = Path(path)
+    if fmt not in INTERACTION_FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(INTERACTION_FORMATS)}")
+    _check_file(path)
+    if fmt == "recbole":
+        df = _strip_recbole_types(_read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE))
+        user_col, item_col = user_col or "user_id", item_col or "item_id"
+        time_col = time_col or "timestamp"
+        if rating_col is None and "rating" in df.columns:
+            rating_col = "rating"
+    elif fmt == "movielens":
+        names = ["user", "item", "rating", "timestamp"]
+        if _is_grouplens_dat(path):  # ratings.dat: UserID::MovieID::Rating::Timestamp
+            text = path.read_text(encoding="latin-1").replace("::", "\t")
+            df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE, text=text)
+        else:  # u.data: user item rating timestamp, tab-separated
+            df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE)
+        if df.shape[1] != 5:
+            raise DataError(
+                f"{path.name}: expected 4 fields per line (user, item, rating, timestamp), "
+                f"found {df.shape[1] - 1}; is this a MovieLens ratings.dat or u.data file?"
+            )
+        df.columns = [*names, "line"]
+        user_col, item_col, time_col, rating_col = "user", "item", "timestamp", "rating"
+    elif fmt == "jsonl":
+        df = _read_jsonl(path)
+    else:
+        df = _read_table(path, "," if fmt == "csv" else "\t", header=True)
+    wanted = {"--user-col": user_col, "--item-col": item_col, "--time-col": time_col}
+    if rating_col is not None:
+        wanted["--rating-col"] = rating_col
+    _require_columns(df, path, wanted)
+    assert user_col and item_col and time_col  # checked just above
+    return _finish(df, path, user_col, item_col, time_col, rating_col)
+
+
+def read_items(path: str | Path, fmt: str, item_col: str | None = None) -> pd.DataFrame:
+    """Read an item table into a column ``item`` (same id space as interactions) + text fields."""
+    path = Path(path)
+    if fmt not in INTERACTION_FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(INTERACTION_FORMATS)}")
+    _check_file(path)
+    if fmt == "recbole":
+        df = _strip_recbole_types(_read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE))
+        item_col = item_col or "item_id"
+    elif fmt == "movielens":
+        df = _read_movielens_items(path)
+        item_col = "item"
+    elif fmt == "jsonl":
+        df = _read_jsonl(path)
+    else:
+        df = _read_table(path, "," if fmt == "csv" else "\t", header=True)
+    _require_columns(df, path, {"--item-col": item_col})
+    assert item_col is not None
+    _check_nonempty(df, path, item_col, "item")
+    df = df.rename(columns={item_col: "item"})
+    fields = [c for c in df.columns if c not in ("item", "line")]
+    return df[["item", *fields]].astype(str).reset_index(drop=True)
+
+
+def _read_movielens_items(path: Path) -> pd.DataFrame:
+    """movies.dat (MovieID::Title::Genres) or u.item (pipe-separated, genre flags)."""
+    text = path.read_text(encoding="latin-1")
+    first = text.split("\n", 1)[0]
+    if "::" in first:
+        df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE,
+                         text=text.replace("::", "\t"))
+        if df.shape[1] != 4:
+            raise DataError(f"{path.name}: expected MovieID::Title::Genres on every line")
+        df.columns = ["item", "title", "genres", "line"]
+        df["genres"] = df["genres"].str.replace("|", ", ", regex=False)
+        return df
+    df = _read_table(path, "|", header=False, quoting=csv.QUOTE_NONE, text=text)
+    if df.shape[1] != 5 + len(_UITEM_GENRES) + 1:
+        raise DataError(
+            f"{path.name}: expected {5 + len(_UITEM_GENRES)} '|'-separated fields per line "
+            "(a GroupLens u.item file) or MovieID::Title::Genres (movies.dat)"
+        )
+    flags = df.iloc[:, 5:5 + len(_UITEM_GENRES)].to_numpy() == "1"
+    genres = [", ".join(g for g, on in zip(_UITEM_GENRES, row, strict=True) if on) for row in flags]
+    return pd.DataFrame({"item": df[0], "title": df[1], "release_date": df[2],
+                         "genres": genres, "line": df["line"]})

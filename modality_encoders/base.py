@@ -1,0 +1,45 @@
+"""The item-encoder contract and the registry that maps encoder names to classes."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class ItemEncoder(Protocol):
+    """Maps item indices (0 = padding) to vectors of size `output_dim`."""
+
+    output_dim: int
+
+    def forward(self, item_indices: torch.Tensor) -> torch.Tensor:
+        """[...] long -> [..., output_dim]."""
+        ...
+
+    def catalog(self) -> torch.Tensor:
+        """Vectors of every item, row 0 being padding: [num_items + 1, output_dim]."""
+        ...
+
+
+ITEM_ENCODERS: dict[str, type[nn.Module]] = {}
+
+
+def register_item_encoder(name: str):
+    """Class decorator adding an encoder to `ITEM_ENCODERS` under `name`."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        ITEM_ENCODERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_item_encoder(name: str, num_items: int, output_dim: int) -> nn.Module:
+    """Build the encoder registered as `name` for a catalog of `num_items` items."""
+    if name not in ITEM_ENCODERS:
+        raise ValueError(
+            f"unknown item encoder {name!r}; choose one of {sorted(ITEM_ENCODERS)}"
+        )
+    return ITEM_ENCODERS[name](num_items=num_items, output_dim=output_dim)

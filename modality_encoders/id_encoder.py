@@ -1,0 +1,29 @@
+"""ID item encoder: one learned vector per item."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modality_encoders.base import register_item_encoder
+
+
+@register_item_encoder("id")
+class IDEncoder(nn.Module):
+    """An embedding table with row 0 reserved for padding (kept at zero)."""
+
+    def __init__(self, num_items: int, output_dim: int) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"an ID encoder needs at least one item, got num_items={num_items}")
+        self.output_dim = output_dim
+        self.embedding = nn.Embedding(num_items + 1, output_dim, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    def forward(self, item_indices: torch.Tensor) -> torch.Tensor:
+        return self.embedding(item_indices)
+
+    def catalog(self) -> torch.Tensor:
+        return self.embedding.weight

@@ -1,0 +1,179 @@
+"""The argument vocabulary every script shares, `--config FILE.yaml`, and error reporting.
+
+Flags given on the command line override values from `--config`; unknown keys in
+the YAML file are an error, like unknown flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from pretraining.evaluation import EvaluationProtocol
+from pretraining.recommender import BACKBONES, RecommenderConfig
+from pretraining.trainer import TrainingConfig
+
+
+class CommandLineError(ValueError):
+    """Bad flags or a bad --config file."""
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    parser.add_argument(
+        "--output-dir", type=Path, help="run folder (default: runs/<dataset>-<backbone>)",
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dataset", default="ml-100k",
+                        help="built-in name (ml-100k, ml-1m) or a folder written by "
+                        "scripts/prepare_data.py")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="where built-in datasets are prepared "
+                        "(default $PEFTREC_CACHE or ~/.cache/peftrec)")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", choices=sorted(BACKBONES), default="sasrec")
+    group.add_argument("--hidden-size", type=int, default=64)
+    group.add_argument("--num-layers", type=int, default=2)
+    group.add_argument("--num-heads", type=int, default=2)
+    group.add_argument("--ffn-size", type=int, default=256)
+    group.add_argument("--max-len", type=int, default=200, help="longest input sequence")
+    group.add_argument("--dropout", type=float, default=0.2)
+    group.add_argument("--loss", choices=["full", "sampled"], default="full",
+                       help="softmax over the whole catalog, or sampled softmax with "
+                       "logQ correction")
+    group.add_argument("--num-negatives", type=int, default=1024, help="for --loss sampled")
+    group.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=200)
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--eval-batch-size", type=int, default=256,
+                       help="users scored at once in full ranking (bounds evaluation memory)")
+    group.add_argument("--lr", type=float, default=1e-3)
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--scheduler", choices=["constant", "cosine"], default="constant")
+    group.add_argument("--warmup-steps", type=int, default=0)
+    group.add_argument("--grad-accum", type=int, default=1)
+    group.add_argument("--max-grad-norm", type=float, default=5.0)
+    group.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    group.add_argument("--patience", type=int, default=10,
+                       help="epochs without better validation NDCG@10 before stopping")
+    group.add_argument("--num-workers", type=int, default=0)
+    group.add_argument("--save-steps", type=int, default=0,
+                       help="also save the training state every N steps (0: once per epoch)")
+    group.add_argument("--report-to", default="auto",
+                       help="trackers: auto (installed ones), none, or tensorboard,mlflow")
+    group.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation protocol")
+    group.add_argument("--mask-history", action="store_true",
+                       help="exclude items already in the user's input from the ranking")
+
+
+def pretrain_parser(description: str) -> argparse.ArgumentParser:
+    """Flags of every pretraining script: common, model, training and protocol."""
+    parser = base_parser(description)
+    add_model_arguments(parser)
+    add_training_arguments(parser)
+    add_protocol_arguments(parser)
+    return parser
+
+
+def evaluate_parser(description: str) -> argparse.ArgumentParser:
+    """Flags of scripts/evaluate.py: a run folder, optionally another dataset folder."""
+    parser = base_parser(description)
+    parser.set_defaults(dataset=None)  # default: the dataset the run was trained on
+    parser.add_argument("--run", required=True, type=Path,
+                        help="run folder written by a pretraining script")
+    parser.add_argument("--eval-batch-size", type=int, default=256)
+    parser.add_argument("--output", type=Path,
+                        help="where to write the metrics (default RUN/evaluation.json)")
+    add_protocol_arguments(parser)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
+    """Parse flags on top of the `--config` YAML file's values."""
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        parser.set_defaults(**_read_config(first.config, parser))
+    return parser.parse_args(argv)
+
+
+def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
+    if not path.is_file():
+        raise CommandLineError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise CommandLineError(f"--config {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise CommandLineError(f"--config {path} must be a mapping of setting: value")
+    known = {action.dest for action in parser._actions}
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CommandLineError(
+            f"--config {path}: unknown settings {unknown}; see --help for the valid names"
+        )
+    return values
+
+
+def model_config(args: argparse.Namespace, num_items: int, fingerprint: str) -> RecommenderConfig:
+    return RecommenderConfig(
+        num_items=num_items,
+        backbone=args.backbone,
+        backbone_config={
+            "hidden_size": args.hidden_size, "num_layers": args.num_layers,
+            "num_heads": args.num_heads, "ffn_size": args.ffn_size,
+            "max_len": args.max_len, "dropout": args.dropout,
+        },
+        loss=args.loss,
+        num_negatives=args.num_negatives,
+        negative_sampling=args.negative_sampling,
+        dataset_fingerprint=fingerprint,
+    )
+
+
+def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfig:
+    return TrainingConfig(
+        output_dir=str(output_dir), epochs=args.epochs, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        scheduler=args.scheduler, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
+        max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
+        patience=args.patience, num_workers=args.num_workers, seed=args.seed,
+        save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,
+    )
+
+
+def protocol_config(args: argparse.Namespace) -> EvaluationProtocol:
+    return EvaluationProtocol(mask_history=args.mask_history)
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None):
+    """Run a script's main; bad input exits 2 with one line, no traceback unless --debug."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

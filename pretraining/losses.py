@@ -1,0 +1,46 @@
+"""Next-item losses over the catalog: full softmax, or sampled softmax with logQ correction."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def full_softmax_loss(states: torch.Tensor, catalog: torch.Tensor, targets: torch.Tensor):
+    """Cross-entropy over every real item.
+
+    states [M, d], catalog [N + 1, d] (row 0 = padding, never a candidate), targets [M] in 1..N.
+    """
+    logits = states @ catalog[1:].T
+    return F.cross_entropy(logits, targets - 1)
+
+
+def sampled_softmax_loss(
+    states: torch.Tensor,
+    catalog: torch.Tensor,
+    targets: torch.Tensor,
+    num_negatives: int,
+    sampling_probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax over each target plus negatives shared by the whole batch.
+
+    Negatives come from `sampling_probs` over items 1..N (uniform when None). Each
+    negative logit is corrected by -log(num_negatives * q(item)), its expected count,
+    so the sum over negatives estimates the full partition function without bias
+    (Bengio & Senecal, 2008; Jean et al., 2015); a negative equal to the row's target
+    is masked out.
+    """
+    num_items = catalog.shape[0] - 1
+    if sampling_probs is None:
+        negatives = torch.randint(1, num_items + 1, (num_negatives,), device=states.device)
+        log_q = torch.full((num_negatives,), -math.log(num_items), device=states.device)
+    else:
+        negatives = torch.multinomial(sampling_probs, num_negatives, replacement=True) + 1
+        log_q = sampling_probs.clamp_min(1e-12).log()[negatives - 1]
+    pos_logits = (states * catalog[targets]).sum(-1)
+    neg_logits = states @ catalog[negatives].T - log_q - math.log(num_negatives)
+    neg_logits = neg_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -1,0 +1,168 @@
+"""End-to-end jobs behind the scripts: pretrain a recommender, re-evaluate a run folder.
+
+A run folder holds `config.json` (resolved settings, versions, dataset fingerprint),
+`metrics.json`, `log.jsonl`, `best_model/` and `state/` (see `pretraining.trainer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
+from pretraining.cli import model_config, protocol_config, training_config
+from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
+from pretraining.evaluation import EvaluationProtocol, evaluate
+from pretraining.recommender import CheckpointError, SequentialRecommender
+from pretraining.trainer import BEST_DIR, Trainer, build_accelerator
+
+RUN_CONFIG = "config.json"
+METRICS = "metrics.json"
+METRIC_COLUMNS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
+
+
+def load_data(dataset: str, cache_dir: Path | None) -> SequenceData:
+    return load_dataset_folder(resolve_dataset(dataset, cache_dir))
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Train a recommender from scratch on `args.dataset`; returns metrics.json's content."""
+    data = load_data(args.dataset, args.cache_dir)
+    output_dir = args.output_dir or Path("runs") / f"{data.name}-{args.backbone}"
+    config = model_config(args, data.num_items, data.fingerprint)
+    run_config = {
+        "dataset": {"name": data.name, "path": str(data.path), "fingerprint": data.fingerprint},
+        "model": asdict(config),
+        "training": asdict(training_config(args, output_dir)),
+        "protocol": asdict(protocol_config(args)),
+        "command": sys.argv,
+        "versions": _versions(),
+    }
+    _check_run_folder(output_dir, run_config, args.resume)
+    trainer_config = training_config(args, output_dir)
+    accelerator = build_accelerator(trainer_config)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+    set_seed(args.seed)  # before the model exists: its initial weights depend on the seed
+    frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
+    model = SequentialRecommender(config, frequencies)
+    max_len = config.backbone_settings().max_len
+    trainer = Trainer(
+        model, trainer_config,
+        LeaveOneOutDataset(data, "train", max_len), LeaveOneOutDataset(data, "valid", max_len),
+        collate_left_padded, protocol_config(args), accelerator,
+    )
+    accelerator.print(f"{data.name}: {data.num_users} users, {data.num_items} items; "
+                      f"{_count(model)} parameters; {accelerator.num_processes} process(es)")
+    summary = trainer.train()
+    metrics = evaluate_checkpoint(output_dir / BEST_DIR, data, protocol_config(args),
+                                  trainer_config.eval_batch_size, accelerator, frequencies)
+    metrics["training"] = summary
+    if accelerator.is_main_process:
+        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        print(format_metrics_table({f"{data.name} {args.backbone}": metrics}))
+    return metrics
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: SequenceData,
+    protocol: EvaluationProtocol,
+    batch_size: int,
+    accelerator: Accelerator,
+    frequencies=None,
+) -> dict:
+    """Validation and test metrics of a saved checkpoint on `data`, plus the protocol."""
+    model = SequentialRecommender.from_pretrained(checkpoint, frequencies)
+    trained_on = model.config.dataset_fingerprint
+    if trained_on != data.fingerprint or model.config.num_items != data.num_items:
+        raise CheckpointError(
+            f"{checkpoint} was trained on another dataset (fingerprint {str(trained_on)[:12]}, "
+            f"{model.config.num_items} items) than {data.path} (fingerprint "
+            f"{data.fingerprint[:12]}, {data.num_items} items); evaluate it on its own dataset, "
+            "or fine-tune it on this one with the downstream scripts"
+        )
+    model.to(accelerator.device)
+    max_len = model.config.backbone_settings().max_len
+    results = {}
+    for split in ("valid", "test"):
+        loader = accelerator.prepare(DataLoader(
+            LeaveOneOutDataset(data, split, max_len), batch_size=batch_size,
+            collate_fn=collate_left_padded,
+        ))
+        results[split] = evaluate(model, loader, accelerator, protocol, split)
+    results["protocol"] = results["valid"].pop("protocol")
+    results["test"].pop("protocol")
+    return results
+
+
+def evaluate_run(args: argparse.Namespace) -> dict:
+    """Re-evaluate the best checkpoint of a run folder; writes `evaluation.json` there."""
+    run_dir = Path(args.run)
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no {RUN_CONFIG}); pass --run DIR "
+                              "of a finished or interrupted pretraining run")
+    run_config = json.loads((run_dir / RUN_CONFIG).read_text())
+    dataset = args.dataset or run_config["dataset"]["path"]
+    data = load_data(dataset, args.cache_dir)
+    accelerator = Accelerator(cpu=args.cpu)
+    metrics = evaluate_checkpoint(run_dir / BEST_DIR, data, protocol_config(args),
+                                  args.eval_batch_size, accelerator)
+    if accelerator.is_main_process:
+        output = Path(args.output) if args.output else run_dir / "evaluation.json"
+        output.write_text(json.dumps(metrics, indent=2))
+        print(format_metrics_table({f"{run_dir.name} on {data.name}": metrics}))
+    return metrics
+
+
+def format_metrics_table(runs: dict[str, dict]) -> str:
+    """A plain-text table of test (and validation NDCG@10) metrics, one row per run."""
+    header = ["run", "valid ndcg@10", *(f"test {m}" for m in METRIC_COLUMNS)]
+    rows = [[name, f"{m['valid']['ndcg@10']:.4f}", *(f"{m['test'][c]:.4f}" for c in METRIC_COLUMNS)]
+            for name, m in runs.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+             for row in [header, *rows]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume one with another model or dataset."""
+    existing = output_dir / RUN_CONFIG
+    if not existing.is_file():
+        return
+    if not resume:
+        raise ValueError(f"{output_dir} already holds a run; pass --resume to continue it "
+                         "or choose another --output-dir")
+    previous = json.loads(existing.read_text())
+    for section in ("dataset", "model"):
+        if previous.get(section) != run_config[section]:
+            changed = sorted(
+                key for key in set(previous.get(section, {})) | set(run_config[section])
+                if previous.get(section, {}).get(key) != run_config[section].get(key)
+            )
+            raise CheckpointError(
+                f"cannot --resume {output_dir}: its {section} settings differ ({changed}); "
+                "use the original settings or another --output-dir"
+            )
+
+
+def _count(model) -> str:
+    return f"{sum(p.numel() for p in model.parameters()):,}"
+
+
+def _versions() -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}

@@ -1,0 +1,172 @@
+"""A sequential recommender = item encoder + sequence backbone + dot-product scorer.
+
+The model contract used by the Trainer and the evaluator:
+- `loss(batch) -> {"loss": tensor, ...}` (several named losses may be returned),
+- `scores(batch) -> [B, num_items + 1]` next-item scores over the whole catalog
+  (column 0 is padding and is never ranked).
+Batches are dicts of `input_ids` [B, L] (left-padded with 0) and `target_ids`
+([B, L] next items for training, 0 = no target; [B] for evaluation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from dataset_tools import atomic_directory
+from modality_encoders import build_item_encoder
+from pretraining.losses import full_softmax_loss, sampled_softmax_loss
+from pretraining.sasrec import SASRec, SASRecConfig
+
+BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {"sasrec": (SASRecConfig, SASRec)}
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ARCHITECTURE = "SequentialRecommender"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, or does not fit the model or data."""
+
+
+@dataclass
+class RecommenderConfig:
+    num_items: int
+    backbone: str = "sasrec"
+    backbone_config: dict = field(default_factory=dict)
+    item_encoder: str = "id"
+    loss: str = "full"  # "full" softmax over the catalog, or "sampled"
+    num_negatives: int = 1024
+    negative_sampling: str = "uniform"  # or "popularity" (needs item frequencies)
+    dataset_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}"
+            )
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"unknown loss {self.loss!r}; choose 'full' or 'sampled'")
+        if self.negative_sampling not in ("uniform", "popularity"):
+            raise ValueError(
+                f"unknown negative sampling {self.negative_sampling!r}; "
+                "choose 'uniform' or 'popularity'"
+            )
+        if self.loss == "sampled" and self.num_negatives < 1:
+            raise ValueError(f"--num-negatives must be >= 1, got {self.num_negatives}")
+
+    def backbone_settings(self):
+        config_cls, _ = BACKBONES[self.backbone]
+        return config_cls(**self.backbone_config)
+
+
+class SequentialRecommender(nn.Module):
+    def __init__(self, config: RecommenderConfig, item_frequencies: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        backbone_config = config.backbone_settings()
+        _, backbone_cls = BACKBONES[config.backbone]
+        self.backbone = backbone_cls(backbone_config)
+        self.item_encoder = build_item_encoder(
+            config.item_encoder, config.num_items, backbone_config.hidden_size
+        )
+        if config.loss == "sampled" and config.negative_sampling == "popularity":
+            if item_frequencies is None:
+                raise ValueError("popularity negative sampling needs item frequencies")
+            probs = item_frequencies[1:].double()
+            self.register_buffer("sampling_probs", (probs / probs.sum()).float(), persistent=False)
+        else:
+            self.sampling_probs = None
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Contextual states [B, L, d] for left-padded item sequences [B, L]."""
+        return self.backbone(self.item_encoder(input_ids), input_ids > 0)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        states = self.encode(batch["input_ids"])
+        targets = batch["target_ids"]
+        # The loss only covers positions with a next item: padding costs no compute.
+        has_target = targets > 0
+        states, targets = states[has_target], targets[has_target]
+        catalog = self.item_encoder.catalog()
+        if self.config.loss == "full":
+            loss = full_softmax_loss(states, catalog, targets)
+        else:
+            loss = sampled_softmax_loss(
+                states, catalog, targets, self.config.num_negatives, self.sampling_probs
+            )
+        return {"loss": loss}
+
+    def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        last_state = self.encode(batch["input_ids"])[:, -1]
+        return last_state @ self.item_encoder.catalog().T
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # DDP only syncs gradients of what runs through forward().
+        return self.loss(batch)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` + `model.safetensors` atomically (old checkpoint kept on failure)."""
+        with atomic_directory(directory) as tmp:
+            meta = {"architecture": ARCHITECTURE, "config": asdict(self.config)}
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+            save_model(self, str(tmp / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, item_frequencies: torch.Tensor | None = None
+    ) -> SequentialRecommender:
+        config = load_recommender_config(directory)
+        model = cls(config, item_frequencies)
+        try:
+            weights = str(Path(directory) / WEIGHTS_NAME)
+            missing, unexpected = load_model(model, weights, strict=False)
+        except RuntimeError as error:  # shape mismatches
+            raise CheckpointError(
+                f"{directory}: weights do not fit the configured model ({_first_line(error)})"
+            ) from None
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{directory}: weights do not match the model (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); was it written by another model?"
+            )
+        return model
+
+
+def load_recommender_config(directory: str | Path) -> RecommenderConfig:
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise CheckpointError(
+            f"{directory} is not a peftrec checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+            "pass the run folder written by a pretraining script"
+        )
+    try:
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{directory / CONFIG_NAME} is not valid JSON: {error}") from None
+    if meta.get("architecture") != ARCHITECTURE:
+        raise CheckpointError(
+            f"{directory} holds a {meta.get('architecture')!r} checkpoint, not a {ARCHITECTURE}"
+        )
+    try:
+        return RecommenderConfig(**meta["config"])
+    except TypeError as error:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: unexpected settings ({error})") from None
+
+
+def checkpoint_fingerprint(directory: str | Path) -> str:
+    """SHA-256 of the weights file: identifies a base model for adapters and resumes."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]

@@ -1,0 +1,311 @@
+"""The one Trainer: pretraining and fine-tuning alike, on one CPU or many GPUs via Accelerate.
+
+Run folder layout (DESIGN.md, command-line contract):
+    best_model/    best checkpoint by validation metric (config.json + model.safetensors)
+    state/         `accelerator.save_state` + trainer_state.json, rewritten atomically
+    log.jsonl      one JSON object per epoch (main process only)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from pretraining.evaluation import EvaluationProtocol, evaluate
+
+STATE_DIR = "state"
+BEST_DIR = "best_model"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str
+    epochs: int = 200
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "constant"  # "constant" or "cosine", both after `warmup_steps`
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    max_grad_norm: float = 5.0  # 0 disables clipping
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
+    patience: int = 10  # epochs without a better validation metric before stopping
+    metric: str = "ndcg@10"
+    num_workers: int = 0
+    seed: int = 42
+    save_steps: int = 0  # also save the training state every N optimizer steps (0 = per epoch)
+    report_to: str = "auto"  # "auto" (trackers that are installed), "none", or a list "a,b"
+    cpu: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "patience")
+        for name in positive:
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.scheduler not in ("constant", "cosine"):
+            raise ValueError(f"unknown --scheduler {self.scheduler!r}; use 'constant' or 'cosine'")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(
+                f"unknown --mixed-precision {self.mixed_precision!r}; use 'no', 'fp16' or 'bf16'"
+            )
+
+
+@dataclass
+class TrainerState:
+    """What a resumed run needs beyond `save_state`: where it was and how it was doing."""
+
+    epoch: int = 0  # epochs completed
+    batches_in_epoch: int = 0  # batches of the current epoch already trained
+    global_step: int = 0  # optimizer steps
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainingConfig,
+        train_dataset: Dataset,
+        valid_dataset: Dataset,
+        collate_fn: Callable,
+        protocol: EvaluationProtocol | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.config = config
+        self.protocol = protocol or EvaluationProtocol()
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or build_accelerator(config)
+        set_seed(config.seed)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters; unfreeze something first")
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        train_loader = self._loader(train_dataset, config.batch_size, collate_fn, shuffle=True)
+        valid_loader = self._loader(valid_dataset, config.eval_batch_size, collate_fn)
+        steps_per_epoch = math.ceil(
+            len(train_loader) / self.accelerator.num_processes / config.grad_accum
+        )
+        # `prepare` steps the scheduler once per process per optimizer step.
+        scheduler = get_scheduler(
+            "cosine" if config.scheduler == "cosine" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=config.warmup_steps * self.accelerator.num_processes,
+            num_training_steps=steps_per_epoch * config.epochs * self.accelerator.num_processes,
+        )
+        (self.model, self.optimizer, self.train_loader, self.valid_loader,
+         self.scheduler) = self.accelerator.prepare(
+            model, optimizer, train_loader, valid_loader, scheduler
+        )
+        self.state = TrainerState()
+
+    def _loader(self, dataset: Dataset, batch_size: int, collate_fn: Callable, shuffle=False):
+        if len(dataset) == 0:
+            raise ValueError("a dataset split is empty: no user has enough interactions")
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn,
+            num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0,
+            # Its own generator: starting an iterator (also after a mid-epoch resume) must
+            # not draw from the global RNG that dropout uses.
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    # ---------------------------------------------------------------- training
+    def train(self) -> dict:
+        """Train until `epochs` or early stopping; returns the training summary."""
+        acc = self.accelerator
+        if self.config.resume:
+            self._load_state()
+        acc.init_trackers("peftrec", config=_flat_hparams(self.config))
+        epoch_seconds, positions, data_wait = [], 0, 0.0
+        state, config = self.state, self.config
+        while state.epoch < config.epochs and state.bad_epochs < config.patience:
+            started = time.perf_counter()
+            loss_sum, wait, seen = self._train_one_epoch()
+            seconds = time.perf_counter() - started
+            epoch_seconds.append(seconds)
+            positions += seen
+            data_wait += wait
+            valid = evaluate(self.model, self.valid_loader, acc, self.protocol, "valid")
+            self._end_epoch(valid, loss_sum, seconds, wait)
+        acc.end_training()
+        trained_seconds = sum(epoch_seconds)
+        return {
+            "epochs": self.state.epoch,
+            "best_epoch": self.state.best_epoch,
+            f"best_valid_{self.config.metric}": self.state.best_metric,
+            "seconds_per_epoch": trained_seconds / len(epoch_seconds) if epoch_seconds else None,
+            "target_positions_per_second": positions / trained_seconds if trained_seconds else None,
+            "data_wait_share": data_wait / trained_seconds if trained_seconds else None,
+            "peak_memory_mb": peak_memory_mb(acc.device),
+            "num_processes": acc.num_processes,
+        }
+
+    def _train_one_epoch(self) -> tuple[float, float, int]:
+        acc, config = self.accelerator, self.config
+        self.model.train()
+        self.train_loader.set_epoch(self.state.epoch)
+        loader = self.train_loader
+        if self.state.batches_in_epoch:  # resuming in the middle of an epoch
+            loader = acc.skip_first_batches(loader, self.state.batches_in_epoch)
+        loss_sum = torch.zeros((), device=acc.device)
+        positions = torch.zeros((), dtype=torch.long, device=acc.device)
+        wait, trained = 0.0, 0
+        progress = tqdm(total=len(self.train_loader), initial=self.state.batches_in_epoch,
+                        desc=f"epoch {self.state.epoch + 1}", leave=False,
+                        disable=not acc.is_local_main_process)
+        iterator = iter(loader)
+        while True:
+            fetch_started = time.perf_counter()
+            batch = next(iterator, None)
+            wait += time.perf_counter() - fetch_started
+            if batch is None:
+                break
+            with acc.accumulate(self.model):
+                loss = self.model(batch)["loss"]
+                acc.backward(loss)
+                if acc.sync_gradients and config.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            # Kept as tensors: no host-device sync inside the step loop.
+            loss_sum += loss.detach()
+            positions += (batch["target_ids"] > 0).sum()
+            self.state.batches_in_epoch += 1
+            trained += 1
+            progress.update()
+            if acc.sync_gradients:
+                self.state.global_step += 1
+                if config.save_steps and self.state.global_step % config.save_steps == 0:
+                    self._save_state()
+        progress.close()
+        mean_loss = acc.reduce(loss_sum, "mean").item() / max(trained, 1)
+        return mean_loss, wait, int(acc.reduce(positions, "sum").item())
+
+    def _end_epoch(self, valid: dict, train_loss: float, seconds: float, wait: float) -> None:
+        acc, state = self.accelerator, self.state
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        score = valid[self.config.metric]
+        if score > state.best_metric:
+            state.best_metric, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+            if acc.is_main_process:
+                acc.unwrap_model(self.model).save_pretrained(self.output_dir / BEST_DIR)
+        else:
+            state.bad_epochs += 1
+        self._save_state()
+        row = {
+            "epoch": state.epoch,
+            "step": state.global_step,
+            "train_loss": train_loss,
+            "valid": {k: v for k, v in valid.items() if k != "protocol"},
+            "seconds": seconds,
+            "data_wait_share": wait / seconds if seconds else 0.0,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        if acc.is_main_process:
+            with open(self.output_dir / "log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
+        acc.log(_tracker_metrics(row), step=state.epoch)
+        acc.print(
+            f"epoch {state.epoch}: loss {train_loss:.4f}  valid {self.config.metric} {score:.4f}"
+            f"  (best {state.best_metric:.4f} @ {state.best_epoch})  {seconds:.1f}s"
+        )
+
+    # ------------------------------------------------------- checkpoint/resume
+    def _save_state(self) -> None:
+        """Write the full training state to `state/`, atomically (all processes call this)."""
+        acc = self.accelerator
+        final, tmp = self.output_dir / STATE_DIR, self.output_dir / f"{STATE_DIR}.tmp"
+        old = self.output_dir / f"{STATE_DIR}.old"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _load_state(self) -> None:
+        # An interruption between the two renames of `_save_state` leaves only `state.old`.
+        candidates = [self.output_dir / STATE_DIR, self.output_dir / f"{STATE_DIR}.old"]
+        found = next((c for c in candidates if (c / TRAINER_STATE).is_file()), None)
+        if found is None:
+            self.accelerator.print(f"--resume: no saved state in {self.output_dir}; starting fresh")
+            return
+        self.accelerator.load_state(str(found))
+        self.state = TrainerState(**json.loads((found / TRAINER_STATE).read_text()))
+        self.accelerator.print(
+            f"resumed from {found}: epoch {self.state.epoch}, "
+            f"batch {self.state.batches_in_epoch}, step {self.state.global_step}"
+        )
+
+
+def build_accelerator(config: TrainingConfig) -> Accelerator:
+    return Accelerator(
+        cpu=config.cpu,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        log_with=_trackers(config.report_to),
+        project_dir=config.output_dir,
+        # Same data order for a seed and epoch at any process count, and after resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory if on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trackers(report_to: str) -> list[str]:
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available
+
+    installed = {"tensorboard": is_tensorboard_available(), "mlflow": is_mlflow_available()}
+    if report_to == "none":
+        return []
+    if report_to == "auto":
+        return [name for name, available in installed.items() if available]
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    for name in names:
+        if name not in installed:
+            raise ValueError(f"unknown tracker {name!r} in --report-to; use {sorted(installed)}")
+        if not installed[name]:
+            raise ValueError(f"--report-to {name}: {name} is not installed (pip install {name})")
+    return names
+
+
+def _tracker_metrics(row: dict) -> dict[str, float]:
+    # MLflow rejects '@' in metric names: ndcg@10 -> valid/ndcg_at_10.
+    metrics = {f"valid/{k.replace('@', '_at_')}": v for k, v in row["valid"].items()}
+    return {**metrics, "train/loss": row["train_loss"], "train/lr": row["lr"]}
+
+
+def _flat_hparams(config: TrainingConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}

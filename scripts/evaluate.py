@@ -1,0 +1,15 @@
+"""Re-evaluate the best checkpoint of a run folder by full ranking.
+
+    python scripts/evaluate.py --run runs/ml-100k-sasrec [--mask-history]
+"""
+
+from pretraining.cli import evaluate_parser, parse_args, run_main
+from pretraining.pipeline import evaluate_run
+
+
+def main(argv=None):
+    return evaluate_run(parse_args(evaluate_parser(__doc__), argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

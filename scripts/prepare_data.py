@@ -1,0 +1,88 @@
+"""Build a peftrec dataset folder from raw interaction logs or a built-in MovieLens set.
+
+    python scripts/prepare_data.py --input ratings.csv --format csv --k-core 5
+        --user-col user --item-col item --time-col ts --output data/mydata
+    python scripts/prepare_data.py --dataset ml-1m --output data/ml-1m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dataset_tools import (
+    BUILTIN_DATASETS,
+    DataError,
+    PrepareConfig,
+    prepare_builtin,
+    prepare_dataset,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="interaction file")
+    source.add_argument("--dataset", choices=sorted(BUILTIN_DATASETS),
+                        help="a built-in dataset (5-core, first copy of duplicates kept)")
+    p.add_argument("--items", type=Path, help="optional item file (titles, genres, ...)")
+    p.add_argument("--format", choices=["recbole", "movielens", "csv", "tsv", "jsonl"],
+                   help="format of --input (and --items)")
+    p.add_argument("--user-col", help="user id column (csv/tsv/jsonl; recbole: user_id)")
+    p.add_argument("--item-col", help="item id column (csv/tsv/jsonl; recbole: item_id)")
+    p.add_argument("--items-item-col", help="item id column of --items (default: --item-col)")
+    p.add_argument("--time-col", help="Unix-seconds timestamp column (recbole: timestamp)")
+    p.add_argument("--rating-col", help="rating column (needed for --min-rating)")
+    p.add_argument("--min-rating", type=float, help="keep interactions rated at least this")
+    p.add_argument("--k-core", type=int, default=5,
+                   help="users and items need at least K interactions (0 or 1: off)")
+    p.add_argument("--dedupe", choices=["first", "last", "all"], default="first",
+                   help="which copy of a repeated user-item pair to keep")
+    p.add_argument("--max-history", type=int, help="keep each user's last N interactions")
+    p.add_argument("--output", type=Path, required=True, help="dataset folder to write")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    if args.input is not None and args.format is None:
+        p.error("--input needs --format")
+    return args
+
+
+def print_statistics(folder: Path) -> None:
+    info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
+    stats = dict(info["statistics"])
+    dropped = stats.pop("dropped")
+    rows = [(k, stats[k]) for k in stats] + [(f"dropped: {k}", v) for k, v in dropped.items()]
+    width = max(len(k) for k, _ in rows)
+    print(f"dataset {info['name']} -> {folder}")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value:,}" if isinstance(value, int) else
+              f"  {key:<{width}}  {value}")
+    print(f"  {'fingerprint':<{width}}  {info['fingerprint'][:16]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.dataset is not None:
+            folder = prepare_builtin(args.dataset, args.output)
+        else:
+            config = PrepareConfig(k_core=args.k_core, min_rating=args.min_rating,
+                                   dedupe=args.dedupe, max_history=args.max_history)
+            folder = prepare_dataset(
+                args.input, args.format, args.output, config, items_path=args.items,
+                user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
+                rating_col=args.rating_col, items_item_col=args.items_item_col,
+            )
+    except (DataError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_statistics(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared fixtures: a small synthetic dataset with learnable sequential structure."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def write_synthetic_interactions(path: Path, num_users: int = 60, num_items: int = 40,
+                                 seed: int = 0) -> Path:
+    """Write a CSV (user_id,item_id,timestamp,rating) where the next item is mostly predictable.
+
+    Each user walks the catalog in a fixed cyclic order (item i is followed by i+1) from a
+    random start, with a 10% chance of jumping to a random item; 8-25 interactions per
+    user, strictly increasing timestamps. A sequence model should learn "next = previous + 1".
+    """
+    rng = random.Random(seed)
+    rows = []
+    for u in range(num_users):
+        item = rng.randrange(num_items)
+        t = 1_600_000_000 + rng.randrange(86_400)
+        for _ in range(rng.randint(8, 25)):
+            rows.append((f"u{u}", f"i{item}", t, rng.randint(1, 5)))
+            item = rng.randrange(num_items) if rng.random() < 0.1 else (item + 1) % num_items
+            t += rng.randint(60, 3_600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "item_id", "timestamp", "rating"])
+        writer.writerows(rows)
+    return path
+
+
+def write_synthetic_items(path: Path, num_items: int = 40, num_groups: int = 5) -> Path:
+    """Write item titles/genres for the synthetic catalog; consecutive items share a group."""
+    size = -(-num_items // num_groups)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "title", "genre"])
+        for i in range(num_items):
+            writer.writerow([f"i{i}", f"Item {i} of group {i // size}", f"group{i // size}"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared dataset folder (k_core=2) built from ``write_synthetic_interactions``."""
+    from dataset_tools import PrepareConfig, prepare_dataset
+
+    raw = tmp_path_factory.mktemp("tiny_raw")
+    inter = write_synthetic_interactions(raw / "interactions.csv")
+    items = write_synthetic_items(raw / "items.csv")
+    return prepare_dataset(
+        inter, "csv", tmp_path_factory.mktemp("tiny") / "tiny", PrepareConfig(k_core=2),
+        items_path=items, user_col="user_id", item_col="item_id", time_col="timestamp",
+        rating_col="rating",
+    )

@@ -1,0 +1,51 @@
+"""Ranking metrics against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from pretraining.evaluation import ranking_metrics, target_ranks
+
+
+def test_metrics_match_hand_computed_values():
+    ranks = torch.tensor([0, 1, 4, 12])
+    metrics = ranking_metrics(ranks, ks=(1, 5, 10))
+    assert metrics["hr@1"] == pytest.approx(1 / 4)
+    assert metrics["hr@5"] == pytest.approx(3 / 4)
+    assert metrics["hr@10"] == pytest.approx(3 / 4)
+    expected_ndcg5 = (1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(6)) / 4
+    assert metrics["ndcg@5"] == pytest.approx(expected_ndcg5)
+    assert metrics["ndcg@10"] == pytest.approx(expected_ndcg5)
+    assert metrics["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 13) / 4)
+
+
+def test_rank_counts_strictly_higher_items_and_skips_padding():
+    # Column 0 is padding: its huge score must never push the target down.
+    scores = torch.tensor([[100.0, 0.1, 0.9, 0.5, 0.3]])
+    assert target_ranks(scores, torch.tensor([3])).tolist() == [1]
+    assert target_ranks(scores, torch.tensor([2])).tolist() == [0]
+    assert target_ranks(scores, torch.tensor([1])).tolist() == [3]
+
+
+def test_ties_count_against_the_target():
+    scores = torch.zeros(2, 6)  # a constant scorer
+    ranks = target_ranks(scores, torch.tensor([1, 5]))
+    assert ranks.tolist() == [4, 4]  # worst of 5 real items, not best
+    scores = torch.tensor([[0.0, 0.5, 0.7, 0.7, 0.1]])
+    assert target_ranks(scores, torch.tensor([2])).tolist() == [1]
+
+
+def test_k_larger_than_catalog_is_always_a_hit():
+    scores = torch.randn(8, 4)  # 3 real items
+    ranks = target_ranks(scores, torch.randint(1, 4, (8,)))
+    metrics = ranking_metrics(ranks, ks=(5, 20))
+    assert metrics["hr@5"] == 1.0 and metrics["hr@20"] == 1.0
+    assert metrics["ndcg@20"] == pytest.approx(metrics["ndcg@5"])
+
+
+def test_history_mask_removes_seen_items_but_never_the_target():
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.7, 0.1]])
+    history = torch.tensor([[0, 1, 3]])  # 0 = padding
+    assert target_ranks(scores, torch.tensor([3]), history).tolist() == [1]  # item 2 above
+    assert target_ranks(scores, torch.tensor([3])).tolist() == [2]

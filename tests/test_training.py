@@ -1,0 +1,175 @@
+"""The Trainer and the scripts end to end on the synthetic fixture: runs, resumes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretraining import Trainer
+from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
+from pretraining.pipeline import evaluate_run, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20",
+         "--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
+
+
+def run_pretrain(dataset: Path, output_dir: Path, *extra: str) -> dict:
+    argv = ["--dataset", str(dataset), "--output-dir", str(output_dir), *SMALL, *extra]
+    return pretrain(parse_args(pretrain_parser("test"), argv))
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "state" / "model.safetensors")
+
+
+def test_one_epoch_writes_the_run_folder_contract(tiny_dataset_dir, tmp_path):
+    metrics = run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "1")
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.json", "log.jsonl", "best_model/model.safetensors",
+                 "best_model/config.json", "state/trainer_state.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved) >= {"valid", "test", "protocol"}
+    assert set(saved["test"]) >= {"ndcg@10", "hr@10", "mrr", "hr@5", "ndcg@20"}
+    protocol = saved["protocol"]
+    assert protocol["ranking"] == "full" and protocol["mask_history"] is False
+    assert protocol["num_users"] == 60 and protocol["num_processes"] == 1
+    assert saved["test"] == metrics["test"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"]["fingerprint"] == config["model"]["dataset_fingerprint"]
+
+
+def test_sasrec_learns_the_fixture_sequences(tiny_dataset_dir, tmp_path):
+    # The fixture's next item is the previous one + 1 about 90% of the time.
+    metrics = run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "40", "--lr", "5e-3",
+                           "--dropout", "0.0")
+    assert metrics["test"]["hr@10"] > 0.6
+    assert metrics["test"]["ndcg@10"] > 0.4  # a popularity ranker scores about 0.1 here
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_dataset_dir, tmp_path):
+    run_pretrain(tiny_dataset_dir, tmp_path / "full", "--epochs", "2")
+    run_pretrain(tiny_dataset_dir, tmp_path / "split", "--epochs", "1")
+    run_pretrain(tiny_dataset_dir, tmp_path / "split", "--epochs", "2", "--resume")
+    state = json.loads((tmp_path / "split" / "state" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and state["global_step"] == 8  # 60 users / 16 = 4 steps/epoch
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
+
+
+def test_resume_mid_epoch_continues_from_the_saved_step(tiny_dataset_dir, tmp_path, monkeypatch):
+    run_pretrain(tiny_dataset_dir, tmp_path / "full", "--epochs", "1")
+    original = Trainer._save_state
+    calls = []
+
+    def save_then_crash(self):
+        original(self)
+        calls.append(self.state.global_step)
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(Trainer, "_save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tiny_dataset_dir, tmp_path / "split", "--epochs", "1", "--save-steps", "2")
+    monkeypatch.setattr(Trainer, "_save_state", original)
+    saved = json.loads((tmp_path / "split" / "state" / "trainer_state.json").read_text())
+    assert saved["batches_in_epoch"] == 2 and saved["epoch"] == 0
+    run_pretrain(tiny_dataset_dir, tmp_path / "split", "--epochs", "1", "--save-steps", "2",
+                 "--resume")
+    state = json.loads((tmp_path / "split" / "state" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["epoch"] == 1
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_settings(tiny_dataset_dir, tmp_path):
+    run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "1")
+    before = (tmp_path / "run" / "best_model" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "1")
+    with pytest.raises(ValueError, match=r"model settings differ \(\['backbone_config'\]\)"):
+        run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "2", "--resume",
+                     "--num-layers", "3")
+    assert (tmp_path / "run" / "best_model" / "model.safetensors").read_bytes() == before
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_dataset(tiny_dataset_dir, tmp_path):
+    from conftest import write_synthetic_interactions
+
+    from dataset_tools import PrepareConfig, prepare_dataset
+
+    run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "1")
+    raw = write_synthetic_interactions(tmp_path / "other.csv", seed=1)
+    other = prepare_dataset(raw, "csv", tmp_path / "other", PrepareConfig(k_core=2),
+                            user_col="user_id", item_col="item_id", time_col="timestamp")
+    argv = ["--run", str(tmp_path / "run"), "--dataset", str(other), "--cpu"]
+    args = parse_args(evaluate_parser("t"), argv)
+    with pytest.raises(ValueError, match="trained on another dataset"):
+        evaluate_run(args)
+
+
+def script(name: str, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [*(launcher or [sys.executable]), str(ROOT / "scripts" / name), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "ml-10m"], "neither a built-in"),
+        (["--num-heads", "3"], "not divisible by --num-heads"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+    ],
+)
+def test_bad_flags_fail_with_one_line_and_no_traceback(args, message, tmp_path):
+    result = script("pretrain_id.py", *SMALL, "--output-dir", str(tmp_path / "run"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    result = script("pretrain_id.py", "--config", str(config))
+    assert result.returncode == 2 and "unknown settings ['learning_rate']" in result.stderr
+
+
+def test_config_file_values_are_overridden_by_flags(tiny_dataset_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 5\nhidden-size: 16\nlr: 0.01\n")
+    args = parse_args(pretrain_parser("t"), ["--config", str(config), "--epochs", "1"])
+    assert (args.epochs, args.hidden_size, args.lr) == (1, 16, 0.01)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_matches_one_process_evaluation(tiny_dataset_dir, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` silently starts ONE process (STACK.md).
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        result = script("pretrain_id.py", "--dataset", str(tiny_dataset_dir), "--output-dir",
+                        str(tmp_path / "run"), *SMALL, "--epochs", "1", launcher=launcher)
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert two["protocol"]["num_processes"] == 2
+    assert two["protocol"]["num_users"] == 60  # no duplicated padding users in the metrics
+    result = script("evaluate.py", "--run", str(tmp_path / "run"), "--cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    one = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert one["protocol"]["num_processes"] == 1
+    assert one["valid"] == two["valid"] and one["test"] == two["test"]
