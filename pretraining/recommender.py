@@ -59,6 +59,7 @@ class RecommenderConfig:
             )
         if self.loss == "sampled" and self.num_negatives < 1:
             raise ValueError(f"--num-negatives must be >= 1, got {self.num_negatives}")
+        self.backbone_settings()  # validates the backbone's own settings now, not mid-run
 
     def backbone_settings(self):
         config_cls, _ = BACKBONES[self.backbone]

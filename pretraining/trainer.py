@@ -146,7 +146,9 @@ class Trainer:
             data_wait += wait
             valid = evaluate(self.model, self.valid_loader, acc, self.protocol, "valid")
             self._end_epoch(valid, loss_sum, seconds, wait)
-        acc.end_training()
+        # Not `end_training()`: it tears down the process group the final evaluation needs.
+        for tracker in acc.trackers:
+            tracker.finish()
         trained_seconds = sum(epoch_seconds)
         return {
             "epochs": self.state.epoch,
@@ -157,6 +159,7 @@ class Trainer:
             "data_wait_share": data_wait / trained_seconds if trained_seconds else None,
             "peak_memory_mb": peak_memory_mb(acc.device),
             "num_processes": acc.num_processes,
+            "torch_threads": torch.get_num_threads(),
         }
 
     def _train_one_epoch(self) -> tuple[float, float, int]:
@@ -270,7 +273,7 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         cpu=config.cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
-        log_with=_trackers(config.report_to),
+        log_with=_trackers(config.report_to) or None,
         project_dir=config.output_dir,
         # Same data order for a seed and epoch at any process count, and after resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

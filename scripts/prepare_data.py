@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from dataset_tools import (
-    BUILTIN_DATASETS,
-    DataError,
-    PrepareConfig,
-    prepare_builtin,
-    prepare_dataset,
-)
+from dataset_tools import BUILTIN_DATASETS, PrepareConfig, prepare_builtin, prepare_dataset
+from pretraining.cli import parse_args, run_main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="interaction file")
     source.add_argument("--dataset", choices=sorted(BUILTIN_DATASETS),
@@ -41,9 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dedupe", choices=["first", "last", "all"], default="first",
                    help="which copy of a repeated user-item pair to keep")
     p.add_argument("--max-history", type=int, help="keep each user's last N interactions")
-    p.add_argument("--output", type=Path, required=True, help="dataset folder to write")
+    p.add_argument("--output", "--output-dir", type=Path, required=True,
+                   help="dataset folder to write (replaced atomically)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.input is not None and args.format is None:
         p.error("--input needs --format")
     return args
@@ -62,27 +58,20 @@ def print_statistics(folder: Path) -> None:
     print(f"  {'fingerprint':<{width}}  {info['fingerprint'][:16]}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.dataset is not None:
-            folder = prepare_builtin(args.dataset, args.output)
-        else:
-            config = PrepareConfig(k_core=args.k_core, min_rating=args.min_rating,
-                                   dedupe=args.dedupe, max_history=args.max_history)
-            folder = prepare_dataset(
-                args.input, args.format, args.output, config, items_path=args.items,
-                user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
-                rating_col=args.rating_col, items_item_col=args.items_item_col,
-            )
-    except (DataError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    if args.dataset is not None:
+        folder = prepare_builtin(args.dataset, args.output)
+    else:
+        config = PrepareConfig(k_core=args.k_core, min_rating=args.min_rating,
+                               dedupe=args.dedupe, max_history=args.max_history)
+        folder = prepare_dataset(
+            args.input, args.format, args.output, config, items_path=args.items,
+            user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
+            rating_col=args.rating_col, items_item_col=args.items_item_col,
+        )
     print_statistics(folder)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -434,11 +434,15 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
     inter = write_synthetic_interactions(tmp_path / "log.csv")
     args = ["--input", str(inter), "--format", "csv", "--user-col", "user_id", "--item-col",
             "item_id", "--time-col", "timestamp", "--k-core", "2", "--output", str(tmp_path / "o")]
-    assert cli.main(args) == 0
+    cli.run_main(cli.main, args)
     assert "interactions" in capsys.readouterr().out
     assert load_dataset_folder(tmp_path / "o").num_users == 60
-    assert cli.main([*args[:-4], "--rating-col", "stars", "--output", str(tmp_path / "p")]) == 2
+    bad = [*args[:-4], "--rating-col", "stars", "--output-dir", str(tmp_path / "p")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(cli.main, bad)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: log.csv: no column 'stars'") and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
     with pytest.raises(DataError):
-        cli.main([*args[:-4], "--rating-col", "stars", "--output", str(tmp_path / "p"), "--debug"])
+        cli.run_main(cli.main, [*bad, "--debug"])
