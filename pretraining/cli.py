@@ -78,6 +78,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also save the training state every N steps (0: once per epoch)")
     group.add_argument("--report-to", default="auto",
                        help="trackers: auto (installed ones), none, or tensorboard,mlflow")
+    group.add_argument("--train-windows", choices=["last", "all"], default="last",
+                       help="train on each user's most recent max_len window, or tile the "
+                       "whole history into windows")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model through Accelerate (inductor)")
     group.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
 
 
@@ -85,6 +90,10 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation protocol")
     group.add_argument("--mask-history", action="store_true",
                        help="exclude items already in the user's input from the ranking")
+    group.add_argument("--item-chunk-size", type=int, default=100_000,
+                       help="items scored at once (bounds memory; metrics do not depend on it)")
+    group.add_argument("--eval-users", type=int,
+                       help="evaluate a sample of N users (seeded by --seed, recorded in metrics)")
 
 
 def pretrain_parser(description: str) -> argparse.ArgumentParser:
@@ -160,11 +169,15 @@ def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfi
         max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
         patience=args.patience, num_workers=args.num_workers, seed=args.seed,
         save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,
+        compile=args.compile,
     )
 
 
 def protocol_config(args: argparse.Namespace) -> EvaluationProtocol:
-    return EvaluationProtocol(mask_history=args.mask_history)
+    return EvaluationProtocol(
+        mask_history=args.mask_history, item_chunk_size=args.item_chunk_size,
+        max_users=args.eval_users, user_sample_seed=args.seed,
+    )
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None):

@@ -1,8 +1,11 @@
 """Torch datasets over a prepared dataset folder (leave-one-out protocol).
 
-Sequences stay in the memory-mapped Arrow table; each example is sliced on the fly.
-- training: the user's training part (all but the last two items), the last
-  `max_len + 1` of them: inputs = items[:-1], targets = items[1:];
+Sequences stay in the memory-mapped Arrow table; each example is sliced on the fly,
+so a log far bigger than memory trains the same way.
+- training: windows of at most `max_len + 1` items of the user's training part (all
+  but the last two items): inputs = window[:-1], targets = window[1:]. `windows="last"`
+  takes the most recent window per user (SASRec's recipe); `windows="all"` tiles the
+  whole training part, so every training item is a target exactly once per epoch;
 - validation: inputs = training part, target = second to last item;
 - test: inputs = training part + validation target, target = last item.
 """
@@ -19,29 +22,55 @@ from dataset_tools import SequenceData
 SPLITS = ("train", "valid", "test")
 
 
+TRAIN_WINDOWS = ("last", "all")
+
+
 class LeaveOneOutDataset(Dataset):
-    def __init__(self, data: SequenceData, split: str, max_len: int) -> None:
+    """Examples as (user, end) pairs: items[:end] feed the model, computed from lengths only."""
+
+    def __init__(
+        self,
+        data: SequenceData,
+        split: str,
+        max_len: int,
+        max_users: int | None = None,  # evaluation splits only
+        seed: int = 0,
+        windows: str = "last",  # training split only
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        if windows not in TRAIN_WINDOWS:
+            raise ValueError(f"unknown --train-windows {windows!r}; choose one of {TRAIN_WINDOWS}")
         self.split = split
         self.max_len = max_len
         self.sequences = data.sequences.select_columns(["item_indices"]).with_format("numpy")
         column = data.sequences.data.column("item_indices")
         lengths = pc.list_value_length(column).to_numpy()
-        # Training needs at least two training items (one input, one target).
-        minimum = 4 if split == "train" else 3
-        self.users = np.flatnonzero(lengths >= minimum)
+        if split == "train":
+            train_lengths = lengths - 2
+            users = np.flatnonzero(train_lengths >= 2)  # one input and one target at least
+            counts = np.ones(len(users), dtype=np.int64)
+            if windows == "all":
+                counts = (train_lengths[users] - 2) // max_len + 1
+            self.users = np.repeat(users, counts)
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            self.ends = train_lengths[self.users] - offsets * max_len
+        else:
+            users = np.flatnonzero(lengths >= 3)
+            if max_users is not None and max_users < len(users):  # a seeded sample of users
+                users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+            self.users = users
+            self.ends = lengths[users] - (2 if split == "valid" else 1)
 
     def __len__(self) -> int:
         return len(self.users)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | int]:
-        user = int(self.users[index])
+        user, end = int(self.users[index]), int(self.ends[index])
         items = self.sequences[user]["item_indices"]
         if self.split == "train":
-            window = items[:-2][-(self.max_len + 1) :]
+            window = items[max(0, end - self.max_len - 1) : end]
             return {"input_ids": window[:-1], "target_ids": window[1:]}
-        end = len(items) - (2 if self.split == "valid" else 1)
         history = items[:end][-self.max_len :]
         return {"input_ids": history, "target_ids": int(items[end]), "user": user}
 

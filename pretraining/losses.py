@@ -23,6 +23,7 @@ def sampled_softmax_loss(
     targets: torch.Tensor,
     num_negatives: int,
     sampling_probs: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over each target plus negatives shared by the whole batch.
 
@@ -30,17 +31,20 @@ def sampled_softmax_loss(
     negative logit is corrected by -log(num_negatives * q(item)), its expected count,
     so the sum over negatives estimates the full partition function without bias
     (Bengio & Senecal, 2008; Jean et al., 2015); a negative equal to the row's target
-    is masked out.
+    is masked out. `negatives` fixes the negative items instead of sampling them (with
+    every item and uniform q this is exactly the full softmax).
     """
     num_items = catalog.shape[0] - 1
-    if sampling_probs is None:
+    if negatives is None and sampling_probs is None:
         negatives = torch.randint(1, num_items + 1, (num_negatives,), device=states.device)
-        log_q = torch.full((num_negatives,), -math.log(num_items), device=states.device)
-    else:
+    elif negatives is None:
         negatives = torch.multinomial(sampling_probs, num_negatives, replacement=True) + 1
+    if sampling_probs is None:
+        log_q = torch.full((len(negatives),), -math.log(num_items), device=states.device)
+    else:
         log_q = sampling_probs.clamp_min(1e-12).log()[negatives - 1]
     pos_logits = (states * catalog[targets]).sum(-1)
-    neg_logits = states @ catalog[negatives].T - log_q - math.log(num_negatives)
+    neg_logits = states @ catalog[negatives].T - log_q - math.log(len(negatives))
     neg_logits = neg_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -38,7 +38,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{args.backbone}"
     config = model_config(args, data.num_items, data.fingerprint)
     run_config = {
-        "dataset": {"name": data.name, "path": str(data.path), "fingerprint": data.fingerprint},
+        "dataset": {"name": data.name, "path": str(data.path), "fingerprint": data.fingerprint,
+                    "train_windows": args.train_windows},
         "model": asdict(config),
         "training": asdict(training_config(args, output_dir)),
         "protocol": asdict(protocol_config(args)),
@@ -55,15 +56,17 @@ def pretrain(args: argparse.Namespace) -> dict:
     frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
     model = SequentialRecommender(config, frequencies)
     max_len = config.backbone_settings().max_len
+    protocol = protocol_config(args)
     trainer = Trainer(
         model, trainer_config,
-        LeaveOneOutDataset(data, "train", max_len), LeaveOneOutDataset(data, "valid", max_len),
-        collate_left_padded, protocol_config(args), accelerator,
+        LeaveOneOutDataset(data, "train", max_len, windows=args.train_windows),
+        evaluation_dataset(data, "valid", max_len, protocol), collate_left_padded, protocol,
+        accelerator,
     )
     accelerator.print(f"{data.name}: {data.num_users} users, {data.num_items} items; "
                       f"{_count(model)} parameters; {accelerator.num_processes} process(es)")
     summary = trainer.train()
-    metrics = evaluate_checkpoint(output_dir / BEST_DIR, data, protocol_config(args),
+    metrics = evaluate_checkpoint(output_dir / BEST_DIR, data, protocol,
                                   trainer_config.eval_batch_size, accelerator, frequencies)
     metrics["training"] = summary
     if accelerator.is_main_process:
@@ -95,13 +98,19 @@ def evaluate_checkpoint(
     results = {}
     for split in ("valid", "test"):
         loader = accelerator.prepare(DataLoader(
-            LeaveOneOutDataset(data, split, max_len), batch_size=batch_size,
+            evaluation_dataset(data, split, max_len, protocol), batch_size=batch_size,
             collate_fn=collate_left_padded,
         ))
         results[split] = evaluate(model, loader, accelerator, protocol, split)
     results["protocol"] = results["valid"].pop("protocol")
     results["test"].pop("protocol")
     return results
+
+
+def evaluation_dataset(
+    data: SequenceData, split: str, max_len: int, protocol: EvaluationProtocol
+) -> LeaveOneOutDataset:
+    return LeaveOneOutDataset(data, split, max_len, protocol.max_users, protocol.user_sample_seed)
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:

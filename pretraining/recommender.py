@@ -2,8 +2,10 @@
 
 The model contract used by the Trainer and the evaluator:
 - `loss(batch) -> {"loss": tensor, ...}` (several named losses may be returned),
-- `scores(batch) -> [B, num_items + 1]` next-item scores over the whole catalog
-  (column 0 is padding and is never ranked).
+- `query(batch)` once per batch, then `score_items(query, item_ids)` for any block
+  of candidates (the evaluator walks the catalog in chunks, so memory is bounded by
+  the chunk, not the catalog); `scores(batch)` = all items at once, column 0 being
+  padding, which is never ranked.
 Batches are dicts of `input_ids` [B, L] (left-padded with 0) and `target_ids`
 ([B, L] next items for training, 0 = no target; [B] for evaluation).
 """
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from dataset_tools import atomic_directory
@@ -103,20 +105,36 @@ class SequentialRecommender(nn.Module):
             )
         return {"loss": loss}
 
+    def query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the next item is scored against: the state at the last position [B, d]."""
+        return self.encode(batch["input_ids"])[:, -1]
+
+    def score_items(self, query: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """Scores [B, C] of shared candidates `item_ids` [C]."""
+        return query @ self.item_encoder.catalog()[item_ids].T
+
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        last_state = self.encode(batch["input_ids"])[:, -1]
-        return last_state @ self.item_encoder.catalog().T
+        """Scores of every item [B, num_items + 1] (column 0 = padding)."""
+        return self.query(batch) @ self.item_encoder.catalog().T
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # DDP only syncs gradients of what runs through forward().
         return self.loss(batch)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` + `model.safetensors` atomically (old checkpoint kept on failure)."""
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write `config.json` + `model.safetensors` atomically (old checkpoint kept on failure).
+
+        `state_dict` comes from `accelerator.get_state_dict(model)` when the parameters are
+        sharded (FSDP/DeepSpeed); by default it is this module's own.
+        """
+        state_dict = self.state_dict() if state_dict is None else state_dict
         with atomic_directory(directory) as tmp:
             meta = {"architecture": ARCHITECTURE, "config": asdict(self.config)}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            save_model(self, str(tmp / WEIGHTS_NAME))
+            tensors = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(

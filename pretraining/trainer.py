@@ -52,6 +52,7 @@ class TrainingConfig:
     report_to: str = "auto"  # "auto" (trackers that are installed), "none", or a list "a,b"
     cpu: bool = False
     resume: bool = False
+    compile: bool = False  # torch.compile via Accelerate's dynamo backend
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "patience")
@@ -72,7 +73,9 @@ class TrainerState:
     """What a resumed run needs beyond `save_state`: where it was and how it was doing."""
 
     epoch: int = 0  # epochs completed
-    batches_in_epoch: int = 0  # batches of the current epoch already trained
+    # Batches of the current epoch already trained, summed over processes, so a run can
+    # resume mid-epoch at another process count (each process skips its share).
+    batches_in_epoch: int = 0
     global_step: int = 0  # optimizer steps
     best_metric: float = -math.inf
     best_epoch: int = -1
@@ -167,12 +170,13 @@ class Trainer:
         self.model.train()
         self.train_loader.set_epoch(self.state.epoch)
         loader = self.train_loader
-        if self.state.batches_in_epoch:  # resuming in the middle of an epoch
-            loader = acc.skip_first_batches(loader, self.state.batches_in_epoch)
+        done_here = self.state.batches_in_epoch // acc.num_processes
+        if done_here:  # resuming in the middle of an epoch
+            loader = acc.skip_first_batches(loader, done_here)
         loss_sum = torch.zeros((), device=acc.device)
         positions = torch.zeros((), dtype=torch.long, device=acc.device)
         wait, trained = 0.0, 0
-        progress = tqdm(total=len(self.train_loader), initial=self.state.batches_in_epoch,
+        progress = tqdm(total=len(self.train_loader), initial=done_here,
                         desc=f"epoch {self.state.epoch + 1}", leave=False,
                         disable=not acc.is_local_main_process)
         iterator = iter(loader)
@@ -193,7 +197,7 @@ class Trainer:
             # Kept as tensors: no host-device sync inside the step loop.
             loss_sum += loss.detach()
             positions += (batch["target_ids"] > 0).sum()
-            self.state.batches_in_epoch += 1
+            self.state.batches_in_epoch += acc.num_processes
             trained += 1
             progress.update()
             if acc.sync_gradients:
@@ -211,8 +215,9 @@ class Trainer:
         score = valid[self.config.metric]
         if score > state.best_metric:
             state.best_metric, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+            full_state = acc.get_state_dict(self.model)  # collective under FSDP/DeepSpeed
             if acc.is_main_process:
-                acc.unwrap_model(self.model).save_pretrained(self.output_dir / BEST_DIR)
+                acc.unwrap_model(self.model).save_pretrained(self.output_dir / BEST_DIR, full_state)
         else:
             state.bad_epochs += 1
         self._save_state()
@@ -275,6 +280,7 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         gradient_accumulation_steps=config.grad_accum,
         log_with=_trackers(config.report_to) or None,
         project_dir=config.output_dir,
+        dynamo_backend="inductor" if config.compile else None,
         # Same data order for a seed and epoch at any process count, and after resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pretraining.evaluation import ranking_metrics, target_ranks
+from pretraining.evaluation import chunked_target_ranks, ranking_metrics, target_ranks, top_k_items
 
 
 def test_metrics_match_hand_computed_values():
@@ -49,3 +49,50 @@ def test_history_mask_removes_seen_items_but_never_the_target():
     history = torch.tensor([[0, 1, 3]])  # 0 = padding
     assert target_ranks(scores, torch.tensor([3]), history).tolist() == [1]  # item 2 above
     assert target_ranks(scores, torch.tensor([3])).tolist() == [2]
+
+
+class DotScorer(torch.nn.Module):
+    """The scorer contract over a fixed catalog of item vectors (row 0 = padding)."""
+
+    def __init__(self, catalog: torch.Tensor):
+        super().__init__()
+        self.catalog = catalog
+        self.config = type("Config", (), {"num_items": len(catalog) - 1})()
+
+    def score_items(self, query, item_ids):
+        return query @ self.catalog[item_ids].T
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 50, 64, 1000])
+def test_chunked_ranks_equal_unchunked_ranks(chunk_size):
+    torch.manual_seed(0)
+    catalog, query = torch.randn(65, 8), torch.randn(16, 8)
+    scorer = DotScorer(catalog)
+    targets = torch.randint(1, 65, (16,))
+    history = torch.randint(0, 65, (16, 10))
+    full = query @ catalog.T
+    for mask in (None, history):
+        expected = target_ranks(full, targets, mask)
+        got = chunked_target_ranks(scorer, query, targets, chunk_size, mask)
+        assert torch.equal(got, expected)
+
+
+def test_chunked_ranks_keep_pessimistic_ties():
+    scorer = DotScorer(torch.zeros(11, 4))  # every item scores 0
+    ranks = chunked_target_ranks(scorer, torch.randn(3, 4), torch.tensor([1, 5, 10]), 3)
+    assert ranks.tolist() == [9, 9, 9]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 50, 64, 1000])
+def test_chunked_top_k_equals_unchunked_top_k(chunk_size):
+    torch.manual_seed(1)
+    catalog, query = torch.randn(65, 8), torch.randn(16, 8)
+    exclude = torch.randint(0, 65, (16, 5))
+    scores, items = top_k_items(DotScorer(catalog), query, 10, chunk_size, exclude)
+    full = query @ catalog.T
+    full[:, 0] = float("-inf")
+    full.scatter_(1, exclude, float("-inf"))
+    expected = full.topk(10, dim=1)
+    assert torch.equal(items, expected.indices)
+    torch.testing.assert_close(scores, expected.values)
+    assert (items > 0).all()

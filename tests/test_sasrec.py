@@ -68,6 +68,26 @@ def test_sampled_softmax_with_whole_catalog_as_negatives_is_close_to_full_softma
     assert popularity.item() == pytest.approx(full.item(), rel=0.05)
 
 
+def test_sampled_softmax_with_every_item_as_negative_equals_full_softmax():
+    torch.manual_seed(0)
+    states, catalog = torch.randn(64, 8), torch.randn(51, 8)
+    targets = torch.randint(1, 51, (64,))
+    every_item = torch.arange(1, 51)
+    sampled = sampled_softmax_loss(states, catalog, targets, 50, negatives=every_item)
+    torch.testing.assert_close(sampled, full_softmax_loss(states, catalog, targets))
+    uniform = torch.full((50,), 1 / 50)
+    sampled = sampled_softmax_loss(states, catalog, targets, 50, uniform, negatives=every_item)
+    torch.testing.assert_close(sampled, full_softmax_loss(states, catalog, targets))
+
+
+def test_chunked_model_scores_match_full_scores():
+    model = tiny_model()
+    batch = {"input_ids": torch.randint(0, 31, (4, 8))}
+    query = model.query(batch)
+    chunk = model.score_items(query, torch.arange(5, 12))
+    torch.testing.assert_close(chunk, model.scores(batch)[:, 5:12])
+
+
 def test_save_and_load_give_identical_scores(tmp_path):
     model = tiny_model()
     batch = {"input_ids": torch.randint(0, 31, (4, 8))}
@@ -111,6 +131,32 @@ def test_leave_one_out_examples_never_leak_validation_or_test_targets(tiny_datas
     # Padding is never a target: every non-zero input has a real target and vice versa.
     assert torch.equal(batch["input_ids"] > 0, batch["target_ids"] > 0)
     assert (batch["target_ids"][batch["input_ids"] > 0] > 0).all()
+
+
+def test_all_training_windows_make_every_training_item_a_target_once(tiny_dataset_dir):
+    data = load_dataset_folder(tiny_dataset_dir)
+    windows = LeaveOneOutDataset(data, "train", max_len=4, windows="all")
+    sequences = data.sequences["item_indices"]
+    targets: dict[int, list] = {}
+    for index in range(len(windows)):
+        example = windows[index]
+        assert 1 <= len(example["input_ids"]) <= 4
+        assert np.array_equal(example["input_ids"][1:], example["target_ids"][:-1])
+        targets.setdefault(int(windows.users[index]), []).append(example["target_ids"])
+    assert len(targets) == data.num_users
+    for user, parts in targets.items():
+        covered = np.concatenate(parts[::-1])  # windows are listed newest first
+        assert np.array_equal(covered, np.asarray(sequences[user])[1:-2])
+
+
+def test_evaluation_user_sample_is_seeded_and_sized(tiny_dataset_dir):
+    data = load_dataset_folder(tiny_dataset_dir)
+    first = LeaveOneOutDataset(data, "test", 6, max_users=10, seed=3)
+    again = LeaveOneOutDataset(data, "test", 6, max_users=10, seed=3)
+    other = LeaveOneOutDataset(data, "test", 6, max_users=10, seed=4)
+    assert len(first) == 10 and np.array_equal(first.users, again.users)
+    assert not np.array_equal(first.users, other.users)
+    assert len(LeaveOneOutDataset(data, "test", 6, max_users=1000)) == data.num_users
 
 
 def test_item_frequencies_count_training_items_only(tiny_dataset_dir):

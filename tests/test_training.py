@@ -40,6 +40,7 @@ def test_one_epoch_writes_the_run_folder_contract(tiny_dataset_dir, tmp_path):
     protocol = saved["protocol"]
     assert protocol["ranking"] == "full" and protocol["mask_history"] is False
     assert protocol["num_users"] == 60 and protocol["num_processes"] == 1
+    assert protocol["max_users"] is None
     assert saved["test"] == metrics["test"]
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
     config = json.loads((run / "config.json").read_text())
@@ -173,3 +174,7 @@ def test_two_process_cpu_run_matches_one_process_evaluation(tiny_dataset_dir, tm
     one = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert one["protocol"]["num_processes"] == 1
     assert one["valid"] == two["valid"] and one["test"] == two["test"]
+    # The 2-process training state resumes in one process.
+    resumed = run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "2", "--resume")
+    state = json.loads((tmp_path / "run" / "state" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and resumed["protocol"]["num_processes"] == 1
