@@ -13,15 +13,18 @@ from .cleaning import (
 from .errors import DataError
 from .folder import PrepareConfig, SequenceData, load_dataset_folder, prepare_dataset
 from .readers import read_interactions, read_items
+from .synthetic import SyntheticConfig, generate_sequences, write_synthetic_log
 
 __all__ = [
     "BUILTIN_DATASETS",
     "DataError",
     "PrepareConfig",
     "SequenceData",
+    "SyntheticConfig",
     "atomic_directory",
     "deduplicate",
     "filter_by_rating",
+    "generate_sequences",
     "k_core_filter",
     "leave_one_out_split",
     "load_dataset_folder",
@@ -33,4 +36,5 @@ __all__ = [
     "reindex",
     "resolve_dataset",
     "sort_chronologically",
+    "write_synthetic_log",
 ]

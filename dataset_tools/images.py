@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -234,9 +235,9 @@ def _build(sources: dict[str, Loader], source_name: str, output_path: Path, size
         try:
             report.count = _write(env, _encoded(sources, size, fmt, report))
             if (report.missing or report.unreadable) and not skip_bad:
+                bad = len(report.missing) + len(report.unreadable)
                 raise DataError(
-                    f"{source_name}: cannot store the images of "
-                    f"{len(report.missing) + len(report.unreadable)} items "
+                    f"{source_name}: {bad} of {bad + report.count} items have no usable image "
                     f"({report.problems()}); fix them, or pass --skip-bad-images "
                     "(skip_bad=True) to build the store without them"
                 )
@@ -245,47 +246,74 @@ def _build(sources: dict[str, Loader], source_name: str, output_path: Path, size
                                 f"({report.problems()})")
             meta = {"size": size, "format": fmt, "count": report.count, "resize": RESIZE,
                     "created_with": f"peftrec {_peftrec_version()}"}
-            with env.begin(write=True) as txn:
-                txn.put(META_KEY, json.dumps(meta).encode())
+            _write(env, [(META_KEY, json.dumps(meta).encode())])
         finally:
             env.close()
+
+
+_FIX = "build one with scripts/build_image_store.py"
+_open_envs: dict[tuple[int, int], lmdb.Environment] = {}  # by (st_dev, st_ino) of data.mdb
+_open_envs_pid = os.getpid()
+_open_envs_lock = threading.Lock()
+
+
+def _environment(path: Path) -> lmdb.Environment:
+    """The read-only environment of a store's files in this process, opened on first use.
+
+    py-lmdb refuses to open the same files twice in one process (whatever the path), so
+    all readers of a store share one environment. One inherited through fork must not be
+    used: the first call in a new process closes the inherited ones (read-only and
+    lock-free, so that only unmaps the child's copy) and opens afresh. A store rebuilt at
+    the same path has new files, so readers switch to it and the replaced one is closed.
+    """
+    global _open_envs_pid
+    try:
+        stat = (path / "data.mdb").stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no data.mdb, so not an image store; {_FIX}") from None
+    files = (stat.st_dev, stat.st_ino)
+    with _open_envs_lock:
+        if _open_envs_pid != os.getpid():
+            for inherited in _open_envs.values():
+                inherited.close()
+            _open_envs.clear()
+            _open_envs_pid = os.getpid()
+        if files in _open_envs:
+            return _open_envs[files]
+        for key, replaced in list(_open_envs.items()):
+            if replaced.path() == str(path):
+                replaced.close()
+                del _open_envs[key]
+        try:
+            env = lmdb.open(str(path), subdir=True, readonly=True, lock=False,
+                            readahead=False, meminit=False)
+        except lmdb.Error as e:
+            raise DataError(f"{path}: cannot open the image store ({e}); {_FIX}") from e
+        _open_envs[files] = env
+        return env
 
 
 class ImageStore:
     """Read-only access to a store, safe in DataLoader workers and after pickling.
 
-    The LMDB environment is opened on first use in each process (an environment must not
-    cross a fork, and cannot be pickled for spawn), read-only and without the lock file.
+    The object holds only the path and the metadata; every read goes through the current
+    process's environment (see ``_environment``), opened on first use in that process,
+    so the store can be pickled for spawn workers and used in fork workers.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
-        fix = "build one with scripts/build_image_store.py"
-        if not (self.path / "data.mdb").is_file():
-            raise DataError(f"{self.path}: no data.mdb, so not an image store; {fix}")
+        self.path = Path(path).absolute()
         raw = self._lookup(META_KEY)
         try:
             meta = json.loads(raw) if raw is not None else None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{self.path}: unreadable {META_KEY.decode()} record ({e})") from e
         if not isinstance(meta, dict) or "count" not in meta:
-            raise DataError(f"{self.path}: an LMDB folder without image store metadata; {fix}")
+            raise DataError(f"{self.path}: an LMDB folder without image store metadata; {_FIX}")
         self.meta: dict[str, Any] = meta
 
-    def _environment(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            try:
-                self._env = lmdb.open(str(self.path), subdir=True, readonly=True, lock=False,
-                                      readahead=False, meminit=False)
-            except lmdb.Error as e:
-                raise DataError(f"{self.path}: cannot open the image store ({e})") from e
-            self._pid = os.getpid()
-        return self._env
-
     def _lookup(self, key: bytes) -> bytes | None:
-        with self._environment().begin() as txn:
+        with _environment(self.path).begin() as txn:
             return txn.get(key)
 
     def get_bytes(self, item_id: str) -> bytes:
@@ -310,6 +338,3 @@ class ImageStore:
 
     def __repr__(self) -> str:
         return f"ImageStore({str(self.path)!r}, {len(self)} images)"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_env": None, "_pid": None}

@@ -15,13 +15,13 @@ import json
 import string
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .errors import DataError
-from .readers import _check_file, _finish
+from .readers import _finish
 
 MIND_NEWS_COLUMNS = ("news_id", "category", "subcategory", "title", "abstract", "url",
                      "title_entities", "abstract_entities")
@@ -30,11 +30,21 @@ MIND_TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # "11/15/2019 8:55:22 AM"
 HISTORY_OFFSET_S = 1e-3  # history item k of n is logged n-k milliseconds before its impression
 
 
-def _open_text(path: Path) -> TextIO:
-    """Amazon dumps ship as ``.json.gz``; read them without unpacking first."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, text) of each line, decoded one by one so errors name their line.
+
+    Amazon dumps ship as ``.json.gz``; they are read without unpacking first.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    number = 0
+    try:
+        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                yield number, raw.decode("utf-8")
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path.name} line {max(number, 1)}: cannot read the file ({e}); "
+                        "pass UTF-8 text (gzip-compressed is fine)") from e
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -43,28 +53,25 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     The 2014 Amazon metadata was written with Python's ``repr`` (single quotes), so a
     line that is not JSON is tried with ``ast.literal_eval``, which evaluates no code.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with _open_text(path) as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    for number, raw in _numbered_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
             try:
-                record = json.loads(raw)
-            except json.JSONDecodeError:
-                try:
-                    record = ast.literal_eval(raw.strip())
-                except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-                    raise DataError(
-                        f"{path.name} line {number}: neither JSON nor a Python literal "
-                        f"({type(e).__name__}); fix or remove that line"
-                    ) from e
-            if not isinstance(record, dict):
+                record = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
                 raise DataError(
-                    f"{path.name} line {number}: expected one object per line, "
-                    f"found {type(record).__name__}"
-                )
-            yield number, record
+                    f"{path.name} line {number}: neither JSON nor a Python literal "
+                    f"({type(e).__name__}); fix or remove that line"
+                ) from e
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path.name} line {number}: expected one object per line, "
+                f"found {type(record).__name__}"
+            )
+        yield number, record
 
 
 def _text(value: Any) -> str:
@@ -72,7 +79,7 @@ def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, list):
-        return " ".join(_text(v) for v in value if _text(v))
+        return " ".join(part for part in map(_text, value) if part)
     return str(value).strip()
 
 
@@ -155,21 +162,21 @@ def _read_mind_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 
     Split by hand: pandas pads a short line with empty fields, hiding a truncated line.
     """
-    _check_file(path)
     rows, lines = [], []
-    with path.open(encoding="utf-8", newline="") as f:
-        for number, raw in enumerate(f, start=1):
-            raw = raw.rstrip("\r\n")
-            if not raw:
-                continue
-            fields = raw.split("\t")
-            if len(fields) != len(columns):
-                raise DataError(
-                    f"{path.name} line {number}: expected {len(columns)} tab-separated fields "
-                    f"({', '.join(columns)}), found {len(fields)}; fix or remove that line"
-                )
-            rows.append(fields)
-            lines.append(number)
+    for number, raw in _numbered_lines(path):
+        raw = raw.rstrip("\r\n")
+        if not raw:
+            continue
+        fields = raw.split("\t")
+        if len(fields) != len(columns):
+            raise DataError(
+                f"{path.name} line {number}: expected {len(columns)} tab-separated fields "
+                f"({', '.join(columns)}), found {len(fields)}; fix or remove that line"
+            )
+        rows.append(fields)
+        lines.append(number)
+    if not rows:
+        raise DataError(f"{path.name}: the file is empty; pass a MIND {path.name} file")
     df = pd.DataFrame(rows, columns=list(columns), dtype=str)
     df["line"] = np.asarray(lines, dtype=np.int64)
     return df

@@ -6,8 +6,9 @@ benchmark the pipeline at 10M interactions and check that models learn what is t
 
 The process:
 - items get a Zipf popularity (over a random permutation of ids) and one of ``num_topics``
-  topics; each item has ``SUCCESSORS`` fixed successor items, drawn by popularity, mostly
-  from its own topic;
+  topics; each item has ``SUCCESSORS`` fixed successor items: the next item of its topic in a
+  fixed cyclic order (like the next episode of a series) and popularity draws, mostly from
+  its own topic;
 - each user has a heavy-tailed (lognormal) sequence length of at least ``MIN_USER_LENGTH``,
   scaled so that the lengths sum exactly to ``num_interactions``, and 1-3 preferred topics;
 - each next item is, with ``follow_probability``, a successor of the previous item, otherwise a
@@ -221,6 +222,9 @@ def build_catalog(config: SyntheticConfig) -> SyntheticCatalog:
     same = rng.random((n, SUCCESSORS)) < _SAME_TOPIC_SUCCESSOR
     source = np.where(same, topic[:, None], num_topics)
     successors = catalog.draw(rng.random((n, SUCCESSORS)), source).astype(np.int32)
+    following = np.roll(by_topic, -1)  # the next item of its topic, cyclically: a "series"
+    following[topic_start[1:] - 1] = by_topic[topic_start[:-1]]
+    successors[by_topic, 0] = following
     items = np.arange(n, dtype=np.int32)[:, None]
     successors = np.where(successors == items, (items + 1) % n, successors)
     return replace(catalog, successors=successors)

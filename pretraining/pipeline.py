@@ -21,7 +21,7 @@ from pretraining.cli import model_config, protocol_config, training_config
 from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
 from pretraining.evaluation import EvaluationProtocol, evaluate
 from pretraining.recommender import CheckpointError, SequentialRecommender
-from pretraining.trainer import BEST_DIR, Trainer, build_accelerator
+from pretraining.trainer import BEST_DIR, Trainer, build_accelerator, check_process_count
 
 RUN_CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -123,6 +123,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     dataset = args.dataset or run_config["dataset"]["path"]
     data = load_data(dataset, args.cache_dir)
     accelerator = Accelerator(cpu=args.cpu)
+    check_process_count(accelerator)
     metrics = evaluate_checkpoint(run_dir / BEST_DIR, data, protocol_config(args),
                                   args.eval_batch_size, accelerator)
     if accelerator.is_main_process:

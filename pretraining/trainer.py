@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -274,7 +275,7 @@ class Trainer:
 
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=config.cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
@@ -284,6 +285,20 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         # Same data order for a seed and epoch at any process count, and after resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_process_count(accelerator)
+    return accelerator
+
+
+def check_process_count(accelerator: Accelerator) -> None:
+    """Refuse N launched processes that each believe they are alone (N duplicated runs)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ValueError(
+            f"the launcher started {launched} processes but Accelerate sees "
+            f"{accelerator.num_processes}: each would train its own copy. On CPU, launch with "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... "
+            "(see README, Several processes)"
+        )
 
 
 def peak_memory_mb(device: torch.device) -> float:

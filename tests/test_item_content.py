@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -10,12 +11,13 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from dataset_tools import DataError, load_dataset_folder, resolve_dataset
+from dataset_tools import DataError, images, load_dataset_folder, resolve_dataset
 from dataset_tools.images import ImageStore, build_image_store
 from dataset_tools.item_text import (
     HISTORY_OFFSET_S,
@@ -58,6 +60,9 @@ def test_amazon_metadata_json_and_python_literal_lines(tmp_path: Path):
     path.write_text(lines[0] + "\n{'asin': 'B02', 'title': \n", encoding="utf-8")
     with pytest.raises(DataError, match=r"^meta.json line 2: neither JSON nor a Python literal"):
         read_amazon_metadata(path)
+    path.write_bytes(lines[0].encode() + b"\n{'asin': '\xff'}\n")
+    with pytest.raises(DataError, match=r"^meta.json line 2: cannot read the file"):
+        read_amazon_metadata(path)
     path.write_text(lines[0] + "\n" + json.dumps({"title": "no asin"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"^meta.json line 2: no 'asin' field"):
         read_amazon_metadata(path)
@@ -77,6 +82,9 @@ def test_amazon_reviews(tmp_path: Path):
     assert df["user"].tolist() == ["A2SU", "AFV2"]
     assert df["timestamp"].tolist() == [1252800000, 1357344000]
     assert df["rating"].tolist() == [5.0, 4.0] and df["line"].tolist() == [1, 2]
+    packed = tmp_path / "Books_5.json.gz"  # the dumps ship gzip-compressed
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    pd.testing.assert_frame_equal(read_amazon_reviews(packed), df)
 
     unrated = [{k: v for k, v in r.items() if k != "overall"} for r in reviews]
     path.write_text("".join(json.dumps(r) + "\n" for r in unrated), encoding="utf-8")
@@ -155,7 +163,7 @@ ITEMS = pd.DataFrame({
 def test_template_renders_fields():
     texts = ItemTextTemplate("{title} ({year}). Genres: {genre}").render(ITEMS.iloc[:1])
     assert texts == ["Heat (1995). Genres: Crime, Drama"] and texts.empty_items == []
-    assert ItemTextTemplate("{title!r:>8}|").render(ITEMS.iloc[:1]) == ["  'Heat'|"]
+    assert ItemTextTemplate("{title!r:<8}|").render(ITEMS.iloc[:1]) == ["'Heat'  |"]
 
 
 def test_template_missing_field_lists_available():
@@ -272,7 +280,7 @@ def test_bad_images_refused_and_previous_store_kept(tmp_path: Path):
     before = _tree_digest(output)
     (folder / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(300))
     wanted = [*COLORS, "broken", "ghost"]
-    with pytest.raises(DataError, match=r"cannot store the images of 2 items \(1 missing, "
+    with pytest.raises(DataError, match=r"^images: 2 of 5 items have no usable image \(1 missing, "
                        r"1 unreadable: 'ghost' \(no image in images\); 'broken' .*"
                        r"--skip-bad-images"):
         build_image_store(folder, output, size=8, item_ids=wanted)
@@ -311,37 +319,63 @@ def test_csv_missing_file_and_not_a_store(tmp_path: Path):
 
 
 class _MeanColors:
-    """A map-style dataset reading the store in whichever process indexes it."""
+    """A map-style dataset reading the store in whichever process indexes it.
 
-    def __init__(self, store: ImageStore) -> None:
-        self.store, self.ids = store, list(COLORS) * 4
+    It also reports whether the environment the parent had open (copied into a fork
+    worker) was closed there, i.e. whether the worker opened its own.
+    """
+
+    def __init__(self, store: ImageStore, inherited: lmdb.Environment | None = None) -> None:
+        self.store, self.inherited, self.ids = store, inherited, list(COLORS) * 4
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self.store[self.ids[i]], dtype=np.float32).mean(axis=(0, 1))
+    def __getitem__(self, i: int) -> tuple[np.ndarray, bool]:
+        mean = np.asarray(self.store[self.ids[i]], dtype=np.float32).mean(axis=(0, 1))
+        try:
+            self.inherited.stat()
+        except lmdb.Error:  # closed
+            return mean, True
+        return mean, False
 
 
 def test_image_store_in_fork_workers_and_after_pickling(tmp_path: Path):
-    import os
-
     from torch.utils.data import DataLoader
 
     build_image_store(_image_folder(tmp_path), tmp_path / "store", size=8)
     store = ImageStore(tmp_path / "store")
     _assert_color(store["red"], COLORS["red"], 8)  # the parent has an open environment
-    parent_env = store._env
-    loader = DataLoader(_MeanColors(store), batch_size=3, num_workers=2,
-                        multiprocessing_context="fork")
-    means = np.concatenate([batch.numpy() for batch in loader])
-    expected = np.asarray([COLORS[i] for i in _MeanColors(store).ids], dtype=np.float32)
+    stat = (tmp_path / "store" / "data.mdb").stat()
+    parent_env = images._open_envs[(stat.st_dev, stat.st_ino)]
+    dataset = _MeanColors(store, parent_env)
+    loader = DataLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context="fork")
+    batches = list(loader)
+    means = np.concatenate([mean.numpy() for mean, _ in batches])
+    expected = np.asarray([COLORS[i] for i in dataset.ids], dtype=np.float32)
     assert np.abs(means - expected).max() < 8
-    assert store._env is parent_env and store._pid == os.getpid()
+    assert all(closed.all() for _, closed in batches)  # each worker opened its own
+    assert dataset[0][1] is False  # while the parent's stays open and in use
+    _assert_color(store["green"], COLORS["green"], 8)
 
-    copy = pickle.loads(pickle.dumps(store))
-    assert copy._env is None and len(copy) == 3
+    copy = pickle.loads(pickle.dumps(store))  # as a spawn worker receives it
+    assert len(copy) == 3
     _assert_color(copy["blue"], COLORS["blue"], 8)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "store")
+    _assert_color(ImageStore(link)["blue"], COLORS["blue"], 8)  # a second reader, other path
+
+
+def test_reader_follows_a_rebuilt_store(tmp_path: Path):
+    folder = _image_folder(tmp_path)
+    build_image_store(folder, tmp_path / "store", size=8)
+    store = ImageStore(tmp_path / "store")
+    _assert_color(store["red"], COLORS["red"], 8)
+    (folder / "red.png").write_bytes(_png(COLORS["blue"]))
+    build_image_store(folder, tmp_path / "store", size=8)
+    _assert_color(store["red"], COLORS["blue"], 8)
+    open_here = [env for env in images._open_envs.values() if env.path() == str(store.path)]
+    assert len(open_here) == 1  # the replaced store's environment was closed
 
 
 def _load_cli():
@@ -363,7 +397,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
         cli.run_main(cli.main, args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: images: cannot store the images of 1 items") and \
+    assert err.startswith("error: images: 1 of 2 items have no usable image") and \
         "Traceback" not in err and len(err.strip().splitlines()) == 1
     cli.run_main(cli.main, [*args, "--skip-bad-images"])
     out = capsys.readouterr().out

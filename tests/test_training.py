@@ -174,7 +174,25 @@ def test_two_process_cpu_run_matches_one_process_evaluation(tiny_dataset_dir, tm
     one = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert one["protocol"]["num_processes"] == 1
     assert one["valid"] == two["valid"] and one["test"] == two["test"]
+    # A 2-process launch where Accelerate is not told to use the CPU would train two
+    # independent copies: refused with a clear error.
+    config = ROOT / "scripts" / "accelerate_configs" / "cpu_2proc.yaml"
+    duplicated = script("evaluate.py", "--run", str(tmp_path / "run"),
+                        launcher=[sys.executable, "-m", "accelerate.commands.launch",
+                                  "--config_file", str(config)])
+    assert duplicated.returncode != 0
+    assert "the launcher started 2 processes but Accelerate sees 1" in duplicated.stderr
     # The 2-process training state resumes in one process.
     resumed = run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "2", "--resume")
     state = json.loads((tmp_path / "run" / "state" / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and resumed["protocol"]["num_processes"] == 1
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu_ddp", "fsdp", "multi_node", "cpu_2proc"])
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "scripts" / "accelerate_configs" / f"{name}.yaml"))
+    assert config.num_processes >= 1 and config.mixed_precision in ("no", "bf16")
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "SASRecBlock"
