@@ -12,17 +12,31 @@ from .cleaning import (
 )
 from .errors import DataError
 from .folder import PrepareConfig, SequenceData, load_dataset_folder, prepare_dataset
+from .images import ImageStore, ImageStoreReport, build_image_store
+from .item_text import (
+    ItemTextTemplate,
+    default_template,
+    read_amazon_metadata,
+    read_amazon_reviews,
+    read_mind_behaviors,
+    read_mind_news,
+)
 from .readers import read_interactions, read_items
 from .synthetic import SyntheticConfig, generate_sequences, write_synthetic_log
 
 __all__ = [
     "BUILTIN_DATASETS",
     "DataError",
+    "ImageStore",
+    "ImageStoreReport",
+    "ItemTextTemplate",
     "PrepareConfig",
     "SequenceData",
     "SyntheticConfig",
     "atomic_directory",
+    "build_image_store",
     "deduplicate",
+    "default_template",
     "filter_by_rating",
     "generate_sequences",
     "k_core_filter",
@@ -31,8 +45,12 @@ __all__ = [
     "locate_movielens",
     "prepare_builtin",
     "prepare_dataset",
+    "read_amazon_metadata",
+    "read_amazon_reviews",
     "read_interactions",
     "read_items",
+    "read_mind_behaviors",
+    "read_mind_news",
     "reindex",
     "resolve_dataset",
     "sort_chronologically",

@@ -61,6 +61,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=int, default=200)
+    group.add_argument("--max-steps", type=int, default=0,
+                       help="stop after N optimizer steps in total (0: no limit)")
     group.add_argument("--batch-size", type=int, default=128)
     group.add_argument("--eval-batch-size", type=int, default=256,
                        help="users scored at once in full ranking (bounds evaluation memory)")
@@ -163,7 +165,8 @@ def model_config(args: argparse.Namespace, num_items: int, fingerprint: str) -> 
 
 def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfig:
     return TrainingConfig(
-        output_dir=str(output_dir), epochs=args.epochs, batch_size=args.batch_size,
+        output_dir=str(output_dir), epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay,
         scheduler=args.scheduler, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,

@@ -36,6 +36,7 @@ TRAINER_STATE = "trainer_state.json"
 class TrainingConfig:
     output_dir: str
     epochs: int = 200
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
     batch_size: int = 128
     eval_batch_size: int = 256
     lr: float = 1e-3
@@ -141,7 +142,8 @@ class Trainer:
         acc.init_trackers("peftrec", config=_flat_hparams(self.config))
         epoch_seconds, positions, data_wait = [], 0, 0.0
         state, config = self.state, self.config
-        while state.epoch < config.epochs and state.bad_epochs < config.patience:
+        while (state.epoch < config.epochs and state.bad_epochs < config.patience
+               and not self._step_limit_reached()):
             started = time.perf_counter()
             loss_sum, wait, seen = self._train_one_epoch()
             seconds = time.perf_counter() - started
@@ -205,9 +207,14 @@ class Trainer:
                 self.state.global_step += 1
                 if config.save_steps and self.state.global_step % config.save_steps == 0:
                     self._save_state()
+                if self._step_limit_reached():
+                    break
         progress.close()
         mean_loss = acc.reduce(loss_sum, "mean").item() / max(trained, 1)
         return mean_loss, wait, int(acc.reduce(positions, "sum").item())
+
+    def _step_limit_reached(self) -> bool:
+        return 0 < self.config.max_steps <= self.state.global_step
 
     def _end_epoch(self, valid: dict, train_loss: float, seconds: float, wait: float) -> None:
         acc, state = self.accelerator, self.state
