@@ -40,10 +40,36 @@ def _device():
 
 
 def _peak_mb(device) -> float:
+    """Peak memory since the last `_reset_peak` (process start if never reset)."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_mb("VmHWM")
+
+
+def _current_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_status_mb("VmRSS")
+
+
+def _reset_peak(device) -> None:
+    """Forget the peak so far (e.g. of building the data), so the next peak is the model's."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to VmRSS
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -80,8 +106,12 @@ def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
 
     device = _device()
     windows = _synthetic_windows(num_items, BATCH * (steps + 2)).to(device)
+    _reset_peak(device)
+    baseline = _current_mb(device)
     model = _model(num_items, loss, device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Parameters, gradients and AdamW's two moments: grows with the item table by design.
+    state = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     batches = windows.split(BATCH)
 
     def step(window):
@@ -98,8 +128,11 @@ def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
         step(window)
     _sync(device)
     seconds = (time.perf_counter() - started) / steps
+    peak = _peak_mb(device)
     return {"seconds_per_step": seconds, "positions_per_second": BATCH * LENGTH / seconds,
-            "peak_mb": _peak_mb(device)}
+            "peak_mb": peak, "model_state_mb": state,
+            # What the step itself needs on top of the model state: activations, logits.
+            "working_mb": peak - baseline - state}
 
 
 def measure_evaluation(num_items: int, chunk: int, users: int) -> dict:
@@ -110,13 +143,16 @@ def measure_evaluation(num_items: int, chunk: int, users: int) -> dict:
     device = _device()
     model = _model(num_items, "full", device).eval()
     windows = _synthetic_windows(num_items, users).to(device)
+    _reset_peak(device)
+    baseline = _current_mb(device)
     started = time.perf_counter()
     with torch.no_grad():
         for window in windows.split(256):
             query = model.query({"input_ids": window[:, :-1]})
             chunked_target_ranks(model, query, window[:, -1], chunk)
     _sync(device)
-    return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb(device)}
+    return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb(device),
+            "working_mb": _peak_mb(device) - baseline}
 
 
 def measure_generate(interactions: int, num_items: int, folder: str) -> dict:
@@ -279,7 +315,8 @@ def plot(results: dict, path: Path) -> None:
         rows = [r for r in results["catalog"] if r["loss"] == loss and "error" not in r]
         x = [r["items"] for r in rows]
         axes[0].plot(x, [r["positions_per_second"] for r in rows], "o-", label=loss)
-        axes[1].plot(x, [r["peak_mb"] for r in rows], "o-", label=f"{loss} softmax")
+        axes[1].plot(x, [r["peak_mb"] for r in rows], "o-", label=f"{loss}: peak")
+        axes[1].plot(x, [r["working_mb"] for r in rows], "s--", label=f"{loss}: working")
     chunk = results["evaluation"][0]["chunk"] if results["evaluation"] else None
     rows = [r for r in results["evaluation"] if r["chunk"] == chunk and "error" not in r]
     axes[2].plot([r["items"] for r in rows], [r["seconds"] for r in rows], "o-",
