@@ -104,12 +104,15 @@ def _synthetic_windows(num_items: int, rows: int):
 def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
     import torch
 
+    from pretraining.trainer import fused_if_supported
+
     device = _device()
     windows = _synthetic_windows(num_items, BATCH * (steps + 2)).to(device)
     _reset_peak(device)
     baseline = _current_mb(device)
     model = _model(num_items, loss, device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, **fused_if_supported(parameters))
     # Parameters, gradients and AdamW's two moments: grows with the item table by design.
     state = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     batches = windows.split(BATCH)

@@ -103,7 +103,8 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters; unfreeze something first")
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                      **fused_if_supported(trainable))
         train_loader = self._loader(train_dataset, config.batch_size, collate_fn, shuffle=True)
         valid_loader = self._loader(valid_dataset, config.eval_batch_size, collate_fn)
         steps_per_epoch = math.ceil(
@@ -306,6 +307,14 @@ def check_process_count(accelerator: Accelerator) -> None:
             "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... "
             "(see README, Several processes)"
         )
+
+
+def fused_if_supported(parameters: list[torch.nn.Parameter]) -> dict:
+    """`fused=True` where torch has a fused AdamW kernel: one pass, no parameter-sized
+    temporaries (which otherwise grow with the item table)."""
+    devices = {p.device.type for p in parameters}
+    floating = all(p.is_floating_point() for p in parameters)
+    return {"fused": True} if floating and devices <= {"cpu", "cuda"} else {}
 
 
 def peak_memory_mb(device: torch.device) -> float:
