@@ -159,6 +159,19 @@ def test_evaluation_user_sample_is_seeded_and_sized(tiny_dataset_dir):
     assert len(LeaveOneOutDataset(data, "test", 6, max_users=1000)) == data.num_users
 
 
+def test_dataloader_workers_read_the_memory_mapped_sequences(tiny_dataset_dir):
+    from torch.utils.data import DataLoader
+
+    data = load_dataset_folder(tiny_dataset_dir)
+    dataset = LeaveOneOutDataset(data, "train", 8, windows="all")
+    batches = [list(DataLoader(dataset, batch_size=16, collate_fn=collate_left_padded,
+                               num_workers=workers)) for workers in (0, 2)]
+    assert len(batches[0]) == len(batches[1]) > 1
+    for single, parallel in zip(*batches, strict=True):
+        assert torch.equal(single["input_ids"], parallel["input_ids"])
+        assert torch.equal(single["target_ids"], parallel["target_ids"])
+
+
 def test_item_frequencies_count_training_items_only(tiny_dataset_dir):
     data = load_dataset_folder(tiny_dataset_dir)
     counts = item_frequencies(data)
