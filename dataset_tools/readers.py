@@ -160,6 +160,19 @@ def _is_grouplens_dat(path: Path) -> bool:
         return "::" in f.readline()
 
 
+def _checked_source(path: str | Path, fmt: str) -> Path:
+    path = Path(path)
+    if fmt not in INTERACTION_FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(INTERACTION_FORMATS)}")
+    _check_file(path)
+    return path
+
+
+def _read_recbole(path: Path) -> pd.DataFrame:
+    # RecBole atomic files are tab-separated with `name:type` headers and no quoting.
+    return _strip_recbole_types(_read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE))
+
+
 def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
                       item_col: str | None = None, time_col: str | None = None,
                       rating_col: str | None = None) -> pd.DataFrame:
@@ -168,12 +181,9 @@ def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
     ``line`` is the 1-based line of each row in the source file (for error messages);
     drop it before writing anything.
     """
-    path = Path(path)
-    if fmt not in INTERACTION_FORMATS:
-        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(INTERACTION_FORMATS)}")
-    _check_file(path)
+    path = _checked_source(path, fmt)
     if fmt == "recbole":
-        df = _strip_recbole_types(_read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE))
+        df = _read_recbole(path)
         user_col, item_col = user_col or "user_id", item_col or "item_id"
         time_col = time_col or "timestamp"
         if rating_col is None and "rating" in df.columns:
@@ -206,12 +216,9 @@ def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
 
 def read_items(path: str | Path, fmt: str, item_col: str | None = None) -> pd.DataFrame:
     """Read an item table into a column ``item`` (same id space as interactions) + text fields."""
-    path = Path(path)
-    if fmt not in INTERACTION_FORMATS:
-        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(INTERACTION_FORMATS)}")
-    _check_file(path)
+    path = _checked_source(path, fmt)
     if fmt == "recbole":
-        df = _strip_recbole_types(_read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE))
+        df = _read_recbole(path)
         item_col = item_col or "item_id"
     elif fmt == "movielens":
         df = _read_movielens_items(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import random
 from pathlib import Path
@@ -46,6 +47,15 @@ def write_synthetic_items(path: Path, num_items: int = 40, num_groups: int = 5) 
         for i in range(num_items):
             writer.writerow([f"i{i}", f"Item {i} of group {i // size}", f"group{i // size}"])
     return path
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_synthetic_interactions
+from conftest import load_script, write_synthetic_interactions
 
 import dataset_tools.folder as folder_module
 from dataset_tools import (
@@ -421,16 +421,8 @@ def test_builtin_ml1m_statistics(tmp_path: Path):
     assert (stats["users"], stats["items"], stats["interactions"]) == (6040, 3416, 999_611)
 
 
-def _load_cli():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
-    spec = importlib.util.spec_from_file_location("prepare_data_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
-    cli = _load_cli()
+    cli = load_script("prepare_data")
     inter = write_synthetic_interactions(tmp_path / "log.csv")
     args = ["--input", str(inter), "--format", "csv", "--user-col", "user_id", "--item-col",
             "item_id", "--time-col", "timestamp", "--k-core", "2", "--output", str(tmp_path / "o")]

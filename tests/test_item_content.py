@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import pickle
@@ -15,6 +14,7 @@ import lmdb
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_script
 from PIL import Image
 
 from dataset_tools import DataError, images, load_dataset_folder, resolve_dataset
@@ -378,16 +378,8 @@ def test_reader_follows_a_rebuilt_store(tmp_path: Path):
     assert len(open_here) == 1  # the replaced store's environment was closed
 
 
-def _load_cli():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "build_image_store.py"
-    spec = importlib.util.spec_from_file_location("build_image_store_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
-    cli = _load_cli()
+    cli = load_script("build_image_store")
     folder = _image_folder(tmp_path)
     items = tmp_path / "items.tsv"
     items.write_text("item_id\ttitle\nred\tRed\nghost\tGhost\n")
