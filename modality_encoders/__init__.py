@@ -1,10 +1,36 @@
-"""Item encoders: turn item indices into vectors (IDs today; text and images next).
+"""Item encoders: turn item indices into vectors (ID, text, image).
 
 Every encoder follows the `ItemEncoder` protocol so backbones never care which one
-they get. Encoders are looked up by name in `ITEM_ENCODERS`.
+they get. Encoders are looked up by name in `ITEM_ENCODERS`; content encoders get
+their settings as a dict and the items' texts / images as an `ItemContent`.
 """
 
-from modality_encoders.base import ITEM_ENCODERS, ItemEncoder, build_item_encoder
+from modality_encoders.base import (
+    ITEM_ENCODERS,
+    ItemEncoder,
+    build_item_encoder,
+    register_item_encoder,
+    resolve_item_encoder_config,
+)
+from modality_encoders.content import ItemContent, build_item_content
+from modality_encoders.content_encoder import ContentEncoderSettings, ContentItemEncoder
 from modality_encoders.id_encoder import IDEncoder
+from modality_encoders.image_encoder import ImageItemEncoder
+from modality_encoders.text_encoder import TextItemEncoder
+from modality_encoders.transformer import EncoderMismatchError
 
-__all__ = ["ITEM_ENCODERS", "IDEncoder", "ItemEncoder", "build_item_encoder"]
+__all__ = [
+    "ITEM_ENCODERS",
+    "ContentEncoderSettings",
+    "ContentItemEncoder",
+    "EncoderMismatchError",
+    "IDEncoder",
+    "ImageItemEncoder",
+    "ItemContent",
+    "ItemEncoder",
+    "TextItemEncoder",
+    "build_item_content",
+    "build_item_encoder",
+    "register_item_encoder",
+    "resolve_item_encoder_config",
+]

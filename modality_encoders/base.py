@@ -36,10 +36,29 @@ def register_item_encoder(name: str):
     return wrap
 
 
-def build_item_encoder(name: str, num_items: int, output_dim: int) -> nn.Module:
-    """Build the encoder registered as `name` for a catalog of `num_items` items."""
+def build_item_encoder(
+    name: str, num_items: int, output_dim: int, config: dict | None = None, content=None
+) -> nn.Module:
+    """Build the encoder registered as `name` for a catalog of `num_items` items.
+
+    `config` holds the encoder's own settings (`RecommenderConfig.item_encoder_config`);
+    `content` the items' texts / images (`modality_encoders.ItemContent`) for content
+    encoders.
+    """
+    return _encoder_class(name)(
+        num_items=num_items, output_dim=output_dim, config=config or {}, content=content
+    )
+
+
+def resolve_item_encoder_config(name: str, config: dict) -> dict:
+    """`config` completed with what a checkpoint must record (e.g. the encoder fingerprint)."""
+    resolve = getattr(_encoder_class(name), "resolve_config", None)
+    return resolve(config) if resolve is not None else dict(config)
+
+
+def _encoder_class(name: str) -> type[nn.Module]:
     if name not in ITEM_ENCODERS:
         raise ValueError(
             f"unknown item encoder {name!r}; choose one of {sorted(ITEM_ENCODERS)}"
         )
-    return ITEM_ENCODERS[name](num_items=num_items, output_dim=output_dim)
+    return ITEM_ENCODERS[name]

@@ -12,8 +12,11 @@ from modality_encoders.base import register_item_encoder
 class IDEncoder(nn.Module):
     """An embedding table with row 0 reserved for padding (kept at zero)."""
 
-    def __init__(self, num_items: int, output_dim: int) -> None:
+    def __init__(self, num_items: int, output_dim: int, config: dict | None = None,
+                 content=None) -> None:
         super().__init__()
+        if config:
+            raise ValueError(f"the ID item encoder takes no settings, got {sorted(config)}")
         if num_items < 1:
             raise ValueError(f"an ID encoder needs at least one item, got num_items={num_items}")
         self.output_dim = output_dim
@@ -24,6 +27,10 @@ class IDEncoder(nn.Module):
 
     def forward(self, item_indices: torch.Tensor) -> torch.Tensor:
         return self.embedding(item_indices)
+
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        """Vectors [U, d] of item indices [U] (index 0 gives the zero padding row)."""
+        return self.embedding(items)
 
     def catalog(self) -> torch.Tensor:
         return self.embedding.weight

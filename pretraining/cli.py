@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
+from modality_encoders import resolve_item_encoder_config
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.recommender import BACKBONES, RecommenderConfig
 from pretraining.trainer import TrainingConfig
@@ -98,6 +100,44 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
                        help="evaluate a sample of N users (seeded by --seed, recorded in metrics)")
 
 
+def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
+    """Flags of the content item encoders (`modality` = "text" or "image")."""
+    parser.set_defaults(item_encoder=modality)
+    group = parser.add_argument_group(f"{modality} item encoder")
+    if modality == "text":
+        group.add_argument("--encoder", default="minilm",
+                           help="transformers encoder: a local folder, a hub name already in "
+                           "the local cache, or 'minilm' (the installed all-MiniLM-L6-v2)")
+        group.add_argument("--text-template",
+                           help="item text from item table columns, e.g. '{title}. {genre}' "
+                           "(default: the built-in dataset's template)")
+        group.add_argument("--max-text-length", type=int, default=64, help="tokens per item")
+    else:
+        group.add_argument("--encoder", required=True,
+                           help="ViT or ViTMAE model folder (or a hub name in the local cache)")
+        group.add_argument("--image-store", type=Path, required=True,
+                           help="LMDB image store keyed by the dataset's item ids "
+                           "(scripts/build_image_store.py)")
+    group.add_argument("--pooling", choices=["cls", "mean"],
+                       default="mean" if modality == "text" else "cls",
+                       help="CLS token, or the mean over tokens (text: the attention mask; "
+                       "images: the patches)")
+    group.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true",
+                       default=True, help="keep the encoder frozen and cache its outputs")
+    group.add_argument("--train-encoder", dest="freeze_encoder", action="store_false",
+                       default=argparse.SUPPRESS,
+                       help="train the encoder end to end (sampled softmax over the items "
+                       "each batch needs; see --trainable-layers)")
+    group.add_argument("--trainable-layers", type=int, default=-1,
+                       help="with --train-encoder: train only the top K layers and cache the "
+                       "hidden states below them (-1: all layers)")
+    group.add_argument("--encoder-cache-dir", type=Path,
+                       help="where encoder outputs are cached; unset: the dataset "
+                       "folder's cache/")
+    group.add_argument("--encode-batch-size", type=int, default=64,
+                       help="items encoded at once when building caches and catalogs")
+
+
 def pretrain_parser(description: str) -> argparse.ArgumentParser:
     """Flags of every pretraining script: common, model, training and protocol."""
     parser = base_parser(description)
@@ -147,10 +187,16 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     return values
 
 
-def model_config(args: argparse.Namespace, num_items: int, fingerprint: str) -> RecommenderConfig:
+def model_config(
+    args: argparse.Namespace, num_items: int, fingerprint: str, data: SequenceData | None = None
+) -> RecommenderConfig:
+    item_encoder = getattr(args, "item_encoder", "id")
+    encoder_config = {} if item_encoder == "id" else item_encoder_config(args, item_encoder, data)
     return RecommenderConfig(
         num_items=num_items,
         backbone=args.backbone,
+        item_encoder=item_encoder,
+        item_encoder_config=encoder_config,
         backbone_config={
             "hidden_size": args.hidden_size, "num_layers": args.num_layers,
             "num_heads": args.num_heads, "ffn_size": args.ffn_size,
@@ -161,6 +207,27 @@ def model_config(args: argparse.Namespace, num_items: int, fingerprint: str) -> 
         negative_sampling=args.negative_sampling,
         dataset_fingerprint=fingerprint,
     )
+
+
+def item_encoder_config(args: argparse.Namespace, item_encoder: str, data: SequenceData | None):
+    """The content encoder's settings from the flags, resolved (fingerprint, hidden size)."""
+    config = {"encoder": args.encoder, "pooling": args.pooling, "freeze": args.freeze_encoder,
+              "trainable_layers": args.trainable_layers,
+              "encode_batch_size": args.encode_batch_size}
+    if item_encoder == "text":
+        template = args.text_template
+        if template is None:
+            if data is None:
+                raise CommandLineError("the text encoder needs --text-template")
+            try:
+                template = default_template(data.name).template
+            except DataError as error:
+                raise CommandLineError(f"{error} (--text-template)") from None
+        ItemTextTemplate(template)  # a malformed template fails now, not mid-run
+        config.update(template=template, max_text_length=args.max_text_length)
+    else:
+        config["image_store"] = str(Path(args.image_store).absolute())
+    return resolve_item_encoder_config(item_encoder, config)
 
 
 def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfig:

@@ -17,10 +17,15 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
+from modality_encoders import build_item_content
 from pretraining.cli import model_config, protocol_config, training_config
 from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
 from pretraining.evaluation import EvaluationProtocol, evaluate
-from pretraining.recommender import CheckpointError, SequentialRecommender
+from pretraining.recommender import (
+    CheckpointError,
+    SequentialRecommender,
+    load_recommender_config,
+)
 from pretraining.trainer import BEST_DIR, Trainer, build_accelerator, check_process_count
 
 RUN_CONFIG = "config.json"
@@ -36,7 +41,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     """Train a recommender from scratch on `args.dataset`; returns metrics.json's content."""
     data = load_data(args.dataset, args.cache_dir)
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{args.backbone}"
-    config = model_config(args, data.num_items, data.fingerprint)
+    config = model_config(args, data.num_items, data.fingerprint, data)
+    encoder_cache_dir = getattr(args, "encoder_cache_dir", None)
     run_config = {
         "dataset": {"name": data.name, "path": str(data.path), "fingerprint": data.fingerprint,
                     "train_windows": args.train_windows},
@@ -54,7 +60,9 @@ def pretrain(args: argparse.Namespace) -> dict:
         (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
     set_seed(args.seed)  # before the model exists: its initial weights depend on the seed
     frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
-    model = SequentialRecommender(config, frequencies)
+    content = build_item_content(data, config.item_encoder, config.item_encoder_config,
+                                 encoder_cache_dir)
+    model = SequentialRecommender(config, frequencies, content)
     max_len = config.backbone_settings().max_len
     protocol = protocol_config(args)
     trainer = Trainer(
@@ -67,7 +75,8 @@ def pretrain(args: argparse.Namespace) -> dict:
                       f"{_count(model)} parameters; {accelerator.num_processes} process(es)")
     summary = trainer.train()
     metrics = evaluate_checkpoint(output_dir / BEST_DIR, data, protocol,
-                                  trainer_config.eval_batch_size, accelerator, frequencies)
+                                  trainer_config.eval_batch_size, accelerator, frequencies,
+                                  encoder_cache_dir)
     metrics["training"] = summary
     if accelerator.is_main_process:
         (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
@@ -82,9 +91,13 @@ def evaluate_checkpoint(
     batch_size: int,
     accelerator: Accelerator,
     frequencies=None,
+    encoder_cache_dir: Path | None = None,
 ) -> dict:
     """Validation and test metrics of a saved checkpoint on `data`, plus the protocol."""
-    model = SequentialRecommender.from_pretrained(checkpoint, frequencies)
+    config = load_recommender_config(checkpoint)
+    content = build_item_content(data, config.item_encoder, config.item_encoder_config,
+                                 encoder_cache_dir)
+    model = SequentialRecommender.from_pretrained(checkpoint, frequencies, content)
     trained_on = model.config.dataset_fingerprint
     if trained_on != data.fingerprint or model.config.num_items != data.num_items:
         raise CheckpointError(

@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from dataset_tools import atomic_directory
-from modality_encoders import build_item_encoder
+from modality_encoders import EncoderMismatchError, ItemContent, build_item_encoder
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from pretraining.sasrec import SASRec, SASRecConfig
 
@@ -42,6 +42,7 @@ class RecommenderConfig:
     backbone: str = "sasrec"
     backbone_config: dict = field(default_factory=dict)
     item_encoder: str = "id"
+    item_encoder_config: dict = field(default_factory=dict)  # the encoder's own settings
     loss: str = "full"  # "full" softmax over the catalog, or "sampled"
     num_negatives: int = 1024
     negative_sampling: str = "uniform"  # or "popularity" (needs item frequencies)
@@ -69,14 +70,21 @@ class RecommenderConfig:
 
 
 class SequentialRecommender(nn.Module):
-    def __init__(self, config: RecommenderConfig, item_frequencies: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: RecommenderConfig,
+        item_frequencies: torch.Tensor | None = None,
+        content: ItemContent | None = None,
+    ):
+        """`content`: the items' texts / images, for content item encoders (text, image)."""
         super().__init__()
         self.config = config
         backbone_config = config.backbone_settings()
         _, backbone_cls = BACKBONES[config.backbone]
         self.backbone = backbone_cls(backbone_config)
         self.item_encoder = build_item_encoder(
-            config.item_encoder, config.num_items, backbone_config.hidden_size
+            config.item_encoder, config.num_items, backbone_config.hidden_size,
+            config.item_encoder_config, content,
         )
         if config.loss == "sampled" and config.negative_sampling == "popularity":
             if item_frequencies is None:
@@ -91,18 +99,53 @@ class SequentialRecommender(nn.Module):
         return self.backbone(self.item_encoder(input_ids), input_ids > 0)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.config.loss == "sampled" or (
+            self.training and getattr(self.item_encoder, "encodes_on_demand", False)
+        ):
+            return self._loss_on_needed_items(batch)
         states = self.encode(batch["input_ids"])
         targets = batch["target_ids"]
         # The loss only covers positions with a next item: padding costs no compute.
         has_target = targets > 0
         states, targets = states[has_target], targets[has_target]
         catalog = self.item_encoder.catalog()
+        return {"loss": full_softmax_loss(states, catalog, targets)}
+
+    def _loss_on_needed_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss on the batch's items only: sampled softmax, or a trained item encoder.
+
+        The items of the inputs, the targets and the negatives (all items for the full
+        loss, else sampled ones) are encoded once, in one call, into a small local catalog
+        (row 0 = padding): one gradient buffer for the item table, so training memory does
+        not grow with the catalog. The sampled softmax then runs on it with each negative's
+        logQ taken from the global sampling distribution (uniform over all items = full
+        softmax).
+        """
+        input_ids, targets = batch["input_ids"], batch["target_ids"]
+        has_target = targets > 0
+        num_items, device = self.config.num_items, input_ids.device
         if self.config.loss == "full":
-            loss = full_softmax_loss(states, catalog, targets)
+            negatives = torch.arange(1, num_items + 1, device=device)
+        elif self.sampling_probs is None:
+            negatives = torch.randint(1, num_items + 1, (self.config.num_negatives,),
+                                      device=device)
         else:
-            loss = sampled_softmax_loss(
-                states, catalog, targets, self.config.num_negatives, self.sampling_probs
-            )
+            negatives = torch.multinomial(self.sampling_probs, self.config.num_negatives,
+                                          replacement=True) + 1
+        needed = torch.cat([input_ids.new_zeros(1), input_ids.flatten(), targets[has_target],
+                            negatives])
+        items, local = torch.unique(needed, return_inverse=True)  # items[0] = 0 (padding)
+        catalog = self.item_encoder.encode_items(items)
+        sizes = [1, input_ids.numel(), int(has_target.sum()), len(negatives)]
+        _, local_inputs, local_targets, local_negatives = local.split(sizes)
+        local_inputs = local_inputs.view_as(input_ids)
+        states = self.backbone(catalog[local_inputs], input_ids > 0)[has_target]
+        if self.sampling_probs is None or self.config.loss == "full":
+            probs = catalog.new_full((len(items) - 1,), 1.0 / num_items)
+        else:
+            probs = self.sampling_probs[items[1:] - 1]
+        loss = sampled_softmax_loss(states, catalog, local_targets, len(negatives), probs,
+                                    negatives=local_negatives)
         return {"loss": loss}
 
     def query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,10 +181,24 @@ class SequentialRecommender(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, item_frequencies: torch.Tensor | None = None
+        cls,
+        directory: str | Path,
+        item_frequencies: torch.Tensor | None = None,
+        content: ItemContent | None = None,
+        item_encoder_overrides: dict | None = None,
     ) -> SequentialRecommender:
+        """Load a checkpoint; content encoders need the items' `content`.
+
+        `item_encoder_overrides` replaces recorded encoder settings (e.g. the encoder's
+        folder after a move); the recorded fingerprint and hidden size are still checked.
+        """
         config = load_recommender_config(directory)
-        model = cls(config, item_frequencies)
+        if item_encoder_overrides:
+            config.item_encoder_config = {**config.item_encoder_config, **item_encoder_overrides}
+        try:
+            model = cls(config, item_frequencies, content)
+        except EncoderMismatchError as error:
+            raise CheckpointError(f"{directory}: {error}") from None
         try:
             weights = str(Path(directory) / WEIGHTS_NAME)
             missing, unexpected = load_model(model, weights, strict=False)

@@ -1,0 +1,253 @@
+"""What text and image item encoders share: a `transformers` encoder, pooling, projection.
+
+Three ways to run, chosen by `freeze` and `trainable_layers`:
+- frozen (default): the catalog is encoded once (chunked, no grad) and cached on disk;
+  `catalog()` = projection(cached pooled outputs). The encoder is not part of the
+  module, so checkpoints hold the projection only and refer to the encoder by path +
+  fingerprint.
+- end-to-end (`freeze=False`, all layers): the encoder runs inside the training step on
+  the items a batch needs (`encodes_on_demand`); evaluation re-encodes the catalog once
+  per evaluation (memoised while in eval mode).
+- partial (`freeze=False`, `trainable_layers=k`): the hidden states below the top k
+  layers are cached on disk and only the top k layers run in the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modality_encoders.cache import cache_key, cache_path, cached
+from modality_encoders.content import ItemContent
+from modality_encoders.transformer import (
+    POOLINGS,
+    EncoderMismatchError,
+    TransformerStages,
+    encoder_fingerprint,
+    load_encoder_config,
+    pool,
+    resolve_encoder_path,
+)
+
+
+@dataclass
+class ContentEncoderSettings:
+    """`RecommenderConfig.item_encoder_config` of text and image encoders."""
+
+    encoder: str  # folder, cached hub name, or "minilm"
+    pooling: str = "mean"  # "cls" or "mean"
+    freeze: bool = True  # frozen + cached outputs, or trained inside the step
+    trainable_layers: int = -1  # with freeze=False: top k layers trainable (-1: all)
+    encode_batch_size: int = 64  # items encoded at once when building caches / catalogs
+    encoder_fingerprint: str | None = None  # recorded at build time, checked on load
+    encoder_hidden_size: int | None = None
+    template: str | None = None  # text: ItemTextTemplate
+    max_text_length: int = 64  # text: tokens per item
+    image_store: str | None = None  # image: LMDB store folder
+
+    @classmethod
+    def from_dict(cls, config: dict | None) -> ContentEncoderSettings:
+        config = dict(config or {})
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown or "encoder" not in config:
+            raise ValueError(f"item encoder settings {sorted(config)}: unknown {unknown}"
+                             if unknown else "item encoder settings need 'encoder' (a folder)")
+        return cls(**config)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
+        if self.trainable_layers == 0 or self.trainable_layers < -1:
+            raise ValueError(f"--trainable-layers must be >= 1 (or -1: all), got "
+                             f"{self.trainable_layers}; use --freeze-encoder for none")
+        if self.encode_batch_size < 1 or self.max_text_length < 2:
+            raise ValueError("encode_batch_size must be >= 1 and max_text_length >= 2")
+
+
+class ContentItemEncoder(nn.Module):
+    """Base of `TextItemEncoder` and `ImageItemEncoder` (see the module docstring)."""
+
+    modality = ""  # "text" or "image"
+
+    def __init__(self, num_items: int, output_dim: int, config: dict | None = None,
+                 content: ItemContent | None = None) -> None:
+        super().__init__()
+        settings = ContentEncoderSettings.from_dict(config)
+        self.check_settings(settings)
+        if content is None:
+            raise ValueError(f"the {self.modality} item encoder needs the items' content; "
+                             "build it with modality_encoders.build_item_content(data, ...)")
+        if content.num_items != num_items:
+            raise ValueError(f"item content has {content.num_items} items, the model "
+                             f"{num_items}; build both from the same dataset")
+        self.settings, self.content = settings, content
+        self.num_items, self.output_dim = num_items, output_dim
+        self.path = resolve_encoder_path(settings.encoder)
+        encoder_config = load_encoder_config(self.path, settings.encoder)
+        self.fingerprint = _check_encoder(settings, self.path, encoder_config.hidden_size)
+        self.hidden_size = encoder_config.hidden_size
+        self.projection = nn.Linear(self.hidden_size, output_dim)
+        self.prepare_inputs(encoder_config)
+        self._catalog_memo: torch.Tensor | None = None
+        self.encoder: TransformerStages | None = None
+        self.start = 0  # first layer run in the step (end-to-end / partial modes)
+        if settings.freeze:
+            outputs = self._cached("pooled", (num_items, self.hidden_size), self._build_pooled)
+            self.register_buffer("outputs", outputs, persistent=False)
+            return
+        self.encoder = TransformerStages(self.path, settings.encoder, self.modality)
+        num_layers = self.encoder.num_layers
+        if settings.trainable_layers > num_layers:
+            raise ValueError(f"--trainable-layers {settings.trainable_layers}: the encoder has "
+                             f"only {num_layers} layers")
+        if settings.trainable_layers != -1 and settings.trainable_layers < num_layers:
+            self.start = num_layers - settings.trainable_layers
+            self.encoder.requires_grad_(False)
+            for layer in self.encoder.layers[self.start:]:
+                layer.requires_grad_(True)
+            if self.modality == "image":
+                self.encoder.model.layernorm.requires_grad_(True)
+            hidden = self._cached(f"layer{self.start}", self.hidden_shape(), self._build_hidden)
+            self.register_buffer("hidden_cache", hidden, persistent=False)
+
+    # --- what subclasses provide -------------------------------------------------------
+    def check_settings(self, settings: ContentEncoderSettings) -> None:
+        """Raise ValueError on settings this modality cannot use."""
+
+    def prepare_inputs(self, encoder_config) -> None:
+        """Tokenise the texts once / set up image preprocessing."""
+        raise NotImplementedError
+
+    def inputs(self, indices: torch.Tensor, trim: bool = True) -> dict[str, torch.Tensor]:
+        """Model inputs for item indices (1..N) [B]; `trim` drops all-padding columns."""
+        raise NotImplementedError
+
+    def hidden_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def input_settings(self) -> dict:
+        """Settings that change the encoder's inputs (part of cache keys)."""
+        return {}
+
+    # --- the ItemEncoder contract --------------------------------------------------------
+    @property
+    def encodes_on_demand(self) -> bool:
+        """True when the encoder is trained: the training step encodes only needed items."""
+        return self.encoder is not None
+
+    def forward(self, item_indices: torch.Tensor) -> torch.Tensor:
+        if self.encodes_on_demand and self.training:
+            unique, inverse = torch.unique(item_indices, return_inverse=True)
+            return self.encode_items(unique)[inverse]
+        return self.catalog()[item_indices]
+
+    def catalog(self) -> torch.Tensor:
+        if self.encoder is None:
+            vectors = self.projection(self.outputs)
+            return torch.cat([vectors.new_zeros(1, self.output_dim), vectors])
+        if self.training:
+            return self._encode_catalog()
+        if self._catalog_memo is None:
+            with torch.no_grad():
+                self._catalog_memo = self._encode_catalog()
+        return self._catalog_memo
+
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        """Vectors [U, d] of item indices [U]; index 0 (padding) gives zeros."""
+        out = self.projection.weight.new_zeros(len(items), self.output_dim)
+        real = (items > 0).nonzero().squeeze(1)
+        if len(real):
+            out = out.index_copy(0, real, self.projection(self.encode_pooled(items[real])))
+        return out
+
+    def encode_pooled(self, items: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder outputs [B, H] of real items (1..N)."""
+        if self.encoder is None:
+            return self.outputs[items - 1]
+        inputs = self.inputs(items)
+        mask = inputs.get("attention_mask")
+        hidden = None
+        if self.start > 0:
+            hidden = self.hidden_cache[items - 1]
+            if mask is not None:
+                hidden = hidden[:, : mask.shape[1]]
+        states = self.encoder(inputs, self.start, hidden=hidden)
+        return pool(states, mask, self.settings.pooling, skip_first=self.modality == "image")
+
+    def train(self, mode: bool = True):
+        self._catalog_memo = None  # parameters may change from here on
+        return super().train(mode)
+
+    # --- building ------------------------------------------------------------------------
+    def _encode_catalog(self) -> torch.Tensor:
+        items = torch.arange(self.num_items + 1, device=self.projection.weight.device)
+        size = self.settings.encode_batch_size
+        return torch.cat([self.encode_items(chunk) for chunk in items.split(size)])
+
+    def _cached(self, kind: str, shape: tuple[int, ...], build) -> torch.Tensor:
+        key = cache_key(
+            kind=kind, modality=self.modality, encoder=self.fingerprint,
+            pooling=self.settings.pooling if kind == "pooled" else None,
+            inputs=self.input_settings(), content=self.content.content_fingerprint,
+            dataset=self.content.dataset_fingerprint, num_items=self.num_items,
+        )
+        path = cache_path(self.content.cache_dir, f"{self.modality}-{kind}", key)
+        info = {"encoder": str(self.path), "kind": kind,
+                "dataset": self.content.dataset_fingerprint}
+        return cached(path, key, shape, build, info)
+
+    @torch.no_grad()
+    def _build_pooled(self) -> torch.Tensor:
+        stages = TransformerStages(self.path, self.settings.encoder, self.modality).eval()
+        out = []
+        for chunk in self._chunks():
+            inputs = self.inputs(chunk)
+            states = stages(inputs)
+            out.append(pool(states, inputs.get("attention_mask"), self.settings.pooling,
+                            skip_first=self.modality == "image"))
+        return torch.cat(out).float()
+
+    @torch.no_grad()
+    def _build_hidden(self) -> torch.Tensor:
+        was_training = self.encoder.training
+        self.encoder.eval()
+        out = [self.encoder.hidden_below(self.inputs(chunk, trim=False), self.start)
+               for chunk in self._chunks()]
+        self.encoder.train(was_training)
+        return torch.cat(out).float()
+
+    def _chunks(self):
+        return torch.arange(1, self.num_items + 1).split(self.settings.encode_batch_size)
+
+    @classmethod
+    def resolve_config(cls, config: dict) -> dict:
+        """Fill in the encoder's fingerprint and hidden size (recorded in checkpoints)."""
+        settings = ContentEncoderSettings.from_dict(config)
+        path = resolve_encoder_path(settings.encoder)
+        if Path(settings.encoder).expanduser().is_dir():
+            settings.encoder = str(path)
+        settings.encoder_hidden_size = load_encoder_config(path, settings.encoder).hidden_size
+        settings.encoder_fingerprint = encoder_fingerprint(path)
+        return asdict(settings)
+
+
+def _check_encoder(settings: ContentEncoderSettings, path: Path, hidden_size: int) -> str:
+    """The encoder's fingerprint, after checking it against the recorded one."""
+    recorded = settings.encoder_hidden_size
+    if recorded is not None and recorded != hidden_size:
+        raise EncoderMismatchError(
+            f"item encoder {settings.encoder!r} has hidden size {hidden_size}, but this model "
+            f"was built with an encoder of hidden size {recorded}; pass the encoder it was "
+            "trained with"
+        )
+    fingerprint = encoder_fingerprint(path)
+    if settings.encoder_fingerprint is not None and settings.encoder_fingerprint != fingerprint:
+        raise EncoderMismatchError(
+            f"item encoder {settings.encoder!r} ({path}) is not the encoder this model was built "
+            f"with (fingerprint {fingerprint[:12]}, recorded {settings.encoder_fingerprint[:12]}); "
+            "pass the original encoder folder"
+        )
+    return fingerprint

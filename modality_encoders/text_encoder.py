@@ -1,0 +1,55 @@
+"""Text item encoder: item text -> BERT-like encoder -> CLS/mean pooling -> projection."""
+
+from __future__ import annotations
+
+import torch
+
+from modality_encoders.base import register_item_encoder
+from modality_encoders.content_encoder import ContentEncoderSettings, ContentItemEncoder
+
+
+@register_item_encoder("text")
+class TextItemEncoder(ContentItemEncoder):
+    """Item texts (`ItemContent.texts`) are tokenised once, padded to the longest."""
+
+    modality = "text"
+
+    def check_settings(self, settings: ContentEncoderSettings) -> None:
+        if not settings.template:
+            raise ValueError("the text item encoder needs a text template (--text-template)")
+
+    def prepare_inputs(self, encoder_config) -> None:
+        from transformers import AutoTokenizer
+
+        if not hasattr(encoder_config, "vocab_size"):
+            raise ValueError(
+                f"item encoder {self.settings.encoder!r} is a {encoder_config.model_type} model, "
+                "which the text encoder does not support; pass a BERT-like text model folder")
+        if self.content.texts is None:
+            raise ValueError("the text item encoder needs item texts in its ItemContent")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"item encoder {self.settings.encoder!r} ({self.path}) has no "
+                             f"usable tokenizer ({error}); save one next to the model") from None
+        limit = min(self.settings.max_text_length,
+                    getattr(encoder_config, "max_position_embeddings", 512))
+        tokens = tokenizer(list(self.content.texts), padding="longest", truncation=True,
+                           max_length=limit, return_tensors="pt")
+        self.register_buffer("input_ids", tokens["input_ids"], persistent=False)
+        self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)
+
+    def inputs(self, indices: torch.Tensor, trim: bool = True) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[indices - 1]
+        mask = self.attention_mask[indices - 1]
+        if trim:
+            width = int(mask.sum(1).max())
+            ids, mask = ids[:, :width], mask[:, :width]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def hidden_shape(self) -> tuple[int, int, int]:
+        return (self.num_items, self.input_ids.shape[1], self.hidden_size)
+
+    def input_settings(self) -> dict:
+        return {"max_text_length": self.settings.max_text_length,
+                "template": self.settings.template}

@@ -1,0 +1,28 @@
+"""Pretrain an image-based sequential recommender (item image -> ViT / ViTMAE -> SASRec).
+
+    python scripts/build_image_store.py --images DIR --output STORE ...
+    python scripts/pretrain_image.py --dataset DIR --image-store STORE --encoder path/to/vit
+    accelerate launch scripts/pretrain_image.py --dataset DIR --image-store STORE \\
+        --encoder path/to/mae --train-encoder --trainable-layers 1 --loss sampled
+
+Images are read from the LMDB store by the dataset's item ids. ViTMAE runs with mask ratio
+0 and a fixed patch order. By default the encoder is frozen and its item vectors are
+cached under <dataset folder>/cache (--encoder-cache-dir).
+"""
+
+from pretraining.cli import add_item_encoder_arguments, parse_args, pretrain_parser, run_main
+from pretraining.pipeline import pretrain
+
+
+def parser():
+    result = pretrain_parser(__doc__)
+    add_item_encoder_arguments(result, "image")
+    return result
+
+
+def main(argv=None):
+    return pretrain(parse_args(parser(), argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

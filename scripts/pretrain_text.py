@@ -1,0 +1,27 @@
+"""Pretrain a text-based sequential recommender (item text -> transformers encoder -> SASRec).
+
+    python scripts/pretrain_text.py --dataset ml-100k --encoder minilm
+    python scripts/pretrain_text.py --dataset DIR --text-template '{title}. {genre}' \\
+        --encoder path/to/bert --train-encoder --trainable-layers 2 --loss sampled
+    accelerate launch scripts/pretrain_text.py --dataset ml-1m --output-dir runs/ml1m-text
+
+By default the encoder is frozen and its item vectors are cached under
+<dataset folder>/cache (--encoder-cache-dir); --train-encoder trains it end to end.
+"""
+
+from pretraining.cli import add_item_encoder_arguments, parse_args, pretrain_parser, run_main
+from pretraining.pipeline import pretrain
+
+
+def parser():
+    result = pretrain_parser(__doc__)
+    add_item_encoder_arguments(result, "text")
+    return result
+
+
+def main(argv=None):
+    return pretrain(parse_args(parser(), argv))
+
+
+if __name__ == "__main__":
+    run_main(main)
