@@ -138,12 +138,15 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
                        help="items encoded at once when building caches and catalogs")
 
 
-def pretrain_parser(description: str) -> argparse.ArgumentParser:
-    """Flags of every pretraining script: common, model, training and protocol."""
+def pretrain_parser(description: str, modality: str | None = None) -> argparse.ArgumentParser:
+    """Flags of every pretraining script: common, model, training and protocol, plus the
+    content item encoder's for `modality` "text" or "image"."""
     parser = base_parser(description)
     add_model_arguments(parser)
     add_training_arguments(parser)
     add_protocol_arguments(parser)
+    if modality is not None:
+        add_item_encoder_arguments(parser, modality)
     return parser
 
 

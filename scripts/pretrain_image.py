@@ -1,6 +1,6 @@
 """Pretrain an image-based sequential recommender (item image -> ViT / ViTMAE -> SASRec).
 
-    python scripts/build_image_store.py --images DIR --output STORE ...
+    python scripts/build_image_store.py --source IMAGES --output-dir STORE ...
     python scripts/pretrain_image.py --dataset DIR --image-store STORE --encoder path/to/vit
     accelerate launch scripts/pretrain_image.py --dataset DIR --image-store STORE \\
         --encoder path/to/mae --train-encoder --trainable-layers 1 --loss sampled
@@ -10,18 +10,12 @@ Images are read from the LMDB store by the dataset's item ids. ViTMAE runs with 
 cached under <dataset folder>/cache (--encoder-cache-dir).
 """
 
-from pretraining.cli import add_item_encoder_arguments, parse_args, pretrain_parser, run_main
+from pretraining.cli import parse_args, pretrain_parser, run_main
 from pretraining.pipeline import pretrain
 
 
-def parser():
-    result = pretrain_parser(__doc__)
-    add_item_encoder_arguments(result, "image")
-    return result
-
-
 def main(argv=None):
-    return pretrain(parse_args(parser(), argv))
+    return pretrain(parse_args(pretrain_parser(__doc__, "image"), argv))
 
 
 if __name__ == "__main__":

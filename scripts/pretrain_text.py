@@ -9,18 +9,12 @@ By default the encoder is frozen and its item vectors are cached under
 <dataset folder>/cache (--encoder-cache-dir); --train-encoder trains it end to end.
 """
 
-from pretraining.cli import add_item_encoder_arguments, parse_args, pretrain_parser, run_main
+from pretraining.cli import parse_args, pretrain_parser, run_main
 from pretraining.pipeline import pretrain
 
 
-def parser():
-    result = pretrain_parser(__doc__)
-    add_item_encoder_arguments(result, "text")
-    return result
-
-
 def main(argv=None):
-    return pretrain(parse_args(parser(), argv))
+    return pretrain(parse_args(pretrain_parser(__doc__, "text"), argv))
 
 
 if __name__ == "__main__":
