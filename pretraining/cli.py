@@ -15,8 +15,10 @@ import yaml
 
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
 from modality_encoders import resolve_item_encoder_config
+from pretraining.diffrec import INFERENCE_MODES
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.recommender import BACKBONES, RecommenderConfig
+from pretraining.schedules import SCHEDULES
 from pretraining.trainer import TrainingConfig
 
 
@@ -58,6 +60,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "logQ correction")
     group.add_argument("--num-negatives", type=int, default=1024, help="for --loss sampled")
     group.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform")
+    diffusion = parser.add_argument_group("diffusion (--backbone diffrec)")
+    diffusion.add_argument("--schedule", choices=sorted(SCHEDULES), default="sqrt",
+                           help="noise schedule of the diffusion process")
+    diffusion.add_argument("--diffusion-steps", type=int, default=1000,
+                           help="N, the steps of the diffusion process")
+    diffusion.add_argument("--num-seeds", type=int, default=10,
+                           help="noise samples averaged at inference (1..256)")
+    diffusion.add_argument("--inference", choices=list(INFERENCE_MODES), default="one_step",
+                           help="one step from pure noise, the full reverse process, or a "
+                           "strided one of --inference-steps steps")
+    diffusion.add_argument("--inference-steps", type=int, default=50,
+                           help="steps of --inference strided")
+    diffusion.add_argument("--noised-positions", type=int, default=1,
+                           help="noise the last K positions (1: the target only)")
+    diffusion.add_argument("--causal-denoiser", action="store_true",
+                           help="causal attention in the denoiser: the history is encoded "
+                           "once and reused for every seed and step")
+    diffusion.add_argument("--mse-weight", type=float, default=1.0,
+                           help="weight of the diffusion MSE next to the cross-entropy")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,16 +216,24 @@ def model_config(
 ) -> RecommenderConfig:
     item_encoder = getattr(args, "item_encoder", "id")
     encoder_config = {} if item_encoder == "id" else item_encoder_config(args, item_encoder, data)
+    backbone_config = {
+        "hidden_size": args.hidden_size, "num_layers": args.num_layers,
+        "num_heads": args.num_heads, "ffn_size": args.ffn_size,
+        "max_len": args.max_len, "dropout": args.dropout,
+    }
+    if args.backbone == "diffrec":
+        backbone_config.update(
+            schedule=args.schedule, num_steps=args.diffusion_steps, num_seeds=args.num_seeds,
+            inference=args.inference, inference_steps=args.inference_steps,
+            noised_positions=args.noised_positions, causal_denoiser=args.causal_denoiser,
+            mse_weight=args.mse_weight,
+        )
     return RecommenderConfig(
         num_items=num_items,
         backbone=args.backbone,
         item_encoder=item_encoder,
         item_encoder_config=encoder_config,
-        backbone_config={
-            "hidden_size": args.hidden_size, "num_layers": args.num_layers,
-            "num_heads": args.num_heads, "ffn_size": args.ffn_size,
-            "max_len": args.max_len, "dropout": args.dropout,
-        },
+        backbone_config=backbone_config,
         loss=args.loss,
         num_negatives=args.num_negatives,
         negative_sampling=args.negative_sampling,

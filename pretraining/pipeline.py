@@ -74,6 +74,9 @@ def pretrain(args: argparse.Namespace) -> dict:
     accelerator.print(f"{data.name}: {data.num_users} users, {data.num_items} items; "
                       f"{_count(model)} parameters; {accelerator.num_processes} process(es)")
     summary = trainer.train()
+    if summary["seconds_per_epoch"] is None and (output_dir / METRICS).is_file():
+        # Resuming a finished run trains nothing: keep the summary of the run that trained.
+        summary = json.loads((output_dir / METRICS).read_text())["training"]
     metrics = evaluate_checkpoint(output_dir / BEST_DIR, data, protocol,
                                   trainer_config.eval_batch_size, accelerator, frequencies,
                                   encoder_cache_dir)

@@ -6,6 +6,11 @@ The model contract used by the Trainer and the evaluator:
   of candidates (the evaluator walks the catalog in chunks, so memory is bounded by
   the chunk, not the catalog); `scores(batch)` = all items at once, column 0 being
   padding, which is never ranked.
+Generative backbones (DiffRec) define `training_losses` and `sample_predictions`; the
+recommender then trains them with their own losses plus the cross-entropy of
+softmax(h0_hat @ catalog^T + b) over the catalog (one learned bias per item,
+`item_bias`, owned by the recommender), and scores candidates by the seed-averaged
+softmax probability (see `score_items`).
 Batches are dicts of `input_ids` [B, L] (left-padded with 0) and `target_ids`
 ([B, L] next items for training, 0 = no target; [B] for evaluation).
 """
@@ -14,19 +19,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_model, save_file
 from torch import nn
 
 from dataset_tools import atomic_directory
 from modality_encoders import EncoderMismatchError, ItemContent, build_item_encoder
+from pretraining.diffrec import DiffRec, DiffRecConfig, DiffusionQuery
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from pretraining.sasrec import SASRec, SASRecConfig
 
-BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {"sasrec": (SASRecConfig, SASRec)}
+BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
+    "sasrec": (SASRecConfig, SASRec),
+    "diffrec": (DiffRecConfig, DiffRec),
+}
+GENERATIVE_NORMALIZER_ELEMENTS = 1 << 24  # logits held at once when normalising over items
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE = "SequentialRecommender"
@@ -62,7 +74,14 @@ class RecommenderConfig:
             )
         if self.loss == "sampled" and self.num_negatives < 1:
             raise ValueError(f"--num-negatives must be >= 1, got {self.num_negatives}")
+        if self.is_generative and self.loss != "full":
+            raise ValueError(f"the {self.backbone} backbone trains with the full softmax only; "
+                             "use --loss full")
         self.backbone_settings()  # validates the backbone's own settings now, not mid-run
+
+    @property
+    def is_generative(self) -> bool:
+        return hasattr(BACKBONES[self.backbone][1], "training_losses")
 
     def backbone_settings(self):
         config_cls, _ = BACKBONES[self.backbone]
@@ -93,12 +112,16 @@ class SequentialRecommender(nn.Module):
             self.register_buffer("sampling_probs", (probs / probs.sum()).float(), persistent=False)
         else:
             self.sampling_probs = None
+        if config.is_generative:
+            self.item_bias = nn.Parameter(torch.zeros(config.num_items + 1))
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Contextual states [B, L, d] for left-padded item sequences [B, L]."""
         return self.backbone(self.item_encoder(input_ids), input_ids > 0)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.config.is_generative:
+            return self._generative_loss(batch)
         if self.config.loss == "sampled" or (
             self.training and getattr(self.item_encoder, "encodes_on_demand", False)
         ):
@@ -148,16 +171,64 @@ class SequentialRecommender(nn.Module):
                                     negatives=local_negatives)
         return {"loss": loss}
 
-    def query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What the next item is scored against: the state at the last position [B, d]."""
+    def _generative_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The backbone's losses on each sequence's last target, plus the cross-entropy of
+        softmax(h0_hat @ catalog^T + b) over the catalog (Eq. 8, 13).
+
+        Only the last position's target is predicted (every training window ends with a
+        target); the total is `mse_weight` * MSE + CE.
+        """
+        input_ids, targets = batch["input_ids"], batch["target_ids"][:, -1]
+        has_target = targets > 0
+        input_ids, targets = input_ids[has_target], targets[has_target]
+        catalog = self.item_encoder.catalog()
+        losses = self.backbone.training_losses(catalog[input_ids], input_ids > 0,
+                                               catalog[targets])
+        logits = losses["predicted"] @ catalog[1:].T + self.item_bias[1:]
+        ce = F.cross_entropy(logits.float(), targets - 1)
+        mse = losses["mse"]
+        total = self.backbone.config.mse_weight * mse + ce
+        return {"loss": total, "mse": mse.detach(), "ce": ce.detach()}
+
+    def query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | DiffusionQuery:
+        """What the next item is scored against: the state at the last position [B, d];
+        for a generative backbone, a `DiffusionQuery` (each seed's predicted h^0 and its
+        log-normaliser over the whole catalog)."""
+        if self.config.is_generative:
+            return self._generative_query(batch["input_ids"])
         return self.encode(batch["input_ids"])[:, -1]
 
-    def score_items(self, query: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        """Scores [B, C] of shared candidates `item_ids` [C]."""
-        return query @ self.item_encoder.catalog()[item_ids].T
+    def _generative_query(self, input_ids: torch.Tensor) -> DiffusionQuery:
+        catalog = self.item_encoder.catalog()
+        predicted = self.backbone.sample_predictions(catalog[input_ids], input_ids > 0)
+        rows = predicted.shape[0] * predicted.shape[1]
+        chunk = max(1, GENERATIVE_NORMALIZER_ELEMENTS // max(rows, 1))
+        log_normalizer = torch.full(predicted.shape[:2], float("-inf"), device=predicted.device)
+        for start in range(1, self.config.num_items + 1, chunk):
+            items = slice(start, min(start + chunk, self.config.num_items + 1))
+            logits = (predicted @ catalog[items].T + self.item_bias[items]).float()
+            log_normalizer = torch.logaddexp(log_normalizer, logits.logsumexp(-1))
+        return DiffusionQuery(predicted, log_normalizer)
+
+    def score_items(self, query, item_ids: torch.Tensor) -> torch.Tensor:
+        """Scores [B, C] of shared candidates `item_ids` [C].
+
+        For a generative backbone: log of the mean over seeds of each seed's softmax
+        probability over the whole catalog, log((1/S) sum_s p_s(item)) -- the ranking of
+        the seed-averaged probability (Algorithm 3) without underflow to 0.
+        """
+        catalog = self.item_encoder.catalog()
+        if isinstance(query, DiffusionQuery):
+            logits = query.predicted @ catalog[item_ids].T + self.item_bias[item_ids]
+            log_probs = logits.float() - query.log_normalizer[..., None]  # [B, S, C]
+            return log_probs.logsumexp(1) - math.log(log_probs.shape[1])
+        return query @ catalog[item_ids].T
 
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores of every item [B, num_items + 1] (column 0 = padding)."""
+        if self.config.is_generative:
+            items = torch.arange(self.config.num_items + 1, device=batch["input_ids"].device)
+            return self.score_items(self.query(batch), items)
         return self.query(batch) @ self.item_encoder.catalog().T
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

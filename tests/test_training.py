@@ -61,6 +61,10 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_dataset_dir, tmp
     run_pretrain(tiny_dataset_dir, tmp_path / "split", "--epochs", "2", "--resume")
     state = json.loads((tmp_path / "split" / "state" / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["global_step"] == 8  # 60 users / 16 = 4 steps/epoch
+    trained = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    # Resuming a finished run re-evaluates it and keeps the summary of the training run.
+    again = run_pretrain(tiny_dataset_dir, tmp_path / "split", "--epochs", "2", "--resume")
+    assert again["test"] == trained["test"] and again["training"] == trained["training"]
     full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
     for name in full:
         torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)

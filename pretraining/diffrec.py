@@ -1,0 +1,367 @@
+"""DiffRec: a diffusion model over the target item's representation (Du et al., 2023).
+
+The user's sequence is extended by its target (training) or a placeholder
+(inference, the paper's [unk]); when that makes it longer than `max_len` its
+first item is dropped. Only the last `noised_positions` positions are noised,
+h^n = sqrt(abar_n) h^0 + sqrt(1 - abar_n) eps (Eq. 7), and they alone receive the
+diffusion-step embedding: the sinusoid z_n (Eq. 15) through a small MLP
+(`step_mlp`). A Transformer encoder built from SASRec's blocks, with learned
+positions counted from the right end, predicts h^0 at the last position (Eq. 16).
+
+Training (Algorithm 1): the step n of each sequence is drawn with probability
+p_n proportional to sqrt(E[L_n^2]) over the last `history_size` losses of each
+step, uniform until every step has a full history; the MSE of each sequence is
+weighted by 1 / (N p_n) so that the weighted loss is unbiased (Eq. 18). The MSE
+is the mean over the d dimensions of (h^0 - f(h^n, n))^2. The recommendation
+loss (Eq. 8, 13) is computed by `SequentialRecommender` over the whole catalog.
+
+Inference: each of `num_seeds` seeded samples starts from pure noise at step N;
+`one_step` predicts h^0 in one step (Algorithm 3), `reverse` runs every step of
+the reverse process and `strided` `inference_steps` of them (Algorithm 2). The
+noise of seed s comes from a CPU generator seeded with `inference_seed + s` and is
+shared by every user, so a user's recommendations do not depend on the batch.
+
+With `causal_denoiser` every position attends only to itself and earlier ones,
+so the history (everything before the noised positions) never sees the noised
+target: its keys and values are computed once per user and reused for every
+seed and every reverse step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretraining.sasrec import SASRecBlock, _init_weights
+from pretraining.schedules import SCHEDULES, build_schedule
+
+INFERENCE_MODES = ("one_step", "reverse", "strided")
+MAX_SEEDS = 256
+
+
+@dataclass
+class DiffRecConfig:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_size: int = 256
+    max_len: int = 200
+    dropout: float = 0.2
+    schedule: str = "sqrt"
+    num_steps: int = 1000
+    noised_positions: int = 1  # the last K positions are noised (paper 5.3.4)
+    num_seeds: int = 10  # samples averaged at inference
+    inference: str = "one_step"  # or "reverse" (all N steps) or "strided"
+    inference_steps: int = 50  # steps of the strided reverse process
+    causal_denoiser: bool = False
+    mse_weight: float = 1.0
+    history_size: int = 10  # losses remembered per step for importance sampling
+    inference_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-heads "
+                f"{self.num_heads}; pick sizes where it is"
+            )
+        for name in ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_len",
+                     "noised_positions", "history_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown noise schedule {self.schedule!r}; choose one of {sorted(SCHEDULES)}"
+            )
+        if self.num_steps < 2:
+            raise ValueError(f"--diffusion-steps must be >= 2, got {self.num_steps}")
+        if self.noised_positions > self.max_len:
+            raise ValueError(f"--noised-positions {self.noised_positions} exceeds --max-len "
+                             f"{self.max_len}")
+        if not 1 <= self.num_seeds <= MAX_SEEDS:
+            raise ValueError(
+                f"--num-seeds must be in 1..{MAX_SEEDS}, got {self.num_seeds} (inference "
+                "memory and time grow with the number of seeds: batch x seeds sequences)"
+            )
+        if self.inference not in INFERENCE_MODES:
+            raise ValueError(f"unknown inference {self.inference!r}; choose one of "
+                             f"{list(INFERENCE_MODES)}")
+        if self.inference == "strided" and not 1 <= self.inference_steps <= self.num_steps:
+            raise ValueError(f"--inference-steps must be in 1..{self.num_steps} "
+                             f"(--diffusion-steps), got {self.inference_steps}")
+        if self.mse_weight < 0:
+            raise ValueError(f"mse_weight must be >= 0, got {self.mse_weight}")
+
+
+class ImportanceStepSampler(nn.Module):
+    """Draws diffusion steps with p_n proportional to sqrt(E[L_n^2]) (Eq. 18).
+
+    Each step keeps its last `history_size` losses in a ring buffer (`history`,
+    `counts`: buffers, so they are saved with the model and restored on resume).
+    Until every step has a full history the steps are drawn uniformly.
+    """
+
+    def __init__(self, num_steps: int, history_size: int = 10) -> None:
+        super().__init__()
+        self.num_steps, self.history_size = num_steps, history_size
+        self.register_buffer("history", torch.zeros(num_steps, history_size))
+        self.register_buffer("counts", torch.zeros(num_steps, dtype=torch.long))
+
+    def probabilities(self) -> torch.Tensor:
+        """p_1 .. p_N, summing to one (computed on-device, without host syncs)."""
+        uniform = torch.full_like(self.history[:, 0], 1.0 / self.num_steps)
+        root_mean_square = self.history.double().pow(2).mean(1).sqrt().clamp_min(1e-12)
+        weighted = (root_mean_square / root_mean_square.sum()).to(uniform.dtype)
+        return torch.where((self.counts >= self.history_size).all(), weighted, uniform)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None):
+        """Steps [B] in 1..N and their loss weights 1 / (N p_n)."""
+        probs = self.probabilities()
+        index = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        return index + 1, 1.0 / (self.num_steps * probs[index])
+
+    @torch.no_grad()
+    def update(self, steps: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record each sequence's loss under its step (1-based); vectorised, no syncs."""
+        index = steps.long() - 1
+        order = torch.argsort(index, stable=True)
+        index, losses = index[order], losses[order].to(self.history.dtype)
+        first = torch.searchsorted(index, index)  # first occurrence of each step in the batch
+        occurrence = torch.arange(len(index), device=index.device) - first
+        in_batch = torch.bincount(index, minlength=self.num_steps)
+        keep = occurrence >= in_batch[index] - self.history_size  # only the last H count
+        slots = (self.counts[index] + occurrence) % self.history_size
+        self.history[index[keep], slots[keep]] = losses[keep]
+        self.counts += in_batch
+
+
+@dataclass
+class DiffusionQuery:
+    """What DiffRec's candidates are scored against.
+
+    `predicted` [B, S, d]: each seed's predicted h^0; `log_normalizer` [B, S]: each
+    seed's logsumexp of the logits over the whole catalog (items 1..N).
+    """
+
+    predicted: torch.Tensor
+    log_normalizer: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.predicted)
+
+    @property
+    def device(self) -> torch.device:
+        return self.predicted.device
+
+
+def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
+    """z_n (Eq. 15): z(2j) = sin(n / 10000^(2j/d)), z(2j+1) = cos(...); [B] -> [B, d]."""
+    half = (dim + 1) // 2
+    frequencies = torch.exp(-math.log(10000.0) * 2 * torch.arange(half, device=steps.device)
+                            / dim)
+    angles = steps.float()[:, None] * frequencies[None, :]
+    z = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+    return z[:, :dim]
+
+
+class DiffRec(nn.Module):
+    """The denoiser f(h^n, n) plus the diffusion process around it (see the module doc)."""
+
+    adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+
+    def __init__(self, config: DiffRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.schedule = build_schedule(config.schedule, config.num_steps)
+        self.position_embedding = nn.Embedding(config.max_len, d)
+        self.step_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(d)
+        self.step_sampler = ImportanceStepSampler(config.num_steps, config.history_size)
+        self.apply(_init_weights)
+
+    # -- building blocks ------------------------------------------------------------------
+    def build_sequence(self, item_vectors, padding_mask, last_vectors):
+        """History [B, L, d] + the target / placeholder [B, d] -> [B, L', d], mask [B, L']."""
+        sequence = torch.cat([item_vectors, last_vectors[:, None]], dim=1)
+        mask = torch.cat([padding_mask, padding_mask.new_ones(len(padding_mask), 1)], dim=1)
+        if sequence.shape[1] > self.config.max_len:
+            drop = sequence.shape[1] - self.config.max_len
+            sequence, mask = sequence[:, drop:], mask[:, drop:]
+        return sequence, mask
+
+    def noised_count(self, length: int) -> int:
+        return min(self.config.noised_positions, length)
+
+    def noise_sequence(self, sequence, padding_mask, steps, noise):
+        """Noise the last K real positions at `steps` [B]; the others are left untouched."""
+        k = self.noised_count(sequence.shape[1])
+        tail = sequence[:, -k:]
+        noised = self.schedule.add_noise(tail, noise, steps[:, None].expand(-1, k))
+        noised = torch.where(padding_mask[:, -k:, None], noised, tail)
+        return torch.cat([sequence[:, :-k], noised], dim=1)
+
+    def step_embedding(self, steps: torch.Tensor) -> torch.Tensor:
+        return self.step_mlp(sinusoidal_embedding(steps, self.config.hidden_size))
+
+    def embed(self, vectors, padding_mask, steps, start: int, noised: int):
+        """Denoiser input: vectors + positions (from `start` of the right-aligned range) +
+        the step embedding on the last `noised` positions."""
+        length = vectors.shape[1]
+        if start + length > self.config.max_len:
+            raise ValueError(f"sequence length {start + length} exceeds max_len "
+                             f"{self.config.max_len}; truncate inputs to the model's max_len")
+        positions = torch.arange(start, start + length, device=vectors.device)
+        x = vectors + self.position_embedding(positions)
+        if noised:
+            step = self.step_embedding(steps)[:, None].to(x.dtype)
+            x = torch.cat([x[:, :-noised], x[:, -noised:] + step], dim=1)
+        return self.input_dropout(x) * padding_mask.unsqueeze(-1).to(x.dtype)
+
+    def _mask(self, queries: int, padding_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """[B, 1, Q, K]: the last Q positions as queries over all K key positions."""
+        keys = padding_mask.shape[1]
+        allowed = padding_mask[:, None, None, :].expand(-1, 1, queries, keys)
+        if self.config.causal_denoiser:
+            rows = torch.arange(keys - queries, keys, device=padding_mask.device)[:, None]
+            allowed = allowed & (torch.arange(keys, device=padding_mask.device) <= rows)
+        return allowed
+
+    def forward(self, sequence, padding_mask, steps) -> torch.Tensor:
+        """f(h^n, n): the predicted h^0 [B, d] at the last position of a noised sequence."""
+        length = sequence.shape[1]
+        x = self.embed(sequence, padding_mask, steps, self.config.max_len - length,
+                       self.noised_count(length))
+        keep = padding_mask.unsqueeze(-1).to(x.dtype)
+        attn_mask = self._mask(length, padding_mask)
+        for layer in self.layers:
+            x = layer(x, attn_mask) * keep
+        return self.final_norm(x[:, -1])
+
+    # -- training -------------------------------------------------------------------------
+    def training_losses(self, item_vectors, padding_mask, target_vectors) -> dict:
+        """Importance-weighted MSE (Eq. 17-18) and the predicted h^0 [B, d] of each target.
+
+        `item_vectors` [B, L, d] with `padding_mask` [B, L] (True at real items) are the
+        histories, `target_vectors` [B, d] the clean targets h^0.
+        """
+        sequence, mask = self.build_sequence(item_vectors, padding_mask, target_vectors)
+        k = self.noised_count(sequence.shape[1])
+        steps, weights = self.step_sampler.sample(len(sequence))
+        noise = torch.randn_like(sequence[:, -k:])
+        predicted = self(self.noise_sequence(sequence, mask, steps, noise), mask, steps)
+        per_sequence = (predicted - target_vectors).float().pow(2).mean(-1)
+        if self.training:
+            self.step_sampler.update(steps, per_sequence.detach())
+        return {"mse": (weights * per_sequence).mean(), "predicted": predicted}
+
+    # -- inference ------------------------------------------------------------------------
+    def inference_timesteps(self) -> list[int]:
+        mode, n = self.config.inference, self.config.num_steps
+        if mode == "one_step":
+            return [n]
+        count = n if mode == "reverse" else self.config.inference_steps
+        return self.schedule.set_timesteps(count).tolist()
+
+    def _seed_noise(self, generators, shape, like: torch.Tensor) -> torch.Tensor:
+        """[S, *shape] standard normal draws, one generator per seed (CPU, so portable)."""
+        draws = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        return draws.to(like.device, like.dtype)
+
+    @torch.no_grad()
+    def sample_predictions(self, item_vectors, padding_mask, reuse_history: bool | None = None):
+        """Each seed's predicted h^0 [B, S, d] for histories [B, L, d] (see the module doc).
+
+        `reuse_history` (default: `causal_denoiser`) encodes the history once per user;
+        without a causal denoiser it is not allowed (the history would see the noise).
+        """
+        config = self.config
+        reuse = config.causal_denoiser if reuse_history is None else reuse_history
+        if reuse and not config.causal_denoiser:
+            raise ValueError("the history can only be reused with causal_denoiser=True")
+        batch, d, seeds = len(item_vectors), config.hidden_size, config.num_seeds
+        placeholder = item_vectors.new_zeros(batch, d)
+        sequence, mask = self.build_sequence(item_vectors, padding_mask, placeholder)
+        length = sequence.shape[1]
+        k = self.noised_count(length)
+        generators = [torch.Generator().manual_seed(config.inference_seed + s)
+                      for s in range(seeds)]
+
+        def per_seed(t: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B * S, ...]
+            return t.repeat_interleave(seeds, dim=0)
+
+        def expand(noise: torch.Tensor) -> torch.Tensor:  # [S, ...] -> [B * S, ...]
+            return noise.expand(batch, *noise.shape).flatten(0, 1)
+
+        clean_tail = per_seed(sequence[:, -k:-1])  # real items among the noised positions
+        tail_noise = expand(self._seed_noise(generators, (k - 1, d), sequence))
+        tail_mask = per_seed(mask[:, -k:])
+        x_last = expand(self._seed_noise(generators, (d,), sequence))  # h^N = eps
+        if reuse:
+            cache = self._encode_history(sequence[:, :-k], mask[:, :-k],
+                                         config.max_len - length)
+        else:
+            full_history, full_mask = per_seed(sequence[:, :-k]), per_seed(mask)
+        timesteps = self.inference_timesteps()
+        for i, n in enumerate(timesteps):
+            steps = torch.full((batch * seeds,), n, device=sequence.device, dtype=torch.long)
+            tail = torch.cat([clean_tail, x_last[:, None]], dim=1)
+            noise = torch.cat([tail_noise, torch.zeros_like(x_last[:, None])], dim=1)
+            noised = self.schedule.add_noise(tail, noise, steps[:, None].expand(-1, k))
+            noised = torch.cat([noised[:, :-1], x_last[:, None]], dim=1)  # the last is x_n
+            noised = torch.where(tail_mask[..., None], noised, tail)
+            if reuse:
+                predicted = self._denoise_tail(cache, noised, mask[:, :-k], tail_mask, steps)
+            else:
+                predicted = self(torch.cat([full_history, noised], dim=1), full_mask, steps)
+            if i + 1 < len(timesteps):
+                step_noise = expand(self._seed_noise(generators, (d,), sequence))
+                x_last = self.schedule.step(predicted, n, x_last, noise=step_noise)
+        return predicted.view(batch, seeds, d)
+
+    def _encode_history(self, history, history_mask, start: int) -> list[tuple]:
+        """Per layer, the keys and values [B, heads, P, d / heads] of the history positions."""
+        if not history.shape[1]:
+            return [(None, None) for _ in self.layers]
+        x = self.embed(history, history_mask, None, start, 0)
+        cache = []
+        keep = history_mask.unsqueeze(-1).to(x.dtype)
+        attn_mask = self._mask(history.shape[1], history_mask)
+        for layer in self.layers:
+            normed = layer.attn_norm(x)
+            attention = layer.attention
+            cache.append((attention._split_heads(attention.k_proj(normed)),
+                          attention._split_heads(attention.v_proj(normed))))
+            x = layer(x, attn_mask) * keep
+        return cache
+
+    def _denoise_tail(self, cache, tail, history_mask, tail_mask, steps) -> torch.Tensor:
+        """The causal denoiser on the noised positions only, over the cached history."""
+        seeds = len(tail) // len(history_mask)
+        k = tail.shape[1]
+        x = self.embed(tail, tail_mask, steps, self.config.max_len - k, k)
+        keep = tail_mask.unsqueeze(-1).to(x.dtype)
+        attn_mask = self._mask(k, torch.cat([history_mask.repeat_interleave(seeds, 0),
+                                             tail_mask], dim=1))
+        for layer, (keys, values) in zip(self.layers, cache, strict=True):
+            attention = layer.attention
+            normed = layer.attn_norm(x)
+            q = attention._split_heads(attention.q_proj(normed))
+            k_tail = attention._split_heads(attention.k_proj(normed))
+            v_tail = attention._split_heads(attention.v_proj(normed))
+            if keys is not None:
+                k_tail = torch.cat([keys.repeat_interleave(seeds, 0), k_tail], dim=2)
+                v_tail = torch.cat([values.repeat_interleave(seeds, 0), v_tail], dim=2)
+            out = F.scaled_dot_product_attention(q, k_tail, v_tail, attn_mask=attn_mask)
+            out = attention.o_proj(out.transpose(1, 2).reshape(len(x), k, -1))
+            x = x + layer.dropout(out)
+            x = (x + layer.dropout(layer.feed_forward(layer.ffn_norm(x)))) * keep
+        return self.final_norm(x[:, -1])

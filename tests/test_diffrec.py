@@ -1,0 +1,310 @@
+"""DiffRec: noise schedules, the importance sampler, seeded inference, scoring, training."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_model
+
+from pretraining.cli import parse_args, pretrain_parser
+from pretraining.diffrec import DiffRec, DiffRecConfig, ImportanceStepSampler
+from pretraining.evaluation import chunked_target_ranks, target_ranks
+from pretraining.pipeline import pretrain
+from pretraining.recommender import RecommenderConfig, SequentialRecommender
+from pretraining.schedules import (
+    SCHEDULES,
+    CosineSchedule,
+    LinearSchedule,
+    NoiseSchedule,
+    SqrtSchedule,
+    build_schedule,
+)
+
+TINY = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_len": 6,
+        "dropout": 0.0, "num_steps": 20, "num_seeds": 3}
+NUM_ITEMS = 11
+
+
+def model(**overrides) -> SequentialRecommender:
+    torch.manual_seed(0)
+    config = RecommenderConfig(num_items=NUM_ITEMS, backbone="diffrec",
+                               backbone_config={**TINY, **overrides})
+    recommender = SequentialRecommender(config).eval()
+    with torch.no_grad():  # a non-trivial bias, so it is part of what is checked
+        recommender.item_bias.normal_()
+    return recommender
+
+
+def batch() -> dict:
+    return {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5], [0, 0, 0, 0, 7]]),
+            "target_ids": torch.tensor([6, 9, 8])}
+
+
+# -- schedules ----------------------------------------------------------------------------
+def expected_abar(name: str, n: int) -> torch.Tensor:
+    """abar_1..abar_N from each schedule's definition, with betas clipped at 0.999."""
+    t = torch.arange(n + 1, dtype=torch.float64) / n
+    if name == "linear":
+        return torch.cumprod(1 - torch.linspace(1e-4, 0.02, n, dtype=torch.float64), 0)
+    if name == "sqrt":
+        f = 1 - torch.sqrt(t + 1e-4)
+    else:
+        f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_matches_its_formula_and_decreases_in_the_unit_interval(name):
+    schedule = build_schedule(name, 1000)
+    abar = schedule.alphas_cumprod.double()
+    assert len(abar) == 1000
+    torch.testing.assert_close(abar, expected_abar(name, 1000), rtol=1e-5, atol=1e-7)
+    assert (abar > 0).all() and (abar < 1).all()
+    assert (abar[1:] < abar[:-1]).all()
+
+
+def test_sqrt_schedule_is_one_minus_sqrt_of_t_until_clipped():
+    abar = SqrtSchedule(1000).alphas_cumprod.double()
+    n = torch.arange(1, 1000, dtype=torch.float64)
+    # Relative to abar_0 = 1: abar_n = f(n/N) / f(0), f(t) = 1 - sqrt(t + 1e-4).
+    torch.testing.assert_close(abar[:-1], (1 - torch.sqrt(n / 1000 + 1e-4)) / 0.99,
+                               rtol=1e-5, atol=1e-7)
+    assert 0 < abar[-1] < 1e-4  # f(1) < 0: the last beta is clipped at 0.999
+
+
+def test_linear_and_cosine_endpoints():
+    assert LinearSchedule(1000).betas[0].item() == pytest.approx(1e-4)
+    assert LinearSchedule(1000).betas[-1].item() == pytest.approx(0.02)
+    assert CosineSchedule(1000).betas.max().item() == pytest.approx(0.999)
+
+
+def test_schedule_errors_and_config_round_trip():
+    with pytest.raises(ValueError, match="cosine"):
+        build_schedule("quadratic")
+    with pytest.raises(ValueError, match="num_steps"):
+        SqrtSchedule(1)
+    with pytest.raises(ValueError, match="diffusion-steps"):
+        DiffRecConfig(num_steps=1)
+    with pytest.raises(ValueError, match="memory"):
+        DiffRecConfig(num_seeds=257)
+    for name in SCHEDULES:
+        schedule = build_schedule(name, 37)
+        rebuilt = NoiseSchedule.from_config(schedule.to_config())
+        assert type(rebuilt) is type(schedule) and rebuilt.num_steps == 37
+        torch.testing.assert_close(rebuilt.alphas_cumprod, schedule.alphas_cumprod)
+
+
+def test_add_noise_has_the_stated_mean_and_variance():
+    schedule = SqrtSchedule(1000)
+    generator = torch.Generator().manual_seed(0)
+    samples, n = 20_000, 300
+    x0 = torch.tensor([1.5, -2.0, 0.0])
+    noise = torch.randn(samples, 3, generator=generator, dtype=torch.float64)
+    steps = torch.full((samples,), n)
+    x = schedule.add_noise(x0.double().expand(samples, 3), noise, steps)
+    abar = schedule.alphas_cumprod[n - 1].double()
+    variance = 1 - abar
+    standard_error = (variance / samples).sqrt()
+    assert ((x.mean(0) - abar.sqrt() * x0) .abs() < 4 * standard_error).all()
+    # The sample variance's standard error is about variance * sqrt(2 / samples).
+    assert ((x.var(0) - variance).abs() < 4 * variance * math.sqrt(2 / samples)).all()
+
+
+def test_strided_timesteps_and_the_last_step_returns_the_prediction():
+    schedule = LinearSchedule(100)
+    steps = schedule.set_timesteps(10)
+    assert steps[0] == 100 and steps[-1] == 1 and (steps[1:] < steps[:-1]).all()
+    x0, xn = torch.ones(2, 4), torch.zeros(2, 4)
+    assert torch.equal(schedule.step(x0, 1, xn), x0)
+    # Deterministic given the noise; the posterior mean lies between x0 and x_n.
+    out = schedule.step(x0, 100, xn, noise=torch.zeros(2, 4))
+    assert ((out > 0) & (out < 1)).all()
+    with pytest.raises(ValueError, match="inference steps"):
+        schedule.set_timesteps(101)
+
+
+# -- the denoiser ------------------------------------------------------------------------
+def test_only_the_noised_positions_change():
+    for k in (1, 2):
+        backbone = DiffRec(DiffRecConfig(**{**TINY, "noised_positions": k})).eval()
+        sequence, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+        steps = torch.tensor([3, 17])
+        noised = backbone.noise_sequence(sequence, mask, steps, torch.randn(2, k, 8))
+        assert torch.equal(noised[:, :-k], sequence[:, :-k])
+        assert (noised[:, -k:] != sequence[:, -k:]).all()
+        # The denoiser's inputs: the step embedding only reaches the noised positions.
+        a = backbone.embed(noised, mask, steps, 1, k)
+        b = backbone.embed(noised, mask, torch.tensor([9, 1]), 1, k)
+        assert torch.equal(a[:, :-k], b[:, :-k]) and not torch.equal(a[:, -k:], b[:, -k:])
+
+
+def test_importance_sampler_is_uniform_then_follows_root_mean_square():
+    sampler = ImportanceStepSampler(num_steps=4, history_size=3)
+    torch.testing.assert_close(sampler.probabilities(), torch.full((4,), 0.25))
+    losses = {1: [1.0, 2.0, 3.0, 9.0], 2: [2.0, 2.0, 2.0], 3: [0.5, 1.0, 1.5], 4: [4.0, 1.0]}
+    for step, values in losses.items():
+        sampler.update(torch.full((len(values),), step), torch.tensor(values))
+    # Step 4 has two losses only: still uniform.
+    torch.testing.assert_close(sampler.probabilities(), torch.full((4,), 0.25))
+    steps, weights = sampler.sample(8)
+    torch.testing.assert_close(weights, torch.ones(8))
+    sampler.update(torch.tensor([4]), torch.tensor([2.0]))
+    kept = {1: [2.0, 3.0, 9.0], 2: [2.0, 2.0, 2.0], 3: [0.5, 1.0, 1.5], 4: [4.0, 1.0, 2.0]}
+    rms = torch.tensor([math.sqrt(sum(v * v for v in kept[s]) / 3) for s in range(1, 5)])
+    probs = sampler.probabilities()
+    torch.testing.assert_close(probs, rms / rms.sum())
+    assert probs.sum().item() == pytest.approx(1.0)
+    steps, weights = sampler.sample(1000, torch.Generator().manual_seed(0))
+    assert steps.min() >= 1 and steps.max() <= 4
+    torch.testing.assert_close(weights, 1 / (4 * probs[steps - 1]))
+    # The state is a buffer: it is saved and restored with the model.
+    restored = ImportanceStepSampler(4, 3)
+    restored.load_state_dict(sampler.state_dict())
+    torch.testing.assert_close(restored.probabilities(), probs)
+
+
+def test_sampler_update_with_repeated_steps_in_one_batch():
+    sampler = ImportanceStepSampler(num_steps=2, history_size=2)
+    sampler.update(torch.tensor([1, 2, 1, 1]), torch.tensor([1.0, 5.0, 2.0, 3.0]))
+    assert sorted(sampler.history[0].tolist()) == [2.0, 3.0]  # the last two of step 1
+    assert sampler.counts.tolist() == [3, 1]
+
+
+# -- inference and scoring ----------------------------------------------------------------
+@pytest.mark.parametrize("inference", ["one_step", "strided", "reverse"])
+def test_fixed_seeds_give_identical_recommendations(inference):
+    recommender = model(inference=inference, inference_steps=5)
+    first, second = recommender.query(batch()), recommender.query(batch())
+    assert torch.equal(first.predicted, second.predicted)
+    assert torch.equal(recommender.scores(batch()), recommender.scores(batch()))
+    # Different seeds, different samples; another base seed, other samples.
+    assert not torch.allclose(first.predicted[:, 0], first.predicted[:, 1])
+    other = model(inference=inference, inference_steps=5, inference_seed=5).query(batch())
+    assert not torch.allclose(other.predicted, first.predicted)
+    # A user's recommendations do not depend on the rest of the batch.
+    alone = recommender.query({"input_ids": batch()["input_ids"][1:2]})
+    torch.testing.assert_close(alone.predicted[0], first.predicted[1])
+
+
+def test_seed_average_equals_the_mean_of_single_seed_softmaxes():
+    recommender = model(num_seeds=4)
+    query = recommender.query(batch())
+    items = torch.arange(1, NUM_ITEMS + 1)
+    catalog = recommender.item_encoder.catalog()
+    singles = [torch.softmax(query.predicted[:, s] @ catalog[items].T
+                             + recommender.item_bias[items], dim=-1) for s in range(4)]
+    expected = torch.stack(singles).mean(0)
+    torch.testing.assert_close(recommender.score_items(query, items).exp(), expected)
+    assert recommender.score_items(query, items).exp().sum(1).sub(1).abs().max() < 1e-5
+    # One seed = that seed's softmax; the normaliser covers the whole catalog.
+    one = model(num_seeds=1)
+    query = one.query(batch())
+    torch.testing.assert_close(
+        one.score_items(query, items[:3]).exp(),
+        torch.softmax(query.predicted[:, 0] @ catalog[items].T + one.item_bias[items], -1)[:, :3],
+    )
+
+
+def test_chunked_evaluation_matches_ranking_all_scores():
+    recommender = model()
+    targets = batch()["target_ids"]
+    expected = target_ranks(recommender.scores(batch()), targets)
+    query = recommender.query(batch())
+    for chunk in (3, 7, NUM_ITEMS):
+        assert torch.equal(chunked_target_ranks(recommender, query, targets, chunk), expected)
+
+
+@pytest.mark.parametrize("inference", ["one_step", "strided"])
+@pytest.mark.parametrize("noised", [1, 2])
+def test_causal_denoiser_reuses_the_history(inference, noised):
+    recommender = model(causal_denoiser=True, inference=inference, inference_steps=4,
+                        noised_positions=noised)
+    catalog = recommender.item_encoder.catalog()
+    input_ids = batch()["input_ids"]
+    backbone = recommender.backbone
+    once = backbone.sample_predictions(catalog[input_ids], input_ids > 0, reuse_history=True)
+    per_seed = backbone.sample_predictions(catalog[input_ids], input_ids > 0,
+                                           reuse_history=False)
+    torch.testing.assert_close(once, per_seed, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="causal"):
+        model().backbone.sample_predictions(catalog[input_ids], input_ids > 0, True)
+
+
+# -- training and checkpoints --------------------------------------------------------------
+SMALL = ["--backbone", "diffrec", "--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32",
+         "--max-len", "10", "--num-layers", "1", "--dropout", "0.0", "--batch-size", "16",
+         "--eval-batch-size", "64", "--report-to", "none", "--cpu", "--diffusion-steps", "50",
+         "--num-seeds", "2", "--patience", "100"]
+
+
+def test_training_lowers_mse_and_ce_and_the_checkpoint_round_trips(tiny_dataset_dir, tmp_path):
+    from dataset_tools import load_dataset_folder
+    from pretraining.data import LeaveOneOutDataset, collate_left_padded
+
+    argv = ["--dataset", str(tiny_dataset_dir), "--output-dir", str(tmp_path / "run"),
+            *SMALL, "--epochs", "1", "--lr", "1e-2"]
+    args = parse_args(pretrain_parser("test"), argv)
+    assert args.backbone == "diffrec"
+    data = load_dataset_folder(tiny_dataset_dir)
+    examples = LeaveOneOutDataset(data, "train", 10)
+    fixed = collate_left_padded([examples[i] for i in range(min(len(examples), 48))])
+
+    def losses(recommender):
+        torch.manual_seed(0)  # the same steps and noise before and after training
+        recommender.train()
+        with torch.no_grad():
+            out = recommender.loss(fixed)
+        return out["mse"].item(), out["ce"].item()
+
+    pretrain(args)
+    first = SequentialRecommender.from_pretrained(tmp_path / "run" / "best_model")
+    args = parse_args(pretrain_parser("test"), [*argv[:-4], "--epochs", "30", "--lr", "1e-2",
+                                                "--output-dir", str(tmp_path / "longer")])
+    pretrain(args)
+    trained = SequentialRecommender.from_pretrained(tmp_path / "longer" / "best_model")
+    load_model(trained, str(tmp_path / "longer" / "state" / "model.safetensors"))  # last epoch
+    mse_before, ce_before = losses(first)
+    mse_after, ce_after = losses(trained)
+    assert mse_after < 0.7 * mse_before
+    assert ce_after < ce_before - 0.3
+    assert trained.backbone.step_sampler.counts.sum() > 0  # the history was saved
+
+    # Save / load: identical scores, the same schedule, the same sampler state.
+    trained.eval()
+    trained.save_pretrained(tmp_path / "copy")
+    loaded = SequentialRecommender.from_pretrained(tmp_path / "copy").eval()
+    assert loaded.config == trained.config
+    assert type(loaded.backbone.schedule) is type(trained.backbone.schedule)
+    torch.testing.assert_close(loaded.backbone.step_sampler.history,
+                               trained.backbone.step_sampler.history)
+    eval_batch = {"input_ids": fixed["input_ids"][:8]}
+    assert torch.equal(loaded.scores(eval_batch), trained.scores(eval_batch))
+
+
+def test_causal_strided_cosine_variant_trains_and_evaluates(tiny_dataset_dir, tmp_path):
+    argv = ["--dataset", str(tiny_dataset_dir), "--output-dir", str(tmp_path / "run"), *SMALL,
+            "--epochs", "1", "--causal-denoiser", "--inference", "strided",
+            "--inference-steps", "5", "--noised-positions", "2", "--schedule", "cosine"]
+    metrics = pretrain(parse_args(pretrain_parser("test"), argv))
+    assert 0 <= metrics["test"]["ndcg@10"] <= 1
+    loaded = SequentialRecommender.from_pretrained(tmp_path / "run" / "best_model")
+    assert loaded.backbone.config.causal_denoiser and loaded.backbone.schedule.name == "cosine"
+
+
+def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
+    from pretraining.cli import model_config
+
+    parser = pretrain_parser("test")
+    args = parse_args(parser, ["--backbone", "diffrec", "--schedule", "cosine",
+                               "--diffusion-steps", "30", "--inference", "strided",
+                               "--inference-steps", "5", "--noised-positions", "2",
+                               "--causal-denoiser", "--num-seeds", "4"])
+    config = model_config(args, 10, "x").backbone_settings()
+    assert (config.schedule, config.num_steps, config.inference, config.inference_steps,
+            config.noised_positions, config.causal_denoiser, config.num_seeds) == (
+        "cosine", 30, "strided", 5, 2, True, 4)
+    plain = model_config(parse_args(parser, []), 10, "x")
+    assert "schedule" not in plain.backbone_config
+    with pytest.raises(ValueError, match="full"):
+        RecommenderConfig(num_items=5, backbone="diffrec", loss="sampled")
