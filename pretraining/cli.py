@@ -7,6 +7,7 @@ the YAML file are an error, like unknown flags.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -282,8 +283,18 @@ def protocol_config(args: argparse.Namespace) -> EvaluationProtocol:
     )
 
 
-def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None):
-    """Run a script's main; bad input exits 2 with one line, no traceback unless --debug."""
+def run_main(
+    main: Callable[[Sequence[str] | None], object],
+    argv: Sequence[str] | None = None,
+    main_process_only: bool = False,
+):
+    """Run a script's main; bad input exits 2 with one line, no traceback unless --debug.
+
+    `main_process_only`: for scripts that write one dataset, under `accelerate launch` only
+    rank 0 runs (the others would write the same folder concurrently).
+    """
+    if main_process_only and int(os.environ.get("RANK", "0")) != 0:
+        return
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         main(argv)

@@ -421,11 +421,16 @@ def test_builtin_ml1m_statistics(tmp_path: Path):
     assert (stats["users"], stats["items"], stats["interactions"]) == (6040, 3416, 999_611)
 
 
-def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     cli = load_script("prepare_data")
     inter = write_synthetic_interactions(tmp_path / "log.csv")
     args = ["--input", str(inter), "--format", "csv", "--user-col", "user_id", "--item-col",
             "item_id", "--time-col", "timestamp", "--k-core", "2", "--output", str(tmp_path / "o")]
+    # Under a multi-process launch only rank 0 writes the dataset.
+    monkeypatch.setenv("RANK", "1")
+    cli.run_main(cli.main, args, main_process_only=True)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.delenv("RANK")
     cli.run_main(cli.main, args)
     assert "interactions" in capsys.readouterr().out
     assert load_dataset_folder(tmp_path / "o").num_users == 60
