@@ -9,12 +9,13 @@ import torch.nn.functional as F
 
 
 def full_softmax_loss(states: torch.Tensor, catalog: torch.Tensor, targets: torch.Tensor):
-    """Cross-entropy over every real item.
+    """Cross-entropy over every real item, averaged over positions that have a target.
 
-    states [M, d], catalog [N + 1, d] (row 0 = padding, never a candidate), targets [M] in 1..N.
+    states [..., d], catalog [N + 1, d] (row 0 = padding, never a candidate), targets [...]
+    in 1..N, or 0 where there is no target (ignored).
     """
     logits = states @ catalog[1:].T
-    return F.cross_entropy(logits, targets - 1)
+    return F.cross_entropy(logits.flatten(0, -2), (targets - 1).flatten(), ignore_index=-1)
 
 
 def sampled_softmax_loss(

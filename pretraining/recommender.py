@@ -128,10 +128,13 @@ class SequentialRecommender(nn.Module):
             return self._loss_on_needed_items(batch)
         states = self.encode(batch["input_ids"])
         targets = batch["target_ids"]
-        # The loss only covers positions with a next item: padding costs no compute.
-        has_target = targets > 0
-        states, targets = states[has_target], targets[has_target]
         catalog = self.item_encoder.catalog()
+        if states.device.type == "cpu":
+            # Skip padding positions: their logits cost as much as real ones. (On an
+            # accelerator this boolean selection would wait for the device every step, so
+            # there the loss ignores padding targets instead.)
+            has_target = targets > 0
+            states, targets = states[has_target], targets[has_target]
         return {"loss": full_softmax_loss(states, catalog, targets)}
 
     def _loss_on_needed_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -51,6 +51,9 @@ def test_full_loss_ignores_padding_targets():
     states = model.encode(inputs)[targets > 0]
     expected = full_softmax_loss(states, model.item_encoder.catalog(), targets[targets > 0])
     torch.testing.assert_close(loss, expected)
+    # The accelerator path: no selection, padding targets ignored by the loss itself.
+    dense = full_softmax_loss(model.encode(inputs), model.item_encoder.catalog(), targets)
+    torch.testing.assert_close(dense, expected)
     # Padding is never a class: the logits cover items 1..N only.
     assert model.scores({"input_ids": inputs}).shape == (2, 31)
 
