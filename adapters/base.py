@@ -1,0 +1,185 @@
+"""The adapter registry, one call to apply a method, freezing and the trainable share.
+
+A method registers an injector class under its lowercase name:
+
+    @register_adapter("houlsby")
+    class HoulsbyInjector:
+        def inject(self, host: nn.Module, config) -> None: ...
+
+`get_adapted_model(model, config)` finds the module(s) that declare `adapter_sites`
+(the model itself, or e.g. `recommender.backbone`), runs the injector registered under
+`config.method` on each, then freezes everything not owned by an adapter except the
+parameter groups named in `config.extras` (see `EXTRAS`).
+
+Ownership: every adapter-owned module subclasses `AdapterLayer`; its parameters are
+adapter parameters, except those under its `base` attribute (the wrapped pretrained
+module, e.g. `LoRALinear.base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from adapters.placement import parse_layers, parse_sites
+
+ADAPTERS: dict[str, type] = {}
+
+# What each trainable extra unfreezes, by module type or attribute name.
+EXTRAS: dict[str, str] = {
+    "layernorm": "parameters of nn.LayerNorm (and nn.RMSNorm) modules",
+    "bias": "every parameter named `bias` (BitFit)",
+    "embeddings": "parameters of nn.Embedding modules (item ID table, positions)",
+    "projection": "parameters of modules named `projection` (content encoders' output head)",
+}
+
+
+class AdapterLayer(nn.Module):
+    """Marker base class: a module whose parameters (outside `.base`) belong to an adapter."""
+
+
+def register_adapter(name: str) -> Callable[[type], type]:
+    """Class decorator: register an injector class under `name` (lowercase)."""
+
+    def decorator(cls: type) -> type:
+        if name in ADAPTERS and ADAPTERS[name] is not cls:
+            raise ValueError(f"adapter method {name!r} is already registered")
+        ADAPTERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_adapted_model(model: nn.Module, config) -> nn.Module:
+    """Inject the adapter `config` describes into `model` (in place) and freeze the rest.
+
+    Returns `model`. Adapter layers are created on the device/dtype of the layers they
+    attach to.
+    """
+    injector_cls = ADAPTERS.get(config.method)
+    if injector_cls is None:
+        raise ValueError(
+            f"unknown adapter method {config.method!r}; registered: {', '.join(sorted(ADAPTERS))}"
+        )
+    hosts = adapter_hosts(model)
+    injector = injector_cls()
+    for host in hosts:
+        injector.inject(host, config)
+    freeze_except_adapters(model, extras=getattr(config, "extras", ()))
+    return model
+
+
+def adapter_hosts(model: nn.Module) -> list[nn.Module]:
+    """`model` if it declares `adapter_sites`, else its outermost submodules that do."""
+    if _declares_sites(model):
+        return [model]
+    hosts: list[nn.Module] = []
+    prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if _declares_sites(module) and not any(name.startswith(p + ".") for p in prefixes):
+            hosts.append(module)
+            prefixes.append(name)
+    if not hosts:
+        raise ValueError(
+            f"{type(model).__name__} declares no adapter sites: neither it nor any submodule "
+            "has an `adapter_sites` mapping like {'attn': 'layers.{i}.attention'}"
+        )
+    return hosts
+
+
+def _declares_sites(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "adapter_sites", None), dict)
+
+
+def num_layers(host: nn.Module) -> int:
+    """How many layers the host has: the count of consecutive `{i}` that resolve."""
+    patterns = list(host.adapter_sites.values())
+    count = 0
+    while any(_has_submodule(host, p.format(i=count)) for p in patterns):
+        count += 1
+    return count
+
+
+def layer_path(host: nn.Module, index: int) -> str:
+    """The module path of layer `index`: a site pattern cut just after `{i}`."""
+    pattern = next(iter(host.adapter_sites.values()))
+    head, _, _ = pattern.partition("{i}")
+    return f"{head}{index}"
+
+
+def select_sites(host: nn.Module, layers: str, sites: Iterable[str]) -> list[tuple[int, str]]:
+    """(layer index, module path) of every chosen site in the chosen layers."""
+    site_names = parse_sites(tuple(sites), valid=host.adapter_sites)
+    indices = parse_layers(layers, num_layers(host))
+    return [(i, host.adapter_sites[s].format(i=i)) for i in indices for s in site_names]
+
+
+def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, new)
+
+
+def adapter_parameter_ids(model: nn.Module) -> set[int]:
+    owned: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            owned.update(
+                id(p) for name, p in module.named_parameters() if not name.startswith("base.")
+            )
+    return owned
+
+
+def extra_parameter_ids(model: nn.Module, extras: Iterable[str]) -> set[int]:
+    extras = tuple(extras)
+    unknown = [e for e in extras if e not in EXTRAS]
+    if unknown:
+        raise ValueError(
+            f"unknown trainable extra(s) {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(EXTRAS)}"
+        )
+    norm_types = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t)
+    ids: set[int] = set()
+    for module_name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if "layernorm" in extras and isinstance(module, norm_types):
+            ids.update(id(p) for _, p in own)
+        if "embeddings" in extras and isinstance(module, nn.Embedding):
+            ids.update(id(p) for _, p in own)
+        if "bias" in extras:
+            ids.update(id(p) for name, p in own if name == "bias")
+        if "projection" in extras and module_name.rpartition(".")[2] == "projection":
+            ids.update(id(p) for p in module.parameters())
+    return ids
+
+
+def freeze_except_adapters(model: nn.Module, extras: Iterable[str] = ()) -> nn.Module:
+    """Set requires_grad=False on every parameter not owned by an adapter, except the
+    groups named in `extras` (keys of `EXTRAS`). Returns `model`."""
+    keep = adapter_parameter_ids(model) | extra_parameter_ids(model, extras)
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+    return model
+
+
+def trainable_share(model: nn.Module) -> tuple[int, int, float]:
+    """(trainable, total, percent) over the model's unique parameters."""
+    params = list(model.parameters())  # .parameters() already de-duplicates shared tensors
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, total, 100.0 * trainable / total if total else 0.0
+
+
+def format_trainable_share(model: nn.Module) -> str:
+    """`trainable params: 1,234 || all params: 56,789 || trainable%: 2.17`"""
+    trainable, total, percent = trainable_share(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.2f}"
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

@@ -1,0 +1,119 @@
+"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021).
+
+A bottleneck (down to d / reduction_factor, non-linearity, up) is added with a residual
+at each chosen site of each chosen layer:
+
+- sequential: `out = site(x, ...); out + bottleneck(out)`
+- parallel:   `out = site(x, ...); out + bottleneck(x)`
+
+`up` starts at zero, so a freshly injected adapter leaves the model's outputs unchanged.
+Houlsby = both sites (`attn`, `ffn`), swish; Pfeiffer = `ffn` only, relu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapters.base import EXTRAS, AdapterLayer, register_adapter, replace_submodule, select_sites
+from adapters.placement import check_layer_spec, parse_sites
+
+NON_LINEARITIES: dict[str, type[nn.Module]] = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+@dataclass(frozen=True)
+class HoulsbyConfig:
+    method: str = "houlsby"
+    layers: str = "all"  # "all", "top:K", "bottom:K" or "0,2"
+    sites: tuple[str, ...] = ("attn", "ffn")  # names in the model's `adapter_sites`
+    reduction_factor: int = 16  # bottleneck width = d // reduction_factor (at least 1)
+    non_linearity: str = "swish"  # one of NON_LINEARITIES
+    parallel: bool = False  # add the bottleneck of the site's input instead of its output
+    extras: tuple[str, ...] = ()  # also trainable: keys of adapters.base.EXTRAS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", parse_sites(self.sites))
+        object.__setattr__(self, "extras", tuple(self.extras))
+        check_layer_spec(self.layers)
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int):
+            raise ValueError(f"reduction_factor must be an int, got {self.reduction_factor!r}")
+        if self.reduction_factor < 1:
+            raise ValueError(f"reduction_factor must be >= 1, got {self.reduction_factor}")
+        if self.non_linearity not in NON_LINEARITIES:
+            raise ValueError(
+                f"unknown non_linearity {self.non_linearity!r}; choose one of "
+                f"{', '.join(NON_LINEARITIES)}"
+            )
+        unknown = [e for e in self.extras if e not in EXTRAS]
+        if unknown:
+            raise ValueError(f"unknown extra(s) {unknown}; valid: {', '.join(EXTRAS)}")
+
+    def replace(self, **changes) -> HoulsbyConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PfeifferConfig(HoulsbyConfig):
+    """Pfeiffer preset: one bottleneck after the feed-forward only, relu."""
+
+    method: str = "pfeiffer"
+    sites: tuple[str, ...] = ("ffn",)
+    non_linearity: str = "relu"
+
+
+class Bottleneck(AdapterLayer):
+    """in_features -> bottleneck -> non-linearity -> out_features; `up` zero-initialised."""
+
+    def __init__(self, in_features: int, out_features: int, bottleneck_size: int,
+                 non_linearity: str = "swish") -> None:
+        super().__init__()
+        self.down = nn.Linear(in_features, bottleneck_size)
+        self.activation = NON_LINEARITIES[non_linearity]()
+        self.up = nn.Linear(bottleneck_size, out_features)
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.activation(self.down(x)))
+
+
+class BottleneckSite(nn.Module):
+    """Wraps a site module (kept as `.base`) and adds a bottleneck with a residual."""
+
+    def __init__(self, base: nn.Module, adapter: Bottleneck, parallel: bool) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.parallel = parallel
+
+    def forward(self, *args, **kwargs):
+        out = self.base(*args, **kwargs)
+        if self.parallel:
+            if not args:
+                raise ValueError("a parallel adapter needs the site's input as first positional")
+            return out + self.adapter(args[0])
+        return out + self.adapter(out)
+
+
+@register_adapter("houlsby")
+@register_adapter("pfeiffer")
+class HoulsbyInjector:
+    def inject(self, host: nn.Module, config: HoulsbyConfig) -> None:
+        for _, path in select_sites(host, config.layers, config.sites):
+            site = host.get_submodule(path)
+            linears = [m for m in site.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(
+                    f"site {path!r} holds no nn.Linear to infer its width from"
+                )
+            first, last = linears[0], linears[-1]
+            in_features = first.in_features if config.parallel else last.out_features
+            size = max(1, last.out_features // config.reduction_factor)
+            adapter = Bottleneck(in_features, last.out_features, size, config.non_linearity)
+            adapter.to(device=last.weight.device, dtype=last.weight.dtype)
+            replace_submodule(host, path, BottleneckSite(site, adapter, config.parallel))

@@ -1,0 +1,137 @@
+"""LoRA (Hu et al., 2021): a low-rank update added to existing Linear layers.
+
+`LoRALinear(base)` keeps the pretrained layer (as `.base`, never re-initialised) and adds
+`dropout(x) @ A^T @ B^T * alpha / rank`, with A kaiming-uniform and B zero, so the
+layer's output is unchanged at injection. Targets are the chosen layers' Linear modules
+whose names end with one of `target_modules` (default: the model's `lora_targets`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapters.base import (
+    EXTRAS,
+    AdapterLayer,
+    layer_path,
+    num_layers,
+    register_adapter,
+    replace_submodule,
+)
+from adapters.placement import check_layer_spec, parse_layers
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the LoRA branch's input only
+    target_modules: tuple[str, ...] | None = None  # None: the model's `lora_targets`
+    layers: str = "all"  # "all", "top:K", "bottom:K" or "0,2"
+    extras: tuple[str, ...] = ()  # also trainable: keys of adapters.base.EXTRAS
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            targets = self.target_modules
+            if isinstance(targets, str):
+                targets = targets.split(",")
+            targets = tuple(t.strip() for t in targets)
+            if not targets or not all(targets):
+                raise ValueError(f"malformed target_modules {self.target_modules!r}")
+            object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "extras", tuple(self.extras))
+        check_layer_spec(self.layers)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        unknown = [e for e in self.extras if e not in EXTRAS]
+        if unknown:
+            raise ValueError(f"unknown extra(s) {unknown}; valid: {', '.join(EXTRAS)}")
+
+    def replace(self, **changes) -> LoRAConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class LoRALinear(AdapterLayer):
+    """`base(x) + dropout(x) @ A^T @ B^T * scaling`; `base` keeps the pretrained weights."""
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        return out + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into `base.weight` (for inference; not exact in floating point)."""
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+
+@register_adapter("lora")
+class LoRAInjector:
+    def inject(self, host: nn.Module, config: LoRAConfig) -> None:
+        targets = config.target_modules or getattr(host, "lora_targets", None)
+        if not targets:
+            raise ValueError(
+                f"{type(host).__name__} declares no `lora_targets`; set target_modules"
+            )
+        found = 0
+        for index in parse_layers(config.layers, num_layers(host)):
+            prefix = layer_path(host, index)
+            layer = host.get_submodule(prefix)
+            chosen = [
+                name for name, module in layer.named_modules()
+                if isinstance(module, nn.Linear) and not _inside_adapter(layer, name)
+                and any(name == t or name.endswith("." + t) for t in targets)
+            ]
+            for name in chosen:
+                base = layer.get_submodule(name)
+                replace_submodule(layer, name, LoRALinear(base, config.rank, config.alpha,
+                                                          config.dropout))
+            found += len(chosen)
+        if not found:
+            raise ValueError(
+                f"no nn.Linear in the chosen layers matches target_modules {tuple(targets)}"
+            )
+
+
+def _inside_adapter(root: nn.Module, name: str) -> bool:
+    """True if module `name` lies inside an adapter's own modules (e.g. a bottleneck)."""
+    parts = name.split(".")
+    module = root
+    for part in parts[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, AdapterLayer):
+            return True
+    return False

@@ -1,0 +1,342 @@
+"""Adapters: identity at injection, only adapters train, placement, trainable share, errors."""
+
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+from adapters import (
+    ADAPTERS,
+    Bottleneck,
+    HoulsbyConfig,
+    LoRAConfig,
+    LoRALinear,
+    PfeifferConfig,
+    format_trainable_share,
+    get_adapted_model,
+    parse_layers,
+    parse_sites,
+    trainable_share,
+)
+from adapters.base import adapter_parameter_ids
+from pretraining import RecommenderConfig, SequentialRecommender
+
+
+def tiny_model(num_items=30):
+    backbone = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32,
+                "max_len": 12, "dropout": 0.1}
+    torch.manual_seed(0)
+    return SequentialRecommender(RecommenderConfig(num_items=num_items,
+                                                   backbone_config=backbone)).eval()
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randint(1, 31, (4, 8), generator=generator)
+    inputs[0, :3] = 0  # left padding
+    targets = torch.randint(1, 31, (4, 8), generator=generator)
+    targets[0, :3] = 0
+    return {"input_ids": inputs, "target_ids": targets}
+
+
+def perturb_adapters(model):
+    """Move every adapter parameter off its init, so outputs must differ."""
+    owned = adapter_parameter_ids(model)
+    torch.manual_seed(2)
+    with torch.no_grad():  # random, not constant: LayerNorm cancels a shift shared by all dims
+        for param in model.parameters():
+            if id(param) in owned:
+                param.add_(0.1 * torch.randn_like(param))
+
+
+CONFIGS = {
+    "houlsby": HoulsbyConfig(),
+    "houlsby-parallel": HoulsbyConfig(parallel=True),
+    "houlsby-attn": HoulsbyConfig(sites=("attn",)),
+    "houlsby-ffn": HoulsbyConfig(sites=("ffn",)),
+    "houlsby-parallel-attn": HoulsbyConfig(sites=("attn",), parallel=True),
+    "houlsby-parallel-ffn": HoulsbyConfig(sites=("ffn",), parallel=True),
+    "houlsby-top1": HoulsbyConfig(layers="top:1"),
+    "houlsby-bottom1": HoulsbyConfig(layers="bottom:1", non_linearity="gelu"),
+    "houlsby-layer0": HoulsbyConfig(layers="0", reduction_factor=4),
+    "pfeiffer": PfeifferConfig(),
+    "lora": LoRAConfig(rank=4),
+    "lora-top1-qv": LoRAConfig(rank=2, layers="top:1", target_modules=("q_proj", "v_proj")),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_injection_leaves_scores_bit_for_bit_unchanged(name):
+    model = tiny_model()
+    before = model.scores(batch())
+    adapted = get_adapted_model(model, CONFIGS[name]).eval()
+    assert adapted is model
+    assert torch.equal(adapted.scores(batch()), before)
+    perturb_adapters(adapted)  # the adapters really are on the forward path
+    assert not torch.allclose(adapted.scores(batch()), before)
+
+
+def param_hashes(model, skip=frozenset()):
+    return {
+        name: hashlib.sha256(p.detach().numpy().tobytes()).hexdigest()
+        for name, p in model.named_parameters() if id(p) not in skip
+    }
+
+
+STEP_CASES = {
+    "houlsby": (HoulsbyConfig(), ()),
+    "houlsby-parallel": (HoulsbyConfig(parallel=True, layers="top:1"), ()),
+    "pfeiffer": (PfeifferConfig(), ()),
+    "lora": (LoRAConfig(rank=2), ()),
+    "lora+layernorm+bias": (LoRAConfig(rank=2, extras=("layernorm", "bias")),
+                            ("layernorm", "bias")),
+    "houlsby+embeddings": (HoulsbyConfig(sites=("ffn",), extras=("embeddings",)),
+                           ("embeddings",)),
+}
+
+
+def extra_names(model, extras):
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}"
+            if ("layernorm" in extras and isinstance(module, nn.LayerNorm)) or (
+                "embeddings" in extras and isinstance(module, nn.Embedding)
+            ) or ("bias" in extras and param_name == "bias"):
+                names.add(full)
+    return names
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_one_step_moves_only_adapters_and_named_extras(name):
+    config, extras = STEP_CASES[name]
+    model = get_adapted_model(tiny_model(), config).train()
+    owned = adapter_parameter_ids(model)
+    owned_names = {n for n, p in model.named_parameters() if id(p) in owned}
+    allowed = owned_names | extra_names(model, extras)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == allowed
+    frozen_before = param_hashes(model, skip={id(p) for n, p in model.named_parameters()
+                                              if n in allowed})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.loss(batch())["loss"].backward()
+    optimizer.step()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= allowed
+    assert changed & owned_names  # the adapters themselves moved
+    if extras:
+        assert changed - owned_names  # and so did the named extras
+    after = param_hashes(model, skip={id(p) for n, p in model.named_parameters() if n in allowed})
+    assert after == frozen_before
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_lora_linear_reproduces_the_layer_and_keeps_its_weights():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    lora = LoRALinear(base, rank=4, alpha=8, dropout=0.1).eval()
+    x = torch.randn(5, 16)
+    assert lora.base is base
+    assert torch.equal(base.weight, weight) and torch.equal(base.bias, bias)
+    assert torch.equal(lora(x), base(x))
+    assert torch.equal(lora.lora_B, torch.zeros(8, 4)) and lora.lora_A.abs().sum() > 0
+    assert lora.scaling == 2.0
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    expected = base(x) + x @ lora.lora_A.T @ lora.lora_B.T * 2.0
+    torch.testing.assert_close(lora(x), expected)
+    lora.merge()
+    torch.testing.assert_close(lora(x), expected, atol=1e-5, rtol=0)
+    lora.unmerge()
+    torch.testing.assert_close(base.weight, weight, atol=1e-6, rtol=0)
+
+
+def test_lora_keeps_the_exact_pretrained_weights_in_the_model():
+    model = tiny_model()
+    originals = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    o_proj = model.backbone.layers[1].attention.o_proj
+    get_adapted_model(model, LoRAConfig(rank=2))
+    wrapped = model.backbone.layers[1].attention.o_proj
+    assert isinstance(wrapped, LoRALinear) and wrapped.base is o_proj
+    for name, param in model.backbone.named_parameters():
+        original = name.replace(".base.", ".")
+        if original in originals:
+            assert torch.equal(param, originals[original]), name
+    assert set(originals) == {
+        n.replace(".base.", ".") for n, _ in model.backbone.named_parameters()
+        if "lora_" not in n
+    }
+
+
+def test_trainable_share_matches_a_hand_count():
+    model = tiny_model()
+    _, base_total, _ = trainable_share(model)
+    get_adapted_model(model, HoulsbyConfig(layers="top:1", sites=("ffn",)))
+    # hidden 16, reduction 16 -> width 1: down 16*1 + 1, up 1*16 + 16.
+    expected = (16 + 1) + (16 + 16)
+    trainable, total, percent = trainable_share(model)
+    assert (trainable, total) == (expected, base_total + expected)
+    assert percent == pytest.approx(100 * expected / total)
+    assert format_trainable_share(model) == (
+        f"trainable params: {expected:,} || all params: {total:,} || "
+        f"trainable%: {100 * expected / total:.2f}"
+    )
+
+    lora_model = get_adapted_model(tiny_model(), LoRAConfig(rank=2, layers="top:1"))
+    # q,k,v,o: 2*16 + 16*2 each; fc1 16->32: 2*16 + 32*2; fc2 32->16: 2*32 + 16*2.
+    assert trainable_share(lora_model)[0] == 4 * 64 + 96 + 96
+
+
+def count_per_layer(model, kind):
+    return [sum(isinstance(m, kind) for m in layer.modules()) for layer in model.backbone.layers]
+
+
+@pytest.mark.parametrize(
+    "config, kind, expected",
+    [
+        (HoulsbyConfig(), Bottleneck, [2, 2]),
+        (HoulsbyConfig(layers="top:1"), Bottleneck, [0, 2]),
+        (HoulsbyConfig(layers="bottom:1", sites=("attn",)), Bottleneck, [1, 0]),
+        (HoulsbyConfig(layers="1", sites=("ffn",)), Bottleneck, [0, 1]),
+        (PfeifferConfig(), Bottleneck, [1, 1]),
+        (LoRAConfig(), LoRALinear, [6, 6]),
+        (LoRAConfig(layers="0", target_modules=("q_proj", "v_proj")), LoRALinear, [2, 0]),
+        (LoRAConfig(layers="top:1", target_modules="fc1,fc2"), LoRALinear, [0, 2]),
+    ],
+)
+def test_placement_puts_adapters_exactly_where_requested(config, kind, expected):
+    model = get_adapted_model(tiny_model(), config)
+    assert count_per_layer(model, kind) == expected
+    assert sum(isinstance(m, kind) for m in model.item_encoder.modules()) == 0
+
+
+def test_attn_site_sits_after_the_attention_and_keeps_it_reachable():
+    model = tiny_model()
+    attention = model.backbone.layers[0].attention
+    get_adapted_model(model, HoulsbyConfig(sites=("attn",), layers="0"))
+    site = model.backbone.layers[0].attention
+    assert site.base is attention and isinstance(site.adapter, Bottleneck)
+    assert site.adapter.down.out_features == 1 and site.adapter.up.out_features == 16
+
+
+def test_registry_lists_the_methods():
+    assert {"houlsby", "pfeiffer", "lora"} <= set(ADAPTERS)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("all", [0, 1, 2, 3]), ("top:1", [3]), ("top:4", [0, 1, 2, 3]), ("bottom:2", [0, 1]),
+     ("0,2", [0, 2]), ("2, 0", [0, 2]), ("3", [3])],
+)
+def test_parse_layers(spec, expected):
+    assert parse_layers(spec, 4) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("top:5", "between 1 and 4"), ("bottom:0", "K must be >= 1"), ("7", "model has 4 layers"),
+     ("top", "malformed"), ("middle:1", "malformed"), ("0,,1", "malformed"), ("-1", "malformed"),
+     ("", "malformed"), ("top:x", "malformed")],
+)
+def test_parse_layers_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_layers(spec, 4)
+
+
+def test_parse_sites():
+    assert parse_sites("attn, ffn") == ("attn", "ffn")
+    assert parse_sites(("ffn",), valid=("attn", "ffn")) == ("ffn",)
+    with pytest.raises(ValueError, match="valid sites: attn, ffn"):
+        parse_sites("attn,mlp", valid=("attn", "ffn"))
+    with pytest.raises(ValueError, match="malformed"):
+        parse_sites("attn,")
+
+
+class FakeMethodConfig:
+    method = "nope"
+
+
+class NoSites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize(
+    "make_model, config, message",
+    [
+        (tiny_model, FakeMethodConfig(), "unknown adapter method 'nope'.*houlsby"),
+        (tiny_model, HoulsbyConfig(sites=("mlp",)), "unknown adapter site.*valid sites: attn, ffn"),
+        (tiny_model, HoulsbyConfig(layers="7"), "layer 7 is out of range: the model has 2 layers"),
+        (tiny_model, LoRAConfig(layers="0,7"), "the model has 2 layers"),
+        (tiny_model, HoulsbyConfig(layers="top:3"), "the model has 2 layers"),
+        (tiny_model, LoRAConfig(target_modules=("nothing",)), "matches target_modules"),
+        (NoSites, HoulsbyConfig(), "NoSites declares no adapter sites"),
+        (NoSites, LoRAConfig(), "declares no adapter sites"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make_model, config, message):
+    with pytest.raises(ValueError, match=message):
+        get_adapted_model(make_model(), config)
+
+
+@pytest.mark.parametrize(
+    "make_config, message",
+    [
+        (lambda: HoulsbyConfig(layers="0;1"), "malformed layer spec"),
+        (lambda: HoulsbyConfig(non_linearity="tanh"), "swish, relu, gelu"),
+        (lambda: HoulsbyConfig(reduction_factor=0), "reduction_factor"),
+        (lambda: HoulsbyConfig(extras=("everything",)), "layernorm, bias"),
+        (lambda: LoRAConfig(rank=0), "rank"),
+        (lambda: LoRAConfig(layers="top:"), "malformed layer spec"),
+    ],
+)
+def test_bad_configs_fail_at_construction(make_config, message):
+    with pytest.raises(ValueError, match=message):
+        make_config()
+
+
+def test_configs_are_immutable_and_replace_makes_a_copy():
+    config = HoulsbyConfig()
+    changed = config.replace(parallel=True, sites="ffn")
+    assert changed.parallel and changed.sites == ("ffn",) and not config.parallel
+    with pytest.raises(AttributeError):
+        config.parallel = True  # type: ignore[misc]
+    assert PfeifferConfig().sites == ("ffn",) and PfeifferConfig().method == "pfeiffer"
+
+
+class TinyHost(nn.Module):
+    """A minimal in-file model: two layers of sites, a norm, an embedding, a projection."""
+
+    adapter_sites = {"ffn": "layers.{i}.ffn"}
+    lora_targets = ("ffn",)
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(5, 8)
+        self.layers = nn.ModuleList(nn.ModuleDict({"ffn": nn.Linear(8, 8)}) for _ in range(2))
+        self.norm = nn.LayerNorm(8)
+        self.projection = nn.Linear(8, 4, bias=False)
+
+
+@pytest.mark.parametrize(
+    "extras, expected",
+    [
+        ((), set()),
+        (("projection",), {"projection.weight"}),
+        (("embeddings",), {"embedding.weight"}),
+        (("layernorm",), {"norm.weight", "norm.bias"}),
+        (("bias",), {"norm.bias", "layers.0.ffn.base.bias", "layers.1.ffn.base.bias"}),
+    ],
+)
+def test_extras_unfreeze_exactly_what_they_name(extras, expected):
+    model = get_adapted_model(TinyHost(), PfeifferConfig(reduction_factor=4, extras=extras))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {f"layers.{i}.ffn.adapter.{lin}.{w}" for i in range(2) for lin in ("down", "up")
+                for w in ("weight", "bias")}
+    assert trainable == adapters | expected
