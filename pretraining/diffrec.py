@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretraining.sasrec import SASRecBlock, _init_weights
+from pretraining.sasrec import SASRecBlock, SASRecConfig, _init_weights
 from pretraining.schedules import SCHEDULES, build_schedule
 
 INFERENCE_MODES = ("one_step", "reverse", "strided")
@@ -44,13 +44,9 @@ MAX_SEEDS = 256
 
 
 @dataclass
-class DiffRecConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    ffn_size: int = 256
-    max_len: int = 200
-    dropout: float = 0.2
+class DiffRecConfig(SASRecConfig):
+    """The denoiser's Transformer settings (as SASRec's) plus the diffusion process."""
+
     schedule: str = "sqrt"
     num_steps: int = 1000
     noised_positions: int = 1  # the last K positions are noised (paper 5.3.4)
@@ -63,17 +59,10 @@ class DiffRecConfig:
     inference_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"--hidden-size {self.hidden_size} is not divisible by --num-heads "
-                f"{self.num_heads}; pick sizes where it is"
-            )
-        for name in ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_len",
-                     "noised_positions", "history_size"):
+        super().__post_init__()
+        for name in ("noised_positions", "history_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"unknown noise schedule {self.schedule!r}; choose one of {sorted(SCHEDULES)}"
