@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from adapters.placement import parse_layers, parse_sites
+from adapters.placement import check_known, parse_layers, parse_sites
 
 ADAPTERS: dict[str, type] = {}
 
@@ -133,12 +133,7 @@ def adapter_parameter_ids(model: nn.Module) -> set[int]:
 
 def extra_parameter_ids(model: nn.Module, extras: Iterable[str]) -> set[int]:
     extras = tuple(extras)
-    unknown = [e for e in extras if e not in EXTRAS]
-    if unknown:
-        raise ValueError(
-            f"unknown trainable extra(s) {', '.join(map(repr, unknown))}; "
-            f"valid: {', '.join(EXTRAS)}"
-        )
+    check_known(extras, EXTRAS, "trainable extra(s)", "valid")
     norm_types = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t)
     ids: set[int] = set()
     for module_name, module in model.named_modules():

@@ -50,14 +50,18 @@ def parse_sites(spec: str | Iterable[str], valid: Iterable[str] | None = None) -
     if not sites or any(not site for site in sites):
         raise ValueError(f"malformed site spec {spec!r}; expected names like 'attn,ffn'")
     if valid is not None:
-        valid = tuple(valid)
-        unknown = [site for site in sites if site not in valid]
-        if unknown:
-            raise ValueError(
-                f"unknown adapter site(s) {', '.join(map(repr, unknown))}; "
-                f"valid sites: {', '.join(valid)}"
-            )
+        check_known(sites, valid, "adapter site(s)", "valid sites")
     return sites
+
+
+def check_known(names: Iterable[str], valid: Iterable[str], what: str, listing: str) -> None:
+    """Raise one ValueError naming every unknown entry of `names` and the valid ones."""
+    valid = tuple(valid)
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown {what} {', '.join(map(repr, unknown))}; {listing}: {', '.join(valid)}"
+        )
 
 
 def _parse(spec: str) -> tuple[str, tuple[int, ...]]:
