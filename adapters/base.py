@@ -1,15 +1,16 @@
 """The adapter registry, one call to apply a method, freezing and the trainable share.
 
-A method registers an injector class under its lowercase name:
+A method is a config dataclass (subclass of `AdapterConfig`, which holds the placement
+shared by every method) and an injector class, registered under a lowercase name:
 
-    @register_adapter("houlsby")
+    @register_adapter("houlsby", HoulsbyConfig)
     class HoulsbyInjector:
         def inject(self, host: nn.Module, config) -> None: ...
 
-`get_adapted_model(model, config)` finds the module(s) that declare `adapter_sites`
-(the model itself, or e.g. `recommender.backbone`), runs the injector registered under
-`config.method` on each, then freezes everything not owned by an adapter except the
-parameter groups named in `config.extras` (see `EXTRAS`).
+`get_adapted_model(model, config)` finds the modules that declare `adapter_sites` in the
+component `config.adapt` names (`backbone`, `item_encoder` or `both`; the model itself if
+it is such a host), runs the method's injector on each, then freezes everything not owned
+by an adapter except the parameter groups named in `config.extras` (see `EXTRAS`).
 
 Ownership: every adapter-owned module subclasses `AdapterLayer`; its parameters are
 adapter parameters, except those under its `base` attribute (the wrapped pretrained
@@ -18,13 +19,18 @@ module, e.g. `LoRALinear.base`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
-from adapters.placement import check_known, parse_layers, parse_sites
+from adapters.placement import check_known, check_layer_spec, parse_layers, parse_sites
 
-ADAPTERS: dict[str, type] = {}
+# name -> (config class, injector class)
+ADAPTERS: dict[str, tuple[type, type]] = {}
+# --adapt choices: which part of a recommender receives adapters.
+COMPONENTS = ("backbone", "item_encoder", "both")
 
 # What each trainable extra unfreezes, by module type or attribute name.
 EXTRAS: dict[str, str] = {
@@ -35,55 +41,103 @@ EXTRAS: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Placement and extras, the same for every method; methods subclass it."""
+
+    method: str = ""
+    adapt: str = "backbone"  # one of COMPONENTS
+    layers: str = "all"  # "all", "top:K", "bottom:K" or "0,2"
+    extras: tuple[str, ...] = ()  # also trainable: keys of EXTRAS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extras", tuple(self.extras))
+        check_known((self.adapt,), COMPONENTS, "--adapt component", "choose one of")
+        check_layer_spec(self.layers)
+        check_known(self.extras, EXTRAS, "trainable extra(s)", "valid")
+
+    def replace(self, **changes) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 class AdapterLayer(nn.Module):
     """Marker base class: a module whose parameters (outside `.base`) belong to an adapter."""
 
 
-def register_adapter(name: str) -> Callable[[type], type]:
-    """Class decorator: register an injector class under `name` (lowercase)."""
+def register_adapter(name: str, config_class: type) -> Callable[[type], type]:
+    """Class decorator: register an injector class and its config class under `name`."""
 
     def decorator(cls: type) -> type:
-        if name in ADAPTERS and ADAPTERS[name] is not cls:
+        if name in ADAPTERS and ADAPTERS[name] != (config_class, cls):
             raise ValueError(f"adapter method {name!r} is already registered")
-        ADAPTERS[name] = cls
+        ADAPTERS[name] = (config_class, cls)
         return cls
 
     return decorator
 
 
-def get_adapted_model(model: nn.Module, config) -> nn.Module:
+def adapter_config_from_dict(values: dict) -> AdapterConfig:
+    """Rebuild a method's config from `AdapterConfig.to_dict()` output (e.g. a JSON file)."""
+    values = dict(values)
+    method = values.get("method")
+    config_class, _ = _registered(method)
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} for adapter method {method!r}")
+    for name, value in values.items():
+        if isinstance(value, list):  # JSON has no tuples
+            values[name] = tuple(value)
+    return config_class(**values)
+
+
+def get_adapted_model(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Inject the adapter `config` describes into `model` (in place) and freeze the rest.
 
     Returns `model`. Adapter layers are created on the device/dtype of the layers they
     attach to.
     """
-    injector_cls = ADAPTERS.get(config.method)
-    if injector_cls is None:
-        raise ValueError(
-            f"unknown adapter method {config.method!r}; registered: {', '.join(sorted(ADAPTERS))}"
-        )
-    hosts = adapter_hosts(model)
+    _, injector_cls = _registered(config.method)
     injector = injector_cls()
-    for host in hosts:
+    for host in adapter_hosts(model, config.adapt):
         injector.inject(host, config)
-    freeze_except_adapters(model, extras=getattr(config, "extras", ()))
+    freeze_except_adapters(model, extras=config.extras)
     return model
 
 
-def adapter_hosts(model: nn.Module) -> list[nn.Module]:
-    """`model` if it declares `adapter_sites`, else its outermost submodules that do."""
+def _registered(method: str | None) -> tuple[type, type]:
+    if method not in ADAPTERS:
+        raise ValueError(
+            f"unknown adapter method {method!r}; registered: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[method]
+
+
+def adapter_hosts(model: nn.Module, adapt: str = "both") -> list[nn.Module]:
+    """`model` if it declares `adapter_sites`, else its outermost submodules that do,
+    within the component `adapt` (the submodule of that name; `both`: anywhere)."""
+    check_known((adapt,), COMPONENTS, "--adapt component", "choose one of")
     if _declares_sites(model):
         return [model]
     hosts: list[nn.Module] = []
     prefixes: list[str] = []
     for name, module in model.named_modules():
-        if _declares_sites(module) and not any(name.startswith(p + ".") for p in prefixes):
+        inside = adapt == "both" or name == adapt or name.startswith(adapt + ".")
+        if (inside and _declares_sites(module)
+                and not any(name.startswith(p + ".") for p in prefixes)):
             hosts.append(module)
             prefixes.append(name)
     if not hosts:
+        where = type(model).__name__
+        if adapt != "both":
+            where = f"the {adapt} of {where}"
         raise ValueError(
-            f"{type(model).__name__} declares no adapter sites: neither it nor any submodule "
-            "has an `adapter_sites` mapping like {'attn': 'layers.{i}.attention'}"
+            f"{where} has no layers to adapt: no module there declares `adapter_sites` "
+            "(an ID item table, or a frozen and cached content encoder, has none); choose "
+            "another --adapt component"
         )
     return hosts
 

@@ -12,32 +12,34 @@ Houlsby = both sites (`attn`, `ffn`), swish; Pfeiffer = `ffn` only, relu.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from adapters.base import EXTRAS, AdapterLayer, register_adapter, replace_submodule, select_sites
-from adapters.placement import check_layer_spec, parse_sites
+from adapters.base import (
+    AdapterConfig,
+    AdapterLayer,
+    register_adapter,
+    replace_submodule,
+    select_sites,
+)
+from adapters.placement import parse_sites
 
 NON_LINEARITIES: dict[str, type[nn.Module]] = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 @dataclass(frozen=True)
-class HoulsbyConfig:
+class HoulsbyConfig(AdapterConfig):
     method: str = "houlsby"
-    layers: str = "all"  # "all", "top:K", "bottom:K" or "0,2"
     sites: tuple[str, ...] = ("attn", "ffn")  # names in the model's `adapter_sites`
     reduction_factor: int = 16  # bottleneck width = d // reduction_factor (at least 1)
     non_linearity: str = "swish"  # one of NON_LINEARITIES
     parallel: bool = False  # add the bottleneck of the site's input instead of its output
-    extras: tuple[str, ...] = ()  # also trainable: keys of adapters.base.EXTRAS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "sites", parse_sites(self.sites))
-        object.__setattr__(self, "extras", tuple(self.extras))
-        check_layer_spec(self.layers)
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int):
             raise ValueError(f"reduction_factor must be an int, got {self.reduction_factor!r}")
         if self.reduction_factor < 1:
@@ -47,12 +49,6 @@ class HoulsbyConfig:
                 f"unknown non_linearity {self.non_linearity!r}; choose one of "
                 f"{', '.join(NON_LINEARITIES)}"
             )
-        unknown = [e for e in self.extras if e not in EXTRAS]
-        if unknown:
-            raise ValueError(f"unknown extra(s) {unknown}; valid: {', '.join(EXTRAS)}")
-
-    def replace(self, **changes) -> HoulsbyConfig:
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -100,8 +96,8 @@ class BottleneckSite(nn.Module):
         return out + self.adapter(out)
 
 
-@register_adapter("houlsby")
-@register_adapter("pfeiffer")
+@register_adapter("houlsby", HoulsbyConfig)
+@register_adapter("pfeiffer", PfeifferConfig)
 class HoulsbyInjector:
     def inject(self, host: nn.Module, config: HoulsbyConfig) -> None:
         for _, path in select_sites(host, config.layers, config.sites):

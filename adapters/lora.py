@@ -8,7 +8,6 @@ whose names end with one of `target_modules` (default: the model's `lora_targets
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,27 +15,26 @@ import torch
 from torch import nn
 
 from adapters.base import (
-    EXTRAS,
+    AdapterConfig,
     AdapterLayer,
     layer_path,
     num_layers,
     register_adapter,
     replace_submodule,
 )
-from adapters.placement import check_layer_spec, parse_layers
+from adapters.placement import parse_layers
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(AdapterConfig):
     method: str = "lora"
     rank: int = 8
     alpha: float = 16  # the update is scaled by alpha / rank
     dropout: float = 0.0  # on the LoRA branch's input only
     target_modules: tuple[str, ...] | None = None  # None: the model's `lora_targets`
-    layers: str = "all"  # "all", "top:K", "bottom:K" or "0,2"
-    extras: tuple[str, ...] = ()  # also trainable: keys of adapters.base.EXTRAS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.target_modules is not None:
             targets = self.target_modules
             if isinstance(targets, str):
@@ -45,18 +43,10 @@ class LoRAConfig:
             if not targets or not all(targets):
                 raise ValueError(f"malformed target_modules {self.target_modules!r}")
             object.__setattr__(self, "target_modules", targets)
-        object.__setattr__(self, "extras", tuple(self.extras))
-        check_layer_spec(self.layers)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        unknown = [e for e in self.extras if e not in EXTRAS]
-        if unknown:
-            raise ValueError(f"unknown extra(s) {unknown}; valid: {', '.join(EXTRAS)}")
-
-    def replace(self, **changes) -> LoRAConfig:
-        return dataclasses.replace(self, **changes)
 
 
 class LoRALinear(AdapterLayer):
@@ -98,7 +88,7 @@ class LoRALinear(AdapterLayer):
             self.merged = False
 
 
-@register_adapter("lora")
+@register_adapter("lora", LoRAConfig)
 class LoRAInjector:
     def inject(self, host: nn.Module, config: LoRAConfig) -> None:
         targets = config.target_modules or getattr(host, "lora_targets", None)

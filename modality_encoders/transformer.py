@@ -20,6 +20,24 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 POOLINGS = ("cls", "mean")
 
+# Where adapters attach in each encoder family (module paths under `TransformerStages`,
+# `{i}` = layer index) and which Linear layers LoRA targets, by `model_type`.
+# transformers 5 renamed ViT's modules; BERT-style models kept theirs.
+_BERT_LAYOUT = (
+    {"attn": "model.encoder.layer.{i}.attention.output.dense",
+     "ffn": "model.encoder.layer.{i}.output.dense"},
+    ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+)
+_VIT_LAYOUT = (
+    {"attn": "model.layers.{i}.attention.o_proj", "ffn": "model.layers.{i}.mlp.fc2"},
+    ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+)
+ADAPTER_LAYOUTS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "bert": _BERT_LAYOUT, "roberta": _BERT_LAYOUT, "xlm-roberta": _BERT_LAYOUT,
+    "camembert": _BERT_LAYOUT, "electra": _BERT_LAYOUT,
+    "vit": _VIT_LAYOUT, "vit_mae": _VIT_LAYOUT,
+}
+
 
 class EncoderMismatchError(ValueError):
     """The encoder found differs from the one a model was built with."""
@@ -96,7 +114,11 @@ def load_encoder_config(path: Path, name: str):
 
 
 class TransformerStages(nn.Module):
-    """Wraps an AutoModel encoder; `forward(inputs, start)` runs layers `start..L-1`."""
+    """Wraps an AutoModel encoder; `forward(inputs, start)` runs layers `start..L-1`.
+
+    Declares `adapter_sites` and `lora_targets` (from `ADAPTER_LAYOUTS`) for the adapter
+    methods; None for a model type without a known layout.
+    """
 
     def __init__(self, path: Path, name: str, modality: str) -> None:
         super().__init__()
@@ -118,7 +140,10 @@ class TransformerStages(nn.Module):
             )
         self.model = model
         self.modality = modality
+        self.model_type = config.model_type
         self.is_mae = config.model_type == "vit_mae"
+        self.adapter_sites, self.lora_targets = ADAPTER_LAYOUTS.get(config.model_type,
+                                                                    (None, None))
         if getattr(model, "pooler", None) is not None:
             model.pooler.requires_grad_(False)  # never used: pooling is ours
 

@@ -276,7 +276,7 @@ class NoSites(nn.Module):
         (tiny_model, LoRAConfig(layers="0,7"), "the model has 2 layers"),
         (tiny_model, HoulsbyConfig(layers="top:3"), "the model has 2 layers"),
         (tiny_model, LoRAConfig(target_modules=("nothing",)), "matches target_modules"),
-        (NoSites, HoulsbyConfig(), "NoSites declares no adapter sites"),
+        (NoSites, HoulsbyConfig(), "NoSites has no layers to adapt"),
         (NoSites, LoRAConfig(), "declares no adapter sites"),
     ],
 )
