@@ -277,7 +277,7 @@ class NoSites(nn.Module):
         (tiny_model, HoulsbyConfig(layers="top:3"), "the model has 2 layers"),
         (tiny_model, LoRAConfig(target_modules=("nothing",)), "matches target_modules"),
         (NoSites, HoulsbyConfig(), "NoSites has no layers to adapt"),
-        (NoSites, LoRAConfig(), "declares no adapter sites"),
+        (NoSites, LoRAConfig(), "NoSites has no layers to adapt"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(make_model, config, message):
