@@ -176,13 +176,29 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of adapter-owned parameters: those of our `AdapterLayer`s and of peft's tuner
+    layers (LoRA A and B, ...), except the wrapped pretrained module's."""
     owned: set[int] = set()
     for module in model.modules():
-        if isinstance(module, AdapterLayer):
+        wrapped = _wrapped_module_name(module)
+        if wrapped is not None:
             owned.update(
-                id(p) for name, p in module.named_parameters() if not name.startswith("base.")
+                id(p) for name, p in module.named_parameters()
+                if not name.startswith(wrapped + ".")
             )
     return owned
+
+
+def _wrapped_module_name(module: nn.Module) -> str | None:
+    """The attribute holding the pretrained module an adapter layer wraps (ours: `base`,
+    peft's: `base_layer`); None if `module` is no adapter layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: importing peft is slow
+
+    if isinstance(module, AdapterLayer):
+        return "base"
+    if isinstance(module, BaseTunerLayer):
+        return "base_layer"
+    return None
 
 
 def extra_parameter_ids(model: nn.Module, extras: Iterable[str]) -> set[int]:

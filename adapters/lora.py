@@ -4,6 +4,12 @@
 `dropout(x) @ A^T @ B^T * alpha / rank`, with A kaiming-uniform and B zero, so the
 layer's output is unchanged at injection. Targets are the chosen layers' Linear modules
 whose names end with one of `target_modules` (default: the model's `lora_targets`).
+
+Hosts that wrap a `transformers` model as `.model` (the content encoders'
+`TransformerStages`) get peft's LoRA layers instead, with the same rank, alpha, dropout
+and the same placement: peft receives the exact module names chosen here, so one rule
+decides where LoRA goes whichever layer implements it. peft also keeps the pretrained
+layer (as `base_layer`) and starts B at zero.
 """
 
 from __future__ import annotations
@@ -91,29 +97,60 @@ class LoRALinear(AdapterLayer):
 @register_adapter("lora", LoRAConfig)
 class LoRAInjector:
     def inject(self, host: nn.Module, config: LoRAConfig) -> None:
-        targets = config.target_modules or getattr(host, "lora_targets", None)
-        if not targets:
-            raise ValueError(
-                f"{type(host).__name__} declares no `lora_targets`; set target_modules"
-            )
-        found = 0
-        for index in parse_layers(config.layers, num_layers(host)):
-            prefix = layer_path(host, index)
-            layer = host.get_submodule(prefix)
-            chosen = [
-                name for name, module in layer.named_modules()
-                if isinstance(module, nn.Linear) and not _inside_adapter(layer, name)
-                and any(name == t or name.endswith("." + t) for t in targets)
-            ]
-            for name in chosen:
-                base = layer.get_submodule(name)
-                replace_submodule(layer, name, LoRALinear(base, config.rank, config.alpha,
-                                                          config.dropout))
-            found += len(chosen)
-        if not found:
-            raise ValueError(
-                f"no nn.Linear in the chosen layers matches target_modules {tuple(targets)}"
-            )
+        paths = target_paths(host, config)
+        model = getattr(host, "model", None)
+        if _is_transformers_model(model):
+            # The host's module paths start with `model.`; peft sees names under `model`.
+            _inject_peft(model, [path.removeprefix("model.") for path in paths], config)
+            return
+        for path in paths:
+            lora = LoRALinear(host.get_submodule(path), config.rank, config.alpha, config.dropout)
+            replace_submodule(host, path, lora)
+
+
+def target_paths(host: nn.Module, config: LoRAConfig) -> list[str]:
+    """Module paths (under `host`) of the Linear layers LoRA adapts: those in the chosen
+    layers whose names end with one of the targets."""
+    model_type = getattr(host, "model_type", None) or type(host).__name__
+    targets = config.target_modules or getattr(host, "lora_targets", None)
+    if not targets:
+        raise ValueError(
+            f"no known LoRA target modules for model type {model_type!r}; pass "
+            "--target-modules with the names of its Linear layers (e.g. query,value)"
+        )
+    paths: list[str] = []
+    linears: list[str] = []  # every Linear of the chosen layers, for the error message
+    for index in parse_layers(config.layers, num_layers(host)):
+        prefix = layer_path(host, index)
+        layer = host.get_submodule(prefix)
+        for name, module in layer.named_modules():
+            if not isinstance(module, nn.Linear) or _inside_adapter(layer, name):
+                continue
+            linears.append(name)
+            if any(name == t or name.endswith("." + t) for t in targets):
+                paths.append(f"{prefix}.{name}")
+    if not paths:
+        raise ValueError(
+            f"no nn.Linear in the chosen layers ({config.layers}) of {model_type!r} matches "
+            f"target_modules {tuple(targets)}; its layers hold: "
+            f"{', '.join(dict.fromkeys(linears)) or 'no nn.Linear'}"
+        )
+    return paths
+
+
+def _is_transformers_model(module: nn.Module | None) -> bool:
+    from transformers import PreTrainedModel  # lazy: SASRec/DiffRec hosts do not need it
+
+    return isinstance(module, PreTrainedModel)
+
+
+def _inject_peft(model: nn.Module, names: list[str], config: LoRAConfig) -> None:
+    """peft LoRA layers on exactly the modules `names` (full names under `model`)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                             lora_dropout=config.dropout, target_modules=names)
+    inject_adapter_in_model(peft_config, model)
 
 
 def _inside_adapter(root: nn.Module, name: str) -> bool:

@@ -1,5 +1,35 @@
 """Fine-tuning a pretrained recommender on a target domain.
 
-Planned (see README, "What exists today"): load a pretrained run, rebuild the item
-side for the target catalog, inject adapters, fine-tune with `pretraining.Trainer`.
+    finetune(args, HoulsbyConfig(layers="top:1"), "houlsby")   # what the scripts run
+
+`downstream.transfer` rebuilds the item side for the target catalog, injects adapters
+(or trains everything, or trains from scratch, or evaluates zero-shot), fine-tunes with
+`pretraining.Trainer` and evaluates by the same full-ranking protocol; `downstream.cli`
+holds the scripts' flags.
 """
+
+from downstream.transfer import (
+    BASELINES,
+    adapt,
+    build_target_model,
+    evaluate_any_run,
+    finetune,
+    load_adapted_model,
+    load_any_checkpoint,
+    resolve_base,
+    target_config,
+    transfer_weights,
+)
+
+__all__ = [
+    "BASELINES",
+    "adapt",
+    "build_target_model",
+    "evaluate_any_run",
+    "finetune",
+    "load_adapted_model",
+    "load_any_checkpoint",
+    "resolve_base",
+    "target_config",
+    "transfer_weights",
+]

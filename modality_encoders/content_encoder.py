@@ -71,6 +71,7 @@ class ContentItemEncoder(nn.Module):
     """Base of `TextItemEncoder` and `ImageItemEncoder` (see the module docstring)."""
 
     modality = ""  # "text" or "image"
+    catalog_parameters = ()  # nothing per item: the encoder transfers to any catalog
 
     def __init__(self, num_items: int, output_dim: int, config: dict | None = None,
                  content: ItemContent | None = None) -> None:

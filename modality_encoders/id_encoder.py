@@ -12,6 +12,10 @@ from modality_encoders.base import register_item_encoder
 class IDEncoder(nn.Module):
     """An embedding table with row 0 reserved for padding (kept at zero)."""
 
+    # Parameters with one row per item: they belong to this catalog and cannot be moved
+    # to another domain's items (transfer starts them afresh).
+    catalog_parameters = ("embedding.weight",)
+
     def __init__(self, num_items: int, output_dim: int, config: dict | None = None,
                  content=None) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
+from adapters import format_trainable_share, trainable_share
 from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
 from modality_encoders import build_item_content
 from pretraining.cli import model_config, protocol_config, training_config
@@ -43,60 +45,87 @@ def pretrain(args: argparse.Namespace) -> dict:
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{args.backbone}"
     config = model_config(args, data.num_items, data.fingerprint, data)
     encoder_cache_dir = getattr(args, "encoder_cache_dir", None)
+    frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
     run_config = {
-        "dataset": {"name": data.name, "path": str(data.path), "fingerprint": data.fingerprint,
-                    "train_windows": args.train_windows},
+        "dataset": dataset_section(data, args),
         "model": asdict(config),
         "training": asdict(training_config(args, output_dir)),
         "protocol": asdict(protocol_config(args)),
         "command": sys.argv,
-        "versions": _versions(),
+        "versions": versions(),
     }
+
+    def build_model() -> SequentialRecommender:
+        content = build_item_content(data, config.item_encoder, config.item_encoder_config,
+                                     encoder_cache_dir)
+        return SequentialRecommender(config, frequencies, content)
+
+    def load_best(checkpoint: Path) -> SequentialRecommender:
+        return load_checkpoint(checkpoint, data, frequencies, encoder_cache_dir)
+
+    return train_run(args, data, output_dir, run_config, build_model, load_best,
+                     label=f"{data.name} {args.backbone}")
+
+
+def dataset_section(data: SequenceData, args: argparse.Namespace) -> dict:
+    return {"name": data.name, "path": str(data.path), "fingerprint": data.fingerprint,
+            "train_windows": args.train_windows}
+
+
+def train_run(
+    args: argparse.Namespace,
+    data: SequenceData,
+    output_dir: Path,
+    run_config: dict,
+    build_model: Callable[[], SequentialRecommender],
+    load_best: Callable[[Path], SequentialRecommender],
+    label: str,
+    save_model: Callable | None = None,
+) -> dict:
+    """The run-folder job shared by pretraining and fine-tuning: write config.json, build
+    the model (after seeding), train with the Trainer, evaluate the best checkpoint (loaded
+    by `load_best`), write metrics.json and print the table. Returns the metrics."""
     _check_run_folder(output_dir, run_config, args.resume)
     trainer_config = training_config(args, output_dir)
     accelerator = build_accelerator(trainer_config)
+    set_seed(args.seed)  # before the model exists: its initial weights depend on the seed
+    model = build_model()  # bad settings fail here, before the run folder is written
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
-    set_seed(args.seed)  # before the model exists: its initial weights depend on the seed
-    frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
-    content = build_item_content(data, config.item_encoder, config.item_encoder_config,
-                                 encoder_cache_dir)
-    model = SequentialRecommender(config, frequencies, content)
-    max_len = config.backbone_settings().max_len
+    trainable, total, percent = trainable_share(model)
+    max_len = model.config.backbone_settings().max_len
     protocol = protocol_config(args)
     trainer = Trainer(
         model, trainer_config,
         LeaveOneOutDataset(data, "train", max_len, windows=args.train_windows),
         evaluation_dataset(data, "valid", max_len, protocol), collate_left_padded, protocol,
-        accelerator,
+        accelerator, save_model,
     )
     accelerator.print(f"{data.name}: {data.num_users} users, {data.num_items} items; "
-                      f"{_count(model)} parameters; {accelerator.num_processes} process(es)")
+                      f"{accelerator.num_processes} process(es)\n"
+                      f"{format_trainable_share(model)}")
     summary = trainer.train()
     if summary["seconds_per_epoch"] is None and (output_dir / METRICS).is_file():
         # Resuming a finished run trains nothing: keep the summary of the run that trained.
         summary = json.loads((output_dir / METRICS).read_text())["training"]
-    metrics = evaluate_checkpoint(output_dir / BEST_DIR, data, protocol,
-                                  trainer_config.eval_batch_size, accelerator, frequencies,
-                                  encoder_cache_dir)
+    metrics = evaluate_model(load_best(output_dir / BEST_DIR), data, protocol,
+                             trainer_config.eval_batch_size, accelerator)
     metrics["training"] = summary
+    metrics["parameters"] = {"trainable": trainable, "total": total, "trainable_percent": percent}
     if accelerator.is_main_process:
         (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-        print(format_metrics_table({f"{data.name} {args.backbone}": metrics}))
+        print(format_metrics_table({label: metrics}))
     return metrics
 
 
-def evaluate_checkpoint(
+def load_checkpoint(
     checkpoint: Path,
     data: SequenceData,
-    protocol: EvaluationProtocol,
-    batch_size: int,
-    accelerator: Accelerator,
     frequencies=None,
     encoder_cache_dir: Path | None = None,
-) -> dict:
-    """Validation and test metrics of a saved checkpoint on `data`, plus the protocol."""
+) -> SequentialRecommender:
+    """A saved recommender, checked to belong to `data`."""
     config = load_recommender_config(checkpoint)
     content = build_item_content(data, config.item_encoder, config.item_encoder_config,
                                  encoder_cache_dir)
@@ -109,6 +138,31 @@ def evaluate_checkpoint(
             f"{data.fingerprint[:12]}, {data.num_items} items); evaluate it on its own dataset, "
             "or fine-tune it on this one with the downstream scripts"
         )
+    return model
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: SequenceData,
+    protocol: EvaluationProtocol,
+    batch_size: int,
+    accelerator: Accelerator,
+    frequencies=None,
+    encoder_cache_dir: Path | None = None,
+) -> dict:
+    """Validation and test metrics of a saved checkpoint on `data`, plus the protocol."""
+    model = load_checkpoint(checkpoint, data, frequencies, encoder_cache_dir)
+    return evaluate_model(model, data, protocol, batch_size, accelerator)
+
+
+def evaluate_model(
+    model: SequentialRecommender,
+    data: SequenceData,
+    protocol: EvaluationProtocol,
+    batch_size: int,
+    accelerator: Accelerator,
+) -> dict:
+    """Validation and test metrics of `model` on `data` by full ranking, plus the protocol."""
     model.to(accelerator.device)
     max_len = model.config.backbone_settings().max_len
     results = {}
@@ -129,19 +183,26 @@ def evaluation_dataset(
     return LeaveOneOutDataset(data, split, max_len, protocol.max_users, protocol.user_sample_seed)
 
 
-def evaluate_run(args: argparse.Namespace) -> dict:
-    """Re-evaluate the best checkpoint of a run folder; writes `evaluation.json` there."""
+def evaluate_run(
+    args: argparse.Namespace,
+    load_model: Callable[[Path, SequenceData], SequentialRecommender] | None = None,
+) -> dict:
+    """Re-evaluate the best checkpoint of a run folder; writes `evaluation.json` there.
+
+    `load_model(checkpoint, data)` loads the checkpoint (default: a full checkpoint;
+    the downstream package passes one that also reads adapter checkpoints)."""
     run_dir = Path(args.run)
     if not (run_dir / RUN_CONFIG).is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no {RUN_CONFIG}); pass --run DIR "
-                              "of a finished or interrupted pretraining run")
+                              "of a finished or interrupted training run")
     run_config = json.loads((run_dir / RUN_CONFIG).read_text())
     dataset = args.dataset or run_config["dataset"]["path"]
     data = load_data(dataset, args.cache_dir)
     accelerator = Accelerator(cpu=args.cpu)
     check_process_count(accelerator)
-    metrics = evaluate_checkpoint(run_dir / BEST_DIR, data, protocol_config(args),
-                                  args.eval_batch_size, accelerator)
+    model = (load_model or load_checkpoint)(run_dir / BEST_DIR, data)
+    metrics = evaluate_model(model, data, protocol_config(args), args.eval_batch_size,
+                             accelerator)
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else run_dir / "evaluation.json"
         output.write_text(json.dumps(metrics, indent=2))
@@ -169,23 +230,18 @@ def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
         raise ValueError(f"{output_dir} already holds a run; pass --resume to continue it "
                          "or choose another --output-dir")
     previous = json.loads(existing.read_text())
-    for section in ("dataset", "model"):
-        if previous.get(section) != run_config[section]:
-            changed = sorted(
-                key for key in set(previous.get(section, {})) | set(run_config[section])
-                if previous.get(section, {}).get(key) != run_config[section].get(key)
-            )
+    for section in ("dataset", "model", "transfer"):
+        before, now = previous.get(section) or {}, run_config.get(section) or {}
+        if before != now:
+            changed = sorted(key for key in set(before) | set(now)
+                             if before.get(key) != now.get(key))
             raise CheckpointError(
                 f"cannot --resume {output_dir}: its {section} settings differ ({changed}); "
                 "use the original settings or another --output-dir"
             )
 
 
-def _count(model) -> str:
-    return f"{sum(p.numel() for p in model.parameters()):,}"
-
-
-def _versions() -> dict:
+def versions() -> dict:
     import accelerate
     import torch
     import transformers

@@ -115,6 +115,13 @@ class SequentialRecommender(nn.Module):
         if config.is_generative:
             self.item_bias = nn.Parameter(torch.zeros(config.num_items + 1))
 
+    def catalog_parameter_names(self) -> list[str]:
+        """Parameters with one row per item of this catalog (an ID table, the generative
+        item bias): they do not transfer to another catalog."""
+        names = [f"item_encoder.{name}"
+                 for name in getattr(self.item_encoder, "catalog_parameters", ())]
+        return names + (["item_bias"] if self.config.is_generative else [])
+
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Contextual states [B, L, d] for left-padded item sequences [B, L]."""
         return self.backbone(self.item_encoder(input_ids), input_ids > 0)

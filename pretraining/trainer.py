@@ -94,8 +94,12 @@ class Trainer:
         collate_fn: Callable,
         protocol: EvaluationProtocol | None = None,
         accelerator: Accelerator | None = None,
+        save_model: Callable[[torch.nn.Module, dict, Path], None] | None = None,
     ) -> None:
+        """`save_model(model, state_dict, directory)` writes the best checkpoint (default:
+        `model.save_pretrained`); fine-tuning passes one that writes the adapter alone."""
         self.config = config
+        self.save_model = save_model or _save_pretrained
         self.protocol = protocol or EvaluationProtocol()
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator or build_accelerator(config)
@@ -226,7 +230,8 @@ class Trainer:
             state.best_metric, state.best_epoch, state.bad_epochs = score, state.epoch, 0
             full_state = acc.get_state_dict(self.model)  # collective under FSDP/DeepSpeed
             if acc.is_main_process:
-                acc.unwrap_model(self.model).save_pretrained(self.output_dir / BEST_DIR, full_state)
+                self.save_model(acc.unwrap_model(self.model), full_state,
+                                self.output_dir / BEST_DIR)
         else:
             state.bad_epochs += 1
         self._save_state()
@@ -280,6 +285,10 @@ class Trainer:
             f"resumed from {found}: epoch {self.state.epoch}, "
             f"batch {self.state.batches_in_epoch}, step {self.state.global_step}"
         )
+
+
+def _save_pretrained(model: torch.nn.Module, state_dict: dict, directory: Path) -> None:
+    model.save_pretrained(directory, state_dict)
 
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:

@@ -1,14 +1,14 @@
-"""Re-evaluate the best checkpoint of a run folder by full ranking.
+"""Re-evaluate the best checkpoint of a pretraining or fine-tuning run folder by full ranking.
 
     python scripts/evaluate.py --run runs/ml-100k-sasrec [--mask-history]
 """
 
+from downstream import evaluate_any_run
 from pretraining.cli import evaluate_parser, parse_args, run_main
-from pretraining.pipeline import evaluate_run
 
 
 def main(argv=None):
-    return evaluate_run(parse_args(evaluate_parser(__doc__), argv))
+    return evaluate_any_run(parse_args(evaluate_parser(__doc__), argv))
 
 
 if __name__ == "__main__":

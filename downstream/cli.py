@@ -1,0 +1,125 @@
+"""Flags of the fine-tuning scripts, shared with pretraining's vocabulary.
+
+Every script takes the pretraining run (`--pretrained`), the target `--dataset`, the
+training and evaluation-protocol flags of the pretraining scripts, and, for adapter
+methods, the placement flags (`--adapt`, `--layers`, `--tune`) plus one flag per setting
+of the method's config dataclass (`--reduction-factor`, `--rank`, ...), generated from its
+fields so the flags and the configs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapters import ADAPTERS
+from adapters.base import COMPONENTS, EXTRAS, AdapterConfig
+from adapters.placement import LAYER_SPEC_HELP
+from downstream.transfer import finetune
+from pretraining.cli import (
+    add_protocol_arguments,
+    add_training_arguments,
+    base_parser,
+    parse_args,
+)
+from pretraining.recommender import BACKBONES
+
+PLACEMENT = {field.name for field in dataclasses.fields(AdapterConfig)}
+
+
+def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Flags of a fine-tuning script for adapter `methods` (first = default); none: the
+    full fine-tuning script, with `--from-scratch` and `--zero-shot` baselines."""
+    parser = base_parser(description)
+    parser.add_argument("--pretrained", type=Path, required=True,
+                        help="run folder of a pretraining script (or its best_model/)")
+    parser.add_argument("--backbone", choices=sorted(BACKBONES),
+                        help="the backbone --pretrained must have (checked; default: any)")
+    add_training_arguments(parser)
+    add_protocol_arguments(parser)
+    encoder = parser.add_argument_group("item encoder of the target (content models)")
+    encoder.add_argument("--encoder", help="the pretrained encoder's folder, if it moved")
+    encoder.add_argument("--text-template", help="item text template for the target's fields")
+    encoder.add_argument("--image-store", type=Path, help="the target items' LMDB image store")
+    encoder.add_argument("--encoder-cache-dir", type=Path,
+                         help="where encoder outputs are cached (default: DATASET/cache)")
+    if not methods:
+        baseline = parser.add_mutually_exclusive_group()
+        baseline.add_argument("--from-scratch", action="store_true",
+                              help="same architecture, random weights, trained on the target")
+        baseline.add_argument("--zero-shot", action="store_true",
+                              help="evaluate on the target without training (content models)")
+        return parser
+    unknown = [m for m in methods if m not in ADAPTERS]
+    if unknown:
+        raise ValueError(f"unknown adapter method(s) {unknown}; registered: {sorted(ADAPTERS)}")
+    group = parser.add_argument_group("adapter")
+    if len(methods) > 1:
+        group.add_argument("--method", choices=list(methods), default=methods[0])
+    else:
+        parser.set_defaults(method=methods[0])
+    group.add_argument("--adapt", choices=COMPONENTS, default="backbone",
+                       help="which part receives adapters")
+    group.add_argument("--layers", default="all", help=LAYER_SPEC_HELP)
+    group.add_argument("--tune", default="", help=f"also train: comma-separated {list(EXTRAS)}")
+    _add_method_settings(group, methods)
+    return parser
+
+
+def adapter_config(args: argparse.Namespace) -> AdapterConfig:
+    """The method's config from the parsed flags (unset method flags keep its defaults)."""
+    config_class, _ = ADAPTERS[args.method]
+    settings = {name: getattr(args, name) for name in _method_fields(config_class)
+                if getattr(args, name, None) is not None}
+    extras = tuple(e.strip() for e in args.tune.split(",") if e.strip())
+    return config_class(adapt=args.adapt, layers=args.layers, extras=extras, **settings)
+
+
+def run_finetune(args: argparse.Namespace) -> dict:
+    """The fine-tuning job behind every downstream script."""
+    method = getattr(args, "method", None)
+    if method is not None:
+        return finetune(args, adapter_config(args), method)
+    baseline = "scratch" if args.from_scratch else "zero_shot" if args.zero_shot else "full"
+    return finetune(args, None, baseline)
+
+
+def main_for(description: str, methods: Sequence[str] = ()):
+    """A script's `main(argv)`: parse the flags of `methods` and fine-tune."""
+
+    def main(argv: Sequence[str] | None = None) -> dict:
+        return run_finetune(parse_args(finetune_parser(description, methods), argv))
+
+    return main
+
+
+def _method_fields(config_class: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_class) if f.name not in PLACEMENT]
+
+
+def _add_method_settings(group: argparse._ArgumentGroup, methods: Sequence[str]) -> None:
+    """One flag per method setting; a setting shared by several methods gets one flag."""
+    added: set[str] = set()
+    for method in methods:
+        config_class, _ = ADAPTERS[method]
+        defaults = config_class()
+        for name in _method_fields(config_class):
+            if name in added:
+                continue
+            added.add(name)
+            default = getattr(defaults, name)
+            flag = "--" + name.replace("_", "-")
+            help_text = f"{'/'.join(methods)} setting (default {default!r})"
+            if isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                   help=help_text)
+            elif isinstance(default, (int, float, str)):
+                group.add_argument(flag, type=type(default), default=None, help=help_text)
+            else:  # tuples of names (or None): comma-separated on the command line
+                group.add_argument(flag, type=_names, default=None, help=help_text)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())

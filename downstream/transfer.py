@@ -1,0 +1,299 @@
+"""Transfer a pretrained recommender to a target dataset.
+
+    base (a pretraining run) --rebuild the item side for the target--> target model
+        --inject adapters, freeze the rest--> fine-tune with the Trainer --> evaluate
+
+The item side is rebuilt for the target catalog: a content encoder (text, image) encodes
+the target's items with the pretrained encoder and projection; an ID model gets a fresh,
+trainable item table (and a generative backbone a fresh item bias), so only its backbone
+transfers. Methods:
+
+- an adapter method (`houlsby`, `lora`, `prefix`, ...): adapters injected by
+  `adapters.get_adapted_model`, everything else frozen except the named extras and the
+  fresh per-item parameters; the best checkpoint is the adapter alone
+  (`adapters.checkpoint`), tied to the base by its fingerprint;
+- `full`: every parameter trained (the upper reference); a complete checkpoint;
+- `scratch`: the same architecture, randomly initialised, trained on the target only;
+- `zero_shot`: the pretrained model evaluated on the target without training (content
+  encoders only: an ID model has never seen the target's items).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from accelerate import PartialState
+from safetensors.torch import load_file
+
+from adapters import get_adapted_model, parse_layers
+from adapters.base import AdapterConfig
+from adapters.checkpoint import (
+    ADAPTER_WEIGHTS_NAME,
+    is_adapter_checkpoint,
+    load_adapter_weights,
+    read_adapter_config,
+    save_adapter,
+)
+from dataset_tools import SequenceData
+from modality_encoders import build_item_content
+from modality_encoders.transformer import load_encoder_config, resolve_encoder_path
+from pretraining.cli import protocol_config, training_config
+from pretraining.data import item_frequencies
+from pretraining.pipeline import (
+    METRICS,
+    RUN_CONFIG,
+    dataset_section,
+    evaluate_model,
+    evaluate_run,
+    format_metrics_table,
+    load_checkpoint,
+    load_data,
+    train_run,
+    versions,
+)
+from pretraining.recommender import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    RecommenderConfig,
+    SequentialRecommender,
+    checkpoint_fingerprint,
+    load_recommender_config,
+)
+from pretraining.trainer import BEST_DIR, build_accelerator
+
+BASELINES = ("full", "scratch", "zero_shot")
+
+
+def resolve_base(pretrained: str | Path) -> Path:
+    """The checkpoint folder of `pretrained`: a run folder (its best_model/) or the
+    checkpoint folder itself."""
+    path = Path(pretrained)
+    if (path / BEST_DIR / WEIGHTS_NAME).is_file():
+        return path / BEST_DIR
+    if (path / WEIGHTS_NAME).is_file():
+        return path
+    raise CheckpointError(
+        f"--pretrained {path}: no pretrained checkpoint there (expected {BEST_DIR}/"
+        f"{WEIGHTS_NAME} of a run folder written by a pretraining script)"
+    )
+
+
+def target_config(
+    base: RecommenderConfig,
+    data: SequenceData,
+    adapter: AdapterConfig | None = None,
+    encoder_overrides: dict | None = None,
+) -> RecommenderConfig:
+    """The base's architecture for the target catalog.
+
+    Adapters in the item encoder need the encoder inside the step: it is switched from
+    frozen + cached outputs to partial caching, running only the layers from the lowest
+    adapted one up (the hidden states below are cached), with its own weights frozen.
+    """
+    encoder_config = {**base.item_encoder_config, **(encoder_overrides or {})}
+    if adapter is not None and adapter.adapt in ("item_encoder", "both"):
+        if base.item_encoder == "id":
+            raise ValueError(
+                f"--adapt {adapter.adapt}: the base model's items are IDs (an embedding table "
+                "has no layers to adapt); use --adapt backbone"
+            )
+        name = encoder_config["encoder"]
+        num_layers = load_encoder_config(resolve_encoder_path(name), name).num_hidden_layers
+        lowest = parse_layers(adapter.layers, num_layers)[0]
+        encoder_config.update(freeze=False,
+                              trainable_layers=-1 if lowest == 0 else num_layers - lowest)
+    return replace(base, num_items=data.num_items, dataset_fingerprint=data.fingerprint,
+                   item_encoder_config=encoder_config)
+
+
+def build_target_model(
+    config: RecommenderConfig,
+    base_dir: Path | None,
+    data: SequenceData,
+    encoder_cache_dir: Path | None = None,
+) -> SequentialRecommender:
+    """The target model with the base's weights (`base_dir`), or freshly initialised
+    (`base_dir` None, for training from scratch)."""
+    frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
+    content = build_item_content(data, config.item_encoder, config.item_encoder_config,
+                                 encoder_cache_dir)
+    model = SequentialRecommender(config, frequencies, content)
+    if base_dir is not None:
+        transfer_weights(model, base_dir)
+    return model
+
+
+def transfer_weights(model: SequentialRecommender, base_dir: Path) -> None:
+    """Copy every base tensor into `model`, except the per-item ones of the source catalog.
+
+    Every target tensor must come from the base, except the per-item ones (fresh) and the
+    weights of a content encoder that the base kept frozen outside the model (they come
+    from the encoder's own folder); anything else means another architecture.
+    """
+    base_state = load_file(str(base_dir / WEIGHTS_NAME))
+    per_item = set(model.catalog_parameter_names())
+    target_state = model.state_dict()
+    missing, unfitting = [], []
+    for name, tensor in target_state.items():
+        if name in per_item:
+            continue
+        if name not in base_state:
+            if not name.startswith("item_encoder.encoder."):
+                missing.append(name)
+            continue
+        if base_state[name].shape != tensor.shape:
+            unfitting.append(f"{name} {tuple(base_state[name].shape)} vs {tuple(tensor.shape)}")
+            continue
+        target_state[name] = base_state[name]
+    unexpected = sorted(set(base_state) - set(target_state) - per_item)
+    if missing or unfitting or unexpected:
+        raise CheckpointError(
+            f"--pretrained {base_dir} does not fit the target model (missing "
+            f"{missing[:3]}, other shapes {unfitting[:3]}, unexpected {unexpected[:3]}); "
+            "pass a checkpoint written by a peftrec pretraining script"
+        )
+    model.load_state_dict(target_state)
+
+
+def adapt(model: SequentialRecommender, adapter: AdapterConfig) -> SequentialRecommender:
+    """Inject `adapter` and freeze the rest, keeping the fresh per-item parameters trainable."""
+    get_adapted_model(model, adapter)
+    parameters = dict(model.named_parameters())
+    for name in model.catalog_parameter_names():
+        parameters[name].requires_grad_(True)
+    return model
+
+
+def load_adapted_model(
+    directory: Path,
+    data: SequenceData,
+    base_dir: Path | None = None,
+    encoder_cache_dir: Path | None = None,
+) -> SequentialRecommender:
+    """Rebuild a fine-tuned model from its adapter checkpoint and base checkpoint.
+
+    `base_dir` defaults to the base recorded in the adapter checkpoint; its fingerprint
+    must be the recorded one.
+    """
+    adapter, meta = read_adapter_config(directory)
+    base_dir = Path(base_dir or meta["pretrained"])
+    config = RecommenderConfig(**meta["model"])
+    if config.dataset_fingerprint != data.fingerprint:
+        raise CheckpointError(
+            f"{directory} was fine-tuned on another dataset (fingerprint "
+            f"{str(config.dataset_fingerprint)[:12]}) than {data.path} "
+            f"({data.fingerprint[:12]}); evaluate it on its own dataset"
+        )
+    fingerprint = checkpoint_fingerprint(base_dir)
+    model = build_target_model(config, base_dir, data, encoder_cache_dir)
+    if adapter is not None:
+        adapt(model, adapter)
+    load_adapter_weights(model, directory, fingerprint)
+    return model
+
+
+def load_any_checkpoint(
+    directory: Path, data: SequenceData, encoder_cache_dir: Path | None = None
+) -> SequentialRecommender:
+    """A full checkpoint or an adapter checkpoint (rebuilt on its recorded base)."""
+    if is_adapter_checkpoint(directory):
+        return load_adapted_model(directory, data, encoder_cache_dir=encoder_cache_dir)
+    return load_checkpoint(directory, data, encoder_cache_dir=encoder_cache_dir)
+
+
+def evaluate_any_run(args: argparse.Namespace) -> dict:
+    """`scripts/evaluate.py`: re-evaluate a pretraining or fine-tuning run folder."""
+    cache_dir = getattr(args, "encoder_cache_dir", None)
+    return evaluate_run(args, lambda directory, data: load_any_checkpoint(directory, data,
+                                                                          cache_dir))
+
+
+def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: str) -> dict:
+    """Fine-tune `--pretrained` on `--dataset` with `method` (an adapter method or one of
+    BASELINES); returns metrics.json's content."""
+    data = load_data(args.dataset, args.cache_dir)
+    base_dir = resolve_base(args.pretrained)
+    base = load_recommender_config(base_dir)
+    if args.backbone is not None and args.backbone != base.backbone:
+        raise CheckpointError(f"--backbone {args.backbone}: --pretrained {base_dir} is a "
+                              f"{base.backbone} model; drop --backbone or pass a {args.backbone} "
+                              "checkpoint")
+    if method == "zero_shot" and base.item_encoder == "id":
+        raise ValueError("zero-shot transfer needs a content item encoder (text or image): an "
+                         "ID model has never seen the target's items; fine-tune it instead")
+    config = target_config(base, data, adapter, encoder_overrides(args))
+    output_dir = args.output_dir or Path("runs") / f"{data.name}-{method}"
+    fingerprint = checkpoint_fingerprint(base_dir)
+    encoder_cache_dir = getattr(args, "encoder_cache_dir", None)
+    run_config = {
+        "dataset": dataset_section(data, args),
+        "model": asdict(config),
+        "transfer": {"pretrained": str(base_dir.absolute()), "base_fingerprint": fingerprint,
+                     "method": method, "adapter": adapter and adapter.to_dict()},
+        "training": asdict(training_config(args, output_dir)),
+        "protocol": asdict(protocol_config(args)),
+        "command": sys.argv,
+        "versions": versions(),
+    }
+    label = f"{data.name} {method}"
+    if method == "zero_shot":
+        return _zero_shot(args, data, config, base_dir, output_dir, run_config, label)
+
+    def build_model() -> SequentialRecommender:
+        model = build_target_model(config, None if method == "scratch" else base_dir, data,
+                                   encoder_cache_dir)
+        return model if adapter is None else adapt(model, adapter)
+
+    def save_model(model, state_dict: dict, directory: Path) -> None:
+        if adapter is None:
+            model.save_pretrained(directory, state_dict)
+        else:
+            save_adapter(model, directory, adapter, fingerprint, state_dict=state_dict,
+                         metadata={"pretrained": str(base_dir.absolute()),
+                                   "model": asdict(config)})
+
+    def load_best(directory: Path) -> SequentialRecommender:
+        if adapter is None:
+            return load_checkpoint(directory, data, encoder_cache_dir=encoder_cache_dir)
+        return load_adapted_model(directory, data, base_dir, encoder_cache_dir)
+
+    metrics = train_run(args, data, output_dir, run_config, build_model, load_best, label,
+                        save_model)
+    weights = output_dir / BEST_DIR / (WEIGHTS_NAME if adapter is None else ADAPTER_WEIGHTS_NAME)
+    metrics["checkpoint_mb"] = weights.stat().st_size / 2**20
+    _write_metrics(output_dir, metrics)
+    return metrics
+
+
+def encoder_overrides(args: argparse.Namespace) -> dict:
+    """Item-encoder settings replaced for the target (its image store, a moved encoder)."""
+    overrides = {}
+    if getattr(args, "encoder", None):
+        overrides["encoder"] = args.encoder
+    if getattr(args, "text_template", None):
+        overrides["template"] = args.text_template
+    if getattr(args, "image_store", None):
+        overrides["image_store"] = str(Path(args.image_store).absolute())
+    return overrides
+
+
+def _zero_shot(args, data, config, base_dir, output_dir, run_config, label) -> dict:
+    accelerator = build_accelerator(training_config(args, output_dir))
+    model = build_target_model(config, base_dir, data, getattr(args, "encoder_cache_dir", None))
+    metrics = evaluate_model(model, data, protocol_config(args), args.eval_batch_size,
+                             accelerator)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+        _write_metrics(output_dir, metrics)
+        print(format_metrics_table({label: metrics}))
+    return metrics
+
+
+def _write_metrics(output_dir: Path, metrics: dict) -> None:
+    if PartialState().is_main_process:
+        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))

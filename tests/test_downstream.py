@@ -1,0 +1,185 @@
+"""Transfer to a target dataset: rebuilt item side, adapters, adapter-only checkpoints,
+full fine-tuning, from scratch, zero-shot, and bad input before any training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.checkpoint import AdapterCheckpointError
+from dataset_tools import PrepareConfig, load_dataset_folder, prepare_dataset
+from downstream import evaluate_any_run, load_adapted_model
+from downstream.cli import finetune_parser, run_finetune
+from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
+from pretraining.data import LeaveOneOutDataset, collate_left_padded
+from pretraining.pipeline import pretrain
+from pretraining.recommender import CheckpointError
+from tests.conftest import write_synthetic_interactions, write_synthetic_items
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20"]
+TRAIN = ["--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
+HOULSBY = ("houlsby", "pfeiffer")
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    """A target domain with another catalog (30 items, other users) than the source."""
+    raw = tmp_path_factory.mktemp("target_raw")
+    inter = write_synthetic_interactions(raw / "inter.csv", num_users=40, num_items=30, seed=7)
+    items = write_synthetic_items(raw / "items.csv", num_items=30)
+    return prepare_dataset(
+        inter, "csv", tmp_path_factory.mktemp("target") / "target", PrepareConfig(k_core=2),
+        items_path=items, user_col="user_id", item_col="item_id", time_col="timestamp",
+    )
+
+
+@pytest.fixture(scope="module")
+def id_base(tiny_dataset_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("bases") / "id"
+    pretrain(parse_args(pretrain_parser("t"), ["--dataset", str(tiny_dataset_dir),
+                                               "--output-dir", str(run), "--epochs", "2",
+                                               *MODEL, *TRAIN]))
+    return run
+
+
+def finetune(methods, *argv: str) -> dict:
+    return run_finetune(parse_args(finetune_parser("t", methods), [*TRAIN, *argv]))
+
+
+def scores_on(model, data) -> torch.Tensor:
+    batch = collate_left_padded([LeaveOneOutDataset(data, "test", 20)[i] for i in range(8)])
+    with torch.no_grad():
+        return model.eval().scores(batch)
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+            for name, t in tensors.items()}
+
+
+def test_houlsby_transfer_saves_the_adapter_alone_and_reloads_it_exactly(
+        id_base, target_dir, tmp_path):
+    run = tmp_path / "houlsby"
+    metrics = finetune(HOULSBY, "--pretrained", str(id_base), "--dataset", str(target_dir),
+                       "--output-dir", str(run), "--epochs", "2", "--layers", "top:1",
+                       "--sites", "ffn", "--reduction-factor", "4")
+    best = run / "best_model"
+    assert sorted(p.name for p in best.iterdir()) == ["adapter_config.json",
+                                                      "adapter_model.safetensors"]
+    saved = load_file(best / "adapter_model.safetensors")
+    target = load_dataset_folder(target_dir)
+    # The bottleneck of layer 1's feed-forward and the target's fresh item table, nothing else.
+    assert set(saved) == {
+        "item_encoder.embedding.weight",
+        *(f"backbone.layers.1.feed_forward.adapter.{p}.{w}"
+          for p in ("down", "up") for w in ("weight", "bias")),
+    }
+    assert saved["item_encoder.embedding.weight"].shape == (target.num_items + 1, 16)
+    bottleneck = (16 * 4 + 4) + (4 * 16 + 16)
+    table = (target.num_items + 1) * 16
+    assert metrics["parameters"]["trainable"] == bottleneck + table
+    assert metrics["checkpoint_mb"] > 0
+
+    # The frozen base weights are exactly the pretrained ones, and reloading the adapter
+    # onto the base reproduces the run's scores and metrics.
+    model = load_adapted_model(best, target)
+    base = load_file(id_base / "best_model" / "model.safetensors")
+    reloaded = {name.replace(".base.", "."): t for name, t in model.state_dict().items()
+                if name.startswith("backbone.") and ".adapter." not in name}
+    assert digest(reloaded) == digest({n: t for n, t in base.items() if n.startswith("backbone.")})
+    assert torch.equal(scores_on(model, target), scores_on(load_adapted_model(best, target),
+                                                           target))
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
+
+    # Loading onto another base is refused.
+    other = tmp_path / "other_base"
+    shutil.copytree(id_base / "best_model", other)
+    weights = load_file(other / "model.safetensors")
+    weights["backbone.final_norm.bias"] += 1.0
+    from safetensors.torch import save_file
+    save_file(weights, str(other / "model.safetensors"))
+    with pytest.raises(AdapterCheckpointError, match="another base model"):
+        load_adapted_model(best, target, base_dir=other)
+
+
+def test_lora_transfer_round_trips_and_trains_only_lora_and_the_table(id_base, target_dir,
+                                                                       tmp_path):
+    run = tmp_path / "lora"
+    metrics = finetune(("lora",), "--pretrained", str(id_base / "best_model"), "--dataset",
+                       str(target_dir), "--output-dir", str(run), "--epochs", "1",
+                       "--rank", "2", "--target-modules", "q_proj,v_proj")
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    lora = {n for n in saved if "lora_" in n}
+    assert len(lora) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert set(saved) - lora == {"item_encoder.embedding.weight"}
+    model = load_adapted_model(run / "best_model", load_dataset_folder(target_dir))
+    assert metrics["parameters"]["trainable"] == sum(
+        p.numel() for n, p in model.named_parameters() if n in saved)
+
+
+def test_full_finetuning_and_from_scratch_write_complete_checkpoints(id_base, target_dir,
+                                                                     tmp_path):
+    base = load_file(id_base / "best_model" / "model.safetensors")
+    for flag, name in ((), "full"), (("--from-scratch",), "scratch"):
+        run = tmp_path / name
+        metrics = finetune((), "--pretrained", str(id_base), "--dataset", str(target_dir),
+                           "--output-dir", str(run), "--epochs", "1", "--max-steps", "0", *flag)
+        assert metrics["parameters"]["trainable_percent"] == 100.0
+        config = json.loads((run / "config.json").read_text())
+        assert config["transfer"]["method"] == name
+        assert (run / "best_model" / "model.safetensors").is_file()
+    # Everything moved in full fine-tuning; the scratch model never saw the base weights.
+    full = load_file(tmp_path / "full" / "best_model" / "model.safetensors")
+    scratch = load_file(tmp_path / "scratch" / "best_model" / "model.safetensors")
+    name = "backbone.layers.0.attention.q_proj.weight"
+    assert not torch.equal(full[name], base[name])
+    assert (full[name] - base[name]).abs().max() < (scratch[name] - base[name]).abs().max()
+
+
+def test_zero_shot_needs_a_content_model(id_base, target_dir, tmp_path):
+    with pytest.raises(ValueError, match="zero-shot transfer needs a content item encoder"):
+        finetune((), "--pretrained", str(id_base), "--dataset", str(target_dir),
+                 "--output-dir", str(tmp_path / "z"), "--zero-shot")
+
+
+@pytest.mark.parametrize("methods, extra, message", [
+    (HOULSBY, ["--layers", "7"], "layer 7 is out of range: the model has 2 layers"),
+    (HOULSBY, ["--sites", "attn,mlp"], "unknown adapter site(s) 'mlp'"),
+    (HOULSBY, ["--adapt", "item_encoder"], "the base model's items are IDs"),
+    (HOULSBY, ["--backbone", "diffrec"], "is a sasrec model"),
+    (HOULSBY, ["--tune", "everything"], "unknown trainable extra(s) 'everything'"),
+    (("lora",), ["--target-modules", "nope"], "nope"),
+])
+def test_bad_placement_fails_before_training(id_base, target_dir, tmp_path, methods, extra,
+                                             message):
+    run = tmp_path / "bad"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        finetune(methods, "--pretrained", str(id_base), "--dataset", str(target_dir),
+                 "--output-dir", str(run), *extra)
+    assert not (run / "config.json").exists()  # nothing written: a rerun is not blocked
+
+
+def test_pretrained_that_is_not_a_checkpoint_is_refused(target_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no pretrained checkpoint there"):
+        finetune(HOULSBY, "--pretrained", str(tmp_path), "--dataset", str(target_dir))
+
+
+def test_adapter_script_reports_an_unknown_method_in_one_line(id_base, target_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "adapter_houlsby.py"), "--pretrained",
+         str(id_base), "--dataset", str(target_dir), "--method", "lora", *TRAIN],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'lora'" in result.stderr and "Traceback" not in result.stderr
