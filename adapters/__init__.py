@@ -5,7 +5,9 @@
 
 Backbones declare where adapters may attach (`adapter_sites`, e.g.
 `pretraining.sasrec.SASRec.adapter_sites`) and which Linear layers LoRA targets
-(`lora_targets`). Implemented: `houlsby`, `pfeiffer`, `lora`.
+(`lora_targets`), and where their self-attention modules are (`attention_modules`, for
+`prefix` and `prompt`). Implemented: `houlsby`, `pfeiffer`, `lora`, `diffusion_step`,
+`prefix`, `prompt`.
 """
 
 from adapters.base import (
@@ -18,9 +20,12 @@ from adapters.base import (
     register_adapter,
     trainable_share,
 )
+from adapters.diffusion_step import DiffusionStepConfig, StepModulatedBottleneck
 from adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig, PfeifferConfig
 from adapters.lora import LoRAConfig, LoRALinear
 from adapters.placement import parse_layers, parse_sites
+from adapters.prefix import GatedPrefixAttention, PrefixAttention, PrefixConfig, fold_prefixes
+from adapters.prompt import PromptAttention, PromptConfig
 
 __all__ = [
     "ADAPTERS",
@@ -28,10 +33,18 @@ __all__ = [
     "AdapterLayer",
     "Bottleneck",
     "BottleneckSite",
+    "DiffusionStepConfig",
+    "GatedPrefixAttention",
     "HoulsbyConfig",
     "LoRAConfig",
     "LoRALinear",
     "PfeifferConfig",
+    "PrefixAttention",
+    "PrefixConfig",
+    "PromptAttention",
+    "PromptConfig",
+    "StepModulatedBottleneck",
+    "fold_prefixes",
     "format_trainable_share",
     "freeze_except_adapters",
     "get_adapted_model",

@@ -21,18 +21,21 @@ _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 POOLINGS = ("cls", "mean")
 
 # Where adapters attach in each encoder family (module paths under `TransformerStages`,
-# `{i}` = layer index) and which Linear layers LoRA targets, by `model_type`.
+# `{i}` = layer index), which Linear layers LoRA targets, and where the self-attention
+# modules are (prefix, prompt), by `model_type`.
 # transformers 5 renamed ViT's modules; BERT-style models kept theirs.
 _BERT_LAYOUT = (
     {"attn": "model.encoder.layer.{i}.attention.output.dense",
      "ffn": "model.encoder.layer.{i}.output.dense"},
     ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    "model.encoder.layer.{i}.attention.self",
 )
 _VIT_LAYOUT = (
     {"attn": "model.layers.{i}.attention.o_proj", "ffn": "model.layers.{i}.mlp.fc2"},
     ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+    "model.layers.{i}.attention",
 )
-ADAPTER_LAYOUTS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+ADAPTER_LAYOUTS: dict[str, tuple[dict[str, str], tuple[str, ...], str]] = {
     "bert": _BERT_LAYOUT, "roberta": _BERT_LAYOUT, "xlm-roberta": _BERT_LAYOUT,
     "camembert": _BERT_LAYOUT, "electra": _BERT_LAYOUT,
     "vit": _VIT_LAYOUT, "vit_mae": _VIT_LAYOUT,
@@ -116,8 +119,8 @@ def load_encoder_config(path: Path, name: str):
 class TransformerStages(nn.Module):
     """Wraps an AutoModel encoder; `forward(inputs, start)` runs layers `start..L-1`.
 
-    Declares `adapter_sites` and `lora_targets` (from `ADAPTER_LAYOUTS`) for the adapter
-    methods; None for a model type without a known layout.
+    Declares `adapter_sites`, `lora_targets` and `attention_modules` (from
+    `ADAPTER_LAYOUTS`) for the adapter methods; None for a model type without a known layout.
     """
 
     def __init__(self, path: Path, name: str, modality: str) -> None:
@@ -142,8 +145,8 @@ class TransformerStages(nn.Module):
         self.modality = modality
         self.model_type = config.model_type
         self.is_mae = config.model_type == "vit_mae"
-        self.adapter_sites, self.lora_targets = ADAPTER_LAYOUTS.get(config.model_type,
-                                                                    (None, None))
+        self.adapter_sites, self.lora_targets, self.attention_modules = ADAPTER_LAYOUTS.get(
+            config.model_type, (None, None, None))
         if getattr(model, "pooler", None) is not None:
             model.pooler.requires_grad_(False)  # never used: pooling is ours
 

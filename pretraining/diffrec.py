@@ -25,18 +25,23 @@ With `causal_denoiser` every position attends only to itself and earlier ones,
 so the history (everything before the noised positions) never sees the noised
 target: its keys and values are computed once per user and reused for every
 seed and every reverse step.
+
+While the denoiser's layers run, `step_context` holds the step embedding of the rows
+being denoised, so that layers conditioned on the step (`diffusion_step` adapters) can
+read it without a change to the blocks' call signature.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pretraining.sasrec import SASRecBlock, SASRecConfig, _init_weights
+from pretraining.sasrec import CausalSelfAttention, SASRecBlock, SASRecConfig, _init_weights
 from pretraining.schedules import SCHEDULES, build_schedule
 
 INFERENCE_MODES = ("one_step", "reverse", "strided")
@@ -148,6 +153,27 @@ class DiffusionQuery:
         return self.predicted.device
 
 
+@dataclass
+class StepContext:
+    """The step embedding [B, d] (`step_mlp` output) of the rows the layers are denoising.
+
+    Set only while the denoiser runs on noised positions, which are the last `noised`
+    positions of the layers' input; the history cache (`_encode_history`), whose
+    positions carry no step, runs with it empty.
+    """
+
+    embedding: torch.Tensor | None = None
+    noised: int = 0
+
+    @contextmanager
+    def use(self, embedding: torch.Tensor, noised: int) -> Iterator[None]:
+        self.embedding, self.noised = embedding, noised
+        try:
+            yield
+        finally:  # do not keep the tensor (and its graph) alive past the forward pass
+            self.embedding, self.noised = None, 0
+
+
 def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
     """z_n (Eq. 15): z(2j) = sin(n / 10000^(2j/d)), z(2j+1) = cos(...); [B] -> [B, d]."""
     half = (dim + 1) // 2
@@ -163,6 +189,7 @@ class DiffRec(nn.Module):
 
     adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+    attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
 
     def __init__(self, config: DiffRecConfig) -> None:
         super().__init__()
@@ -175,6 +202,7 @@ class DiffRec(nn.Module):
         self.layers = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(d)
         self.step_sampler = ImportanceStepSampler(config.num_steps, config.history_size)
+        self.step_context = StepContext()
         self.apply(_init_weights)
 
     # -- building blocks ------------------------------------------------------------------
@@ -227,12 +255,13 @@ class DiffRec(nn.Module):
     def forward(self, sequence, padding_mask, steps) -> torch.Tensor:
         """f(h^n, n): the predicted h^0 [B, d] at the last position of a noised sequence."""
         length = sequence.shape[1]
-        x = self.embed(sequence, padding_mask, steps, self.config.max_len - length,
-                       self.noised_count(length))
+        noised = self.noised_count(length)
+        x = self.embed(sequence, padding_mask, steps, self.config.max_len - length, noised)
         keep = padding_mask.unsqueeze(-1).to(x.dtype)
         attn_mask = self._mask(length, padding_mask)
-        for layer in self.layers:
-            x = layer(x, attn_mask) * keep
+        with self.step_context.use(self.step_embedding(steps), noised):
+            for layer in self.layers:
+                x = layer(x, attn_mask) * keep
         return self.final_norm(x[:, -1])
 
     # -- training -------------------------------------------------------------------------
@@ -316,19 +345,16 @@ class DiffRec(nn.Module):
                 x_last = self.schedule.step(predicted, n, x_last, noise=step_noise)
         return predicted.view(batch, seeds, d)
 
-    def _encode_history(self, history, history_mask, start: int) -> list[tuple]:
+    def _encode_history(self, history, history_mask, start: int) -> list[tuple | None]:
         """Per layer, the keys and values [B, heads, P, d / heads] of the history positions."""
         if not history.shape[1]:
-            return [(None, None) for _ in self.layers]
+            return [None for _ in self.layers]
         x = self.embed(history, history_mask, None, start, 0)
         cache = []
         keep = history_mask.unsqueeze(-1).to(x.dtype)
         attn_mask = self._mask(history.shape[1], history_mask)
         for layer in self.layers:
-            normed = layer.attn_norm(x)
-            attention = layer.attention
-            cache.append((attention._split_heads(attention.k_proj(normed)),
-                          attention._split_heads(attention.v_proj(normed))))
+            cache.append(_self_attention(layer).key_values(layer.attn_norm(x)))
             x = layer(x, attn_mask) * keep
         return cache
 
@@ -340,17 +366,15 @@ class DiffRec(nn.Module):
         keep = tail_mask.unsqueeze(-1).to(x.dtype)
         attn_mask = self._mask(k, torch.cat([history_mask.repeat_interleave(seeds, 0),
                                              tail_mask], dim=1))
-        for layer, (keys, values) in zip(self.layers, cache, strict=True):
-            attention = layer.attention
-            normed = layer.attn_norm(x)
-            q = attention._split_heads(attention.q_proj(normed))
-            k_tail = attention._split_heads(attention.k_proj(normed))
-            v_tail = attention._split_heads(attention.v_proj(normed))
-            if keys is not None:
-                k_tail = torch.cat([keys.repeat_interleave(seeds, 0), k_tail], dim=2)
-                v_tail = torch.cat([values.repeat_interleave(seeds, 0), v_tail], dim=2)
-            out = F.scaled_dot_product_attention(q, k_tail, v_tail, attn_mask=attn_mask)
-            out = attention.o_proj(out.transpose(1, 2).reshape(len(x), k, -1))
-            x = x + layer.dropout(out)
-            x = (x + layer.dropout(layer.feed_forward(layer.ffn_norm(x)))) * keep
+        with self.step_context.use(self.step_embedding(steps), k):
+            for layer, past in zip(self.layers, cache, strict=True):
+                if past is not None:
+                    past = tuple(t.repeat_interleave(seeds, 0) for t in past)
+                # Through the block itself, so adapters wrapping its modules apply here too.
+                x = layer(x, attn_mask, past) * keep
         return self.final_norm(x[:, -1])
+
+
+def _self_attention(layer: SASRecBlock) -> CausalSelfAttention:
+    """The block's attention module, also when an adapter wraps it (keeping it as `.base`)."""
+    return next(m for m in layer.attention.modules() if isinstance(m, CausalSelfAttention))

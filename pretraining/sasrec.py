@@ -49,8 +49,17 @@ class CausalSelfAttention(nn.Module):
         batch, length, width = x.shape
         return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    def key_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, heads, L, d / heads] of positions `x` (what DiffRec caches)."""
+        return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`past`: keys and values of earlier positions (`key_values`), attended before x's."""
+        q = self._split_heads(self.q_proj(x))
+        k, v = self.key_values(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         # Attention dropout would force SDPA's slow path on CPU; dropout is applied
         # on the residual branches instead.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -77,8 +86,10 @@ class SASRecBlock(nn.Module):
         self.feed_forward = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attn_norm(x), attn_mask))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`past`: cached keys and values of earlier positions (see `CausalSelfAttention`)."""
+        x = x + self.dropout(self.attention(self.attn_norm(x), attn_mask, past))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -92,6 +103,7 @@ class SASRec(nn.Module):
     # `attn` after the attention output projection, `ffn` after the feed-forward.
     adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+    attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
 
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()

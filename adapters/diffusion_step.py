@@ -1,0 +1,126 @@
+"""Diffusion-step adapters: bottlenecks in the denoiser modulated by the diffusion step.
+
+A diffusion backbone (DiffRec) denoises every noise level n with one network, told the
+level only through the step embedding z_n added to its input. This adapter lets each
+level be adapted differently: a bottleneck at each chosen site whose hidden activations
+are scaled and shifted by a linear map of z_n (as in FiLM / adaLN): for the site's
+output y,
+
+    h = act(down(y));  h = h * (1 + scale(z_n)) + shift(z_n);  out = y + up(h)
+
+on the positions that carry the step (the noised ones); the others (the history) get
+the plain bottleneck, as they get no step embedding in the backbone either. `up` and the
+scale / shift map start at zero, so a freshly injected adapter is the identity.
+
+The bottleneck wraps each site's output projection (its last nn.Linear, whose output is
+the site's output) rather than the site: DiffRec's history-caching inference calls the
+attention's projections directly, and so runs through the adapter too. The layers read
+z_n from the backbone's `step_context` (see `pretraining.diffrec.StepContext`).
+
+`step_mlp_only` instead tunes the backbone's step-embedding MLP (`step_mlp`) alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from adapters.base import (
+    AdapterConfig,
+    AdapterLayer,
+    register_adapter,
+    replace_submodule,
+    select_sites,
+)
+from adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig
+from adapters.placement import parse_sites
+
+if TYPE_CHECKING:  # the type only: pretraining.pipeline imports adapters
+    from pretraining.diffrec import StepContext
+
+
+@dataclass(frozen=True)
+class DiffusionStepConfig(AdapterConfig):
+    method: str = "diffusion_step"
+    sites: tuple[str, ...] = ("attn", "ffn")  # names in the model's `adapter_sites`
+    reduction_factor: int = 16  # bottleneck width = d // reduction_factor (at least 1)
+    non_linearity: str = "swish"  # one of adapters.houlsby.NON_LINEARITIES
+    step_mlp_only: bool = False  # tune only `step_mlp`; no bottlenecks (sites unused)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapt != "backbone":
+            raise ValueError(f"diffusion_step adapters go in the denoiser, not the "
+                             f"{self.adapt}; use --adapt backbone")
+        object.__setattr__(self, "sites", parse_sites(self.sites))
+        # The bottleneck's settings are Houlsby's: its config checks them.
+        HoulsbyConfig(reduction_factor=self.reduction_factor, non_linearity=self.non_linearity)
+
+
+class StepModulatedBottleneck(Bottleneck):
+    """A bottleneck whose hidden activations are scaled and shifted by the step embedding.
+
+    `context` is the backbone's `StepContext` (shared, not owned): while the denoiser runs,
+    its `embedding` [B, d] belongs to the rows of the input and its last `noised` positions
+    carry the step.
+    """
+
+    def __init__(self, context: StepContext, features: int, bottleneck_size: int, step_dim: int,
+                 non_linearity: str = "swish") -> None:
+        super().__init__(features, features, bottleneck_size, non_linearity)
+        self.context = context
+        self.modulation = nn.Linear(step_dim, 2 * bottleneck_size)  # -> (scale, shift)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.activation(self.down(x))
+        noised = self.context.noised
+        if noised:
+            step = self.context.embedding.to(h.dtype)
+            scale, shift = self.modulation(step)[:, None].chunk(2, dim=-1)
+            h = torch.cat([h[:, :-noised], h[:, -noised:] * (1 + scale) + shift], dim=1)
+        return self.up(h)
+
+
+class TrainableStepMLP(AdapterLayer):
+    """The backbone's step-embedding MLP, unchanged; wrapping it in an `AdapterLayer` makes
+    its parameters adapter parameters, so freezing leaves them trainable."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(z)
+
+
+@register_adapter("diffusion_step", DiffusionStepConfig)
+class DiffusionStepInjector:
+    def inject(self, host: nn.Module, config: DiffusionStepConfig) -> None:
+        context = getattr(host, "step_context", None)
+        if context is None:
+            raise ValueError(f"diffusion_step adapters need a diffusion backbone (--backbone "
+                             f"diffrec); {type(host).__name__} has no diffusion step")
+        if config.step_mlp_only:
+            host.step_mlp = TrainableStepMLP(host.step_mlp)
+            return
+        for _, path in select_sites(host, config.layers, config.sites):
+            name, projection = _output_projection(host.get_submodule(path), path)
+            size = max(1, projection.out_features // config.reduction_factor)
+            adapter = StepModulatedBottleneck(context, projection.out_features, size,
+                                              host.config.hidden_size, config.non_linearity)
+            adapter.to(device=projection.weight.device, dtype=projection.weight.dtype)
+            replace_submodule(host, name, BottleneckSite(projection, adapter, parallel=False))
+
+
+def _output_projection(site: nn.Module, path: str) -> tuple[str, nn.Linear]:
+    """The module path and module of the site's last nn.Linear."""
+    linears = [(name, m) for name, m in site.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"site {path!r} holds no nn.Linear to attach to")
+    name, projection = linears[-1]
+    return f"{path}.{name}" if name else path, projection

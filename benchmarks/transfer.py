@@ -1,0 +1,159 @@
+"""Transfer ML-1M -> ML-100k: adapters against full fine-tuning, from scratch and zero-shot.
+
+For each pretrained source (an ID SASRec and a text SASRec with the shipped MiniLM,
+both pretraining run folders on ML-1M), every row of the grid is fine-tuned on the target
+with each seed, each run in its own process (so peak memory is the run's own), by the
+repository's scripts. The table reports the mean and spread (sample standard deviation)
+over seeds of test NDCG@10 and HR@10 (full ranking, no history mask), the trainable
+parameters, the size of the saved checkpoint (adapter-only for adapters), the
+fine-tuning time and the peak memory, then checks the targets:
+- the best adapter reaches >= 95% of full fine-tuning's NDCG@10 with <= 10% of parameters,
+- pretraining + adapters beats training from scratch on the target.
+Finished runs are summarised without training again; interrupted ones resume.
+
+    python benchmarks/transfer.py --source id=runs/bench-sasrec/ml-1m \\
+        --source text=runs/bench-text/ml-1m --output-dir runs/bench-transfer -- --lr 2e-3
+
+Extra flags after `--` go to every fine-tuning run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# (name, script, flags, which sources it applies to)
+GRID = [
+    ("scratch", "finetune_full", ["--from-scratch"], ("id", "text")),
+    ("zero-shot", "finetune_full", ["--zero-shot"], ("text",)),
+    ("full fine-tuning", "finetune_full", [], ("id", "text")),
+    ("houlsby backbone all", "adapter_houlsby", ["--adapt", "backbone", "--layers", "all"],
+     ("id", "text")),
+    ("houlsby backbone top:1", "adapter_houlsby", ["--adapt", "backbone", "--layers", "top:1"],
+     ("id", "text")),
+    ("houlsby item_encoder top:1", "adapter_houlsby",
+     ["--adapt", "item_encoder", "--layers", "top:1"], ("text",)),
+    ("houlsby both top:1", "adapter_houlsby", ["--adapt", "both", "--layers", "top:1"],
+     ("text",)),
+    ("lora backbone all", "adapter_lora", ["--adapt", "backbone", "--layers", "all"],
+     ("id", "text")),
+    ("lora item_encoder top:1", "adapter_lora",
+     ["--adapt", "item_encoder", "--layers", "top:1"], ("text",)),
+    ("prefix backbone all", "adapter_prefix",
+     ["--method", "prefix", "--adapt", "backbone", "--layers", "all"], ("id", "text")),
+]
+COLUMNS = ("source", "method", "seeds", "test ndcg@10", "test hr@10", "trainable",
+           "trainable %", "checkpoint MB", "fine-tune s", "peak MB")
+
+
+def run_one(script: str, flags: list[str], source: Path, run_dir: Path, seed: int,
+            target: str, extra: list[str]) -> dict:
+    if not (run_dir / "metrics.json").is_file():
+        resume = ["--resume"] if (run_dir / "config.json").is_file() else []
+        command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--pretrained",
+                   str(source), "--dataset", target, "--output-dir", str(run_dir), "--seed",
+                   str(seed), "--report-to", "none", *flags, *extra, *resume]
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def summarize(source: str, name: str, runs: list[dict], run_dirs: list[Path]) -> dict:
+    def spread(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+    seconds = []
+    for run_dir in run_dirs:
+        log = run_dir / "log.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        seconds.append(sum(row["seconds"] for row in rows))
+    parameters = runs[0].get("parameters")
+    training = [run.get("training") or {} for run in runs]
+    return {
+        "source": source,
+        "method": name,
+        "seeds": len(runs),
+        "ndcg": [run["test"]["ndcg@10"] for run in runs],
+        "test ndcg@10": spread([run["test"]["ndcg@10"] for run in runs]),
+        "test hr@10": spread([run["test"]["hr@10"] for run in runs]),
+        "trainable": f"{parameters['trainable']:,}" if parameters else "0",
+        "trainable %": f"{parameters['trainable_percent']:.2f}" if parameters else "0.00",
+        "percent": parameters["trainable_percent"] if parameters else 0.0,
+        "checkpoint MB": f"{statistics.mean(r.get('checkpoint_mb', 0.0) for r in runs):.3f}",
+        "fine-tune s": f"{statistics.mean(seconds):.0f}",
+        "peak MB": f"{max(t.get('peak_memory_mb', 0.0) for t in training):,.0f}",
+    }
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, per source, as lines of text."""
+    lines = []
+    for source in dict.fromkeys(row["source"] for row in rows):
+        by_name = {row["method"]: row for row in rows if row["source"] == source}
+        adapters = [row for name, row in by_name.items()
+                    if name not in ("scratch", "zero-shot", "full fine-tuning")]
+        if not adapters or "full fine-tuning" not in by_name:
+            continue
+        full = statistics.mean(by_name["full fine-tuning"]["ndcg"])
+        small = [row for row in adapters if row["percent"] <= 10.0] or adapters
+        best = max(small, key=lambda row: statistics.mean(row["ndcg"]))
+        ratio = statistics.mean(best["ndcg"]) / full if full else float("nan")
+        lines.append(f"{source}: best adapter with <= 10% trainable: {best['method']} "
+                     f"({best['trainable %']}%), NDCG@10 = {ratio:.1%} of full fine-tuning "
+                     f"-> {'met' if ratio >= 0.95 else 'NOT met'} (target >= 95%)")
+        if "scratch" in by_name:
+            scratch = statistics.mean(by_name["scratch"]["ndcg"])
+            top = max(statistics.mean(row["ndcg"]) for row in adapters)
+            lines.append(f"{source}: best adapter {top:.4f} vs from scratch {scratch:.4f} -> "
+                         f"{'met' if top > scratch else 'NOT met'} (pretraining + adapters wins)")
+    return lines
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", action="append", required=True,
+                        help="KIND=RUN_DIR, KIND 'id' or 'text' (repeatable)")
+    parser.add_argument("--target", default="ml-100k")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only the grid rows with these names")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-transfer"))
+    parser.add_argument("extra", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    extra = [a for a in args.extra if a != "--"]
+    sources = dict(item.split("=", 1) for item in args.source)
+    rows = []
+    for kind, source in sources.items():
+        for name, script, flags, kinds in GRID:
+            if kind not in kinds or (args.only is not None and name not in args.only):
+                continue
+            seeds = args.seeds[:1] if name == "zero-shot" else args.seeds  # deterministic
+            run_dirs = [args.output_dir / kind / name.replace(" ", "-").replace(":", "")
+                        / f"seed{seed}" for seed in seeds]
+            runs = [run_one(script, flags, Path(source), run_dir, seed, args.target, extra)
+                    for seed, run_dir in zip(seeds, run_dirs, strict=True)]
+            rows.append(summarize(kind, name, runs, run_dirs))
+    table = markdown(rows)
+    targets = check_targets(rows)
+    print(table, *targets, sep="\n")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    (args.output_dir / "results.md").write_text(table + "\n\n" + "\n".join(targets) + "\n")
+
+
+if __name__ == "__main__":
+    main()
