@@ -16,7 +16,6 @@ from downstream.transfer import (
     finetune,
     load_adapted_model,
     load_any_checkpoint,
-    resolve_base,
     target_config,
     transfer_weights,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "finetune",
     "load_adapted_model",
     "load_any_checkpoint",
-    "resolve_base",
     "target_config",
     "transfer_weights",
 ]

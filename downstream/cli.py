@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from adapters.base import COMPONENTS, EXTRAS, AdapterConfig
 from adapters.placement import LAYER_SPEC_HELP
 from downstream.transfer import finetune
 from pretraining.cli import (
+    CommandLineError,
     add_protocol_arguments,
     add_training_arguments,
     base_parser,
@@ -44,7 +47,7 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
     encoder.add_argument("--text-template", help="item text template for the target's fields")
     encoder.add_argument("--image-store", type=Path, help="the target items' LMDB image store")
     encoder.add_argument("--encoder-cache-dir", type=Path,
-                         help="where encoder outputs are cached (default: DATASET/cache)")
+                         help="where encoder outputs are cached (unset: DATASET/cache)")
     if not methods:
         baseline = parser.add_mutually_exclusive_group()
         baseline.add_argument("--from-scratch", action="store_true",
@@ -71,8 +74,14 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
 def adapter_config(args: argparse.Namespace) -> AdapterConfig:
     """The method's config from the parsed flags (unset method flags keep its defaults)."""
     config_class, _ = ADAPTERS[args.method]
-    settings = {name: getattr(args, name) for name in _method_fields(config_class)
-                if getattr(args, name, None) is not None}
+    own = _method_fields(config_class)
+    foreign = sorted({name for other, _ in ADAPTERS.values() for name in _method_fields(other)
+                      if name not in own and hasattr(args, name)})
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise CommandLineError(f"{flags}: not a setting of --method {args.method}; drop it or "
+                               "choose the method it belongs to")
+    settings = {name: getattr(args, name) for name in own if hasattr(args, name)}
     extras = tuple(e.strip() for e in args.tune.split(",") if e.strip())
     return config_class(adapt=args.adapt, layers=args.layers, extras=extras, **settings)
 
@@ -100,25 +109,36 @@ def _method_fields(config_class: type) -> list[str]:
 
 
 def _add_method_settings(group: argparse._ArgumentGroup, methods: Sequence[str]) -> None:
-    """One flag per method setting; a setting shared by several methods gets one flag."""
+    """One flag per method setting, typed by the config field's annotation; a setting
+    shared by several methods gets one flag."""
     added: set[str] = set()
     for method in methods:
         config_class, _ = ADAPTERS[method]
+        hints = typing.get_type_hints(config_class)
         defaults = config_class()
         for name in _method_fields(config_class):
             if name in added:
                 continue
             added.add(name)
-            default = getattr(defaults, name)
+            kind = _without_none(hints[name])
             flag = "--" + name.replace("_", "-")
-            help_text = f"{'/'.join(methods)} setting (default {default!r})"
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                   help=help_text)
-            elif isinstance(default, (int, float, str)):
-                group.add_argument(flag, type=type(default), default=None, help=help_text)
-            else:  # tuples of names (or None): comma-separated on the command line
-                group.add_argument(flag, type=_names, default=None, help=help_text)
+            # Unset flags stay unset (SUPPRESS), so the method's own default applies.
+            help_text = f"{method} setting (default: {getattr(defaults, name)!r})"
+            options = {"default": argparse.SUPPRESS, "help": help_text}
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            elif kind in (int, float, str):
+                group.add_argument(flag, type=kind, **options)
+            elif typing.get_origin(kind) is tuple:  # names: comma-separated on the command line
+                group.add_argument(flag, type=_names, **options)
+            else:
+                raise TypeError(f"{config_class.__name__}.{name}: no flag for type {kind}")
+
+
+def _without_none(kind):
+    """`int | None` -> int (None is the config's own default, not something to type)."""
+    options = [option for option in typing.get_args(kind) if option is not type(None)]
+    return options[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
 
 
 def _names(text: str) -> tuple[str, ...]:

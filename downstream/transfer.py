@@ -21,6 +21,7 @@ transfers. Methods:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import asdict, replace
@@ -29,7 +30,7 @@ from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import load_file
 
-from adapters import get_adapted_model, parse_layers
+from adapters import fold_prefixes, get_adapted_model, parse_layers
 from adapters.base import AdapterConfig
 from adapters.checkpoint import (
     ADAPTER_WEIGHTS_NAME,
@@ -52,6 +53,7 @@ from pretraining.pipeline import (
     format_metrics_table,
     load_checkpoint,
     load_data,
+    resolve_checkpoint,
     train_run,
     versions,
 )
@@ -66,20 +68,6 @@ from pretraining.recommender import (
 from pretraining.trainer import BEST_DIR, build_accelerator
 
 BASELINES = ("full", "scratch", "zero_shot")
-
-
-def resolve_base(pretrained: str | Path) -> Path:
-    """The checkpoint folder of `pretrained`: a run folder (its best_model/) or the
-    checkpoint folder itself."""
-    path = Path(pretrained)
-    if (path / BEST_DIR / WEIGHTS_NAME).is_file():
-        return path / BEST_DIR
-    if (path / WEIGHTS_NAME).is_file():
-        return path
-    raise CheckpointError(
-        f"--pretrained {path}: no pretrained checkpoint there (expected {BEST_DIR}/"
-        f"{WEIGHTS_NAME} of a run folder written by a pretraining script)"
-    )
 
 
 def target_config(
@@ -216,7 +204,7 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
     """Fine-tune `--pretrained` on `--dataset` with `method` (an adapter method or one of
     BASELINES); returns metrics.json's content."""
     data = load_data(args.dataset, args.cache_dir)
-    base_dir = resolve_base(args.pretrained)
+    base_dir = resolve_checkpoint(args.pretrained, f"--pretrained {args.pretrained}")
     base = load_recommender_config(base_dir)
     if args.backbone is not None and args.backbone != base.backbone:
         raise CheckpointError(f"--backbone {args.backbone}: --pretrained {base_dir} is a "
@@ -251,10 +239,15 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
     def save_model(model, state_dict: dict, directory: Path) -> None:
         if adapter is None:
             model.save_pretrained(directory, state_dict)
-        else:
-            save_adapter(model, directory, adapter, fingerprint, state_dict=state_dict,
-                         metadata={"pretrained": str(base_dir.absolute()),
-                                   "model": asdict(config)})
+            return
+        saved = adapter
+        if getattr(adapter, "reparameterize", False):
+            # Save the prefixes the MLPs produce, not the MLPs: smaller, and what
+            # inference runs (the training model keeps its MLPs).
+            model, state_dict = fold_prefixes(copy.deepcopy(model)), None
+            saved = adapter.replace(reparameterize=False)
+        save_adapter(model, directory, saved, fingerprint, state_dict=state_dict,
+                     metadata={"pretrained": str(base_dir.absolute()), "model": asdict(config)})
 
     def load_best(directory: Path) -> SequentialRecommender:
         if adapter is None:

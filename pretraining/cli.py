@@ -22,15 +22,19 @@ from pretraining.recommender import BACKBONES, RecommenderConfig
 from pretraining.schedules import SCHEDULES
 from pretraining.trainer import TrainingConfig
 
+ITEM_ENCODER_PREFIX = "item_encoder."  # SequentialRecommender's item encoder parameters
+
 
 class CommandLineError(ValueError):
     """Bad flags or a bad --config file."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the scripts' docstring examples as written, and shows flag defaults."""
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     parser.add_argument(
         "--output-dir", type=Path, help="run folder (default: runs/<dataset>-<backbone>)",
@@ -61,6 +65,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "logQ correction")
     group.add_argument("--num-negatives", type=int, default=1024, help="for --loss sampled")
     group.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform")
+    group.add_argument("--init-items-from", type=Path, metavar="DIR",
+                       help="start the item encoder (ID: the item table) from this pretraining "
+                       "run folder or its best_model/ (any backbone; same dataset, item encoder "
+                       "and --hidden-size)")
+    group.add_argument("--freeze-items-epochs", type=int, default=0, metavar="E",
+                       help="no update to the item encoder in the first E epochs, then joint "
+                       "training (without --init-items-from: the random initial items stay "
+                       "fixed for E epochs)")
     diffusion = parser.add_argument_group("diffusion (--backbone diffrec)")
     diffusion.add_argument("--schedule", choices=sorted(SCHEDULES), default="sqrt",
                            help="noise schedule of the diffusion process")
@@ -264,6 +276,7 @@ def item_encoder_config(args: argparse.Namespace, item_encoder: str, data: Seque
 
 
 def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfig:
+    freeze_items = getattr(args, "freeze_items_epochs", 0)  # a pretraining flag only
     return TrainingConfig(
         output_dir=str(output_dir), epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -273,6 +286,7 @@ def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfi
         patience=args.patience, num_workers=args.num_workers, seed=args.seed,
         save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,
         compile=args.compile,
+        freeze_prefixes=(ITEM_ENCODER_PREFIX,) if freeze_items else (), freeze_epochs=freeze_items,
     )
 
 

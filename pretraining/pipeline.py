@@ -15,17 +15,21 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from adapters import format_trainable_share, trainable_share
 from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
 from modality_encoders import build_item_content
-from pretraining.cli import model_config, protocol_config, training_config
+from pretraining.cli import ITEM_ENCODER_PREFIX, model_config, protocol_config, training_config
 from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
 from pretraining.evaluation import EvaluationProtocol, evaluate
 from pretraining.recommender import (
+    WEIGHTS_NAME,
     CheckpointError,
+    RecommenderConfig,
     SequentialRecommender,
+    checkpoint_fingerprint,
     load_recommender_config,
 )
 from pretraining.trainer import BEST_DIR, Trainer, build_accelerator, check_process_count
@@ -46,9 +50,16 @@ def pretrain(args: argparse.Namespace) -> dict:
     config = model_config(args, data.num_items, data.fingerprint, data)
     encoder_cache_dir = getattr(args, "encoder_cache_dir", None)
     frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
+    model_section = asdict(config)
+    item_source = None
+    if args.init_items_from is not None:  # checked now: a bad source fails before training
+        item_source = item_source_checkpoint(args.init_items_from, config)
+        # In the model section, so that a resume from another source is refused.
+        model_section["item_init"] = {"checkpoint": str(item_source.absolute()),
+                                      "fingerprint": checkpoint_fingerprint(item_source)}
     run_config = {
         "dataset": dataset_section(data, args),
-        "model": asdict(config),
+        "model": model_section,
         "training": asdict(training_config(args, output_dir)),
         "protocol": asdict(protocol_config(args)),
         "command": sys.argv,
@@ -58,13 +69,73 @@ def pretrain(args: argparse.Namespace) -> dict:
     def build_model() -> SequentialRecommender:
         content = build_item_content(data, config.item_encoder, config.item_encoder_config,
                                      encoder_cache_dir)
-        return SequentialRecommender(config, frequencies, content)
+        model = SequentialRecommender(config, frequencies, content)
+        if item_source is not None:
+            copy_item_encoder(item_source, model)
+        return model
 
     def load_best(checkpoint: Path) -> SequentialRecommender:
         return load_checkpoint(checkpoint, data, frequencies, encoder_cache_dir)
 
     return train_run(args, data, output_dir, run_config, build_model, load_best,
                      label=f"{data.name} {args.backbone}")
+
+
+def resolve_checkpoint(path: str | Path, flag: str) -> Path:
+    """The checkpoint folder of `path`: a run folder's best_model/, or the checkpoint folder
+    itself. `flag` names the option in the error."""
+    path = Path(path)
+    if (path / BEST_DIR / WEIGHTS_NAME).is_file():
+        return path / BEST_DIR
+    if (path / WEIGHTS_NAME).is_file():
+        return path
+    raise CheckpointError(
+        f"{flag}: no pretrained checkpoint there (expected {BEST_DIR}/{WEIGHTS_NAME} of a run "
+        "folder written by a pretraining script, or such a checkpoint folder)"
+    )
+
+
+def item_source_checkpoint(source: Path, config: RecommenderConfig) -> Path:
+    """The checkpoint of `--init-items-from` (a run folder or its best_model/), checked to
+    hold an item encoder for the same catalog and of the same kind and width as `config`'s."""
+    flag = f"--init-items-from {source}"
+    checkpoint = resolve_checkpoint(source, flag)
+    origin = load_recommender_config(checkpoint)
+    if (origin.dataset_fingerprint, origin.num_items) != (config.dataset_fingerprint,
+                                                          config.num_items):
+        raise CheckpointError(
+            f"{flag} was trained on another dataset (fingerprint "
+            f"{str(origin.dataset_fingerprint)[:12]}, {origin.num_items} items) than this run "
+            f"(fingerprint {str(config.dataset_fingerprint)[:12]}, {config.num_items} items); "
+            "item tables are per catalog: pass a run on this --dataset"
+        )
+    width, origin_width = (c.backbone_settings().hidden_size for c in (config, origin))
+    if (origin.item_encoder, origin_width) != (config.item_encoder, width):
+        raise CheckpointError(
+            f"{flag} has a {origin.item_encoder!r} item encoder of width {origin_width}, this "
+            f"model a {config.item_encoder!r} one of width {width}; pass --hidden-size "
+            f"{origin_width} (and its item encoder), or a run with this model's"
+        )
+    if origin.item_encoder_config != config.item_encoder_config:
+        # Copied weights must be the ones the encoder's output cache was computed with.
+        changed = sorted(key for key in origin.item_encoder_config | config.item_encoder_config
+                         if origin.item_encoder_config.get(key)
+                         != config.item_encoder_config.get(key))
+        raise CheckpointError(f"{flag}: its item encoder settings differ ({changed}); "
+                              "use the source run's encoder flags")
+    return checkpoint
+
+
+def copy_item_encoder(checkpoint: Path, model: SequentialRecommender) -> None:
+    """Overwrite `model`'s item encoder with the one saved in `checkpoint`."""
+    state = {name.removeprefix(ITEM_ENCODER_PREFIX): tensor
+             for name, tensor in load_file(checkpoint / WEIGHTS_NAME).items()
+             if name.startswith(ITEM_ENCODER_PREFIX)}
+    try:
+        model.item_encoder.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"--init-items-from {checkpoint}: its item encoder does not fit "
+                              f"this model ({str(error).strip().splitlines()[0]})") from None
 
 
 def dataset_section(data: SequenceData, args: argparse.Namespace) -> dict:

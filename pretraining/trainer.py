@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -55,6 +55,10 @@ class TrainingConfig:
     cpu: bool = False
     resume: bool = False
     compile: bool = False  # torch.compile via Accelerate's dynamo backend
+    # Parameters whose names start with one of these get no update before epoch
+    # `freeze_epochs` (e.g. pretrained item embeddings kept while the backbone warms up).
+    freeze_prefixes: tuple[str, ...] = ()
+    freeze_epochs: int = 0
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "patience")
@@ -62,6 +66,9 @@ class TrainingConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.freeze_epochs < 0:
+            raise ValueError(f"freeze epochs (--freeze-items-epochs) must be >= 0, "
+                             f"got {self.freeze_epochs}")
         if self.scheduler not in ("constant", "cosine"):
             raise ValueError(f"unknown --scheduler {self.scheduler!r}; use 'constant' or 'cosine'")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -107,6 +114,7 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters; unfreeze something first")
+        self.early_frozen = self._early_frozen_parameters(model)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                       **fused_if_supported(trainable))
         train_loader = self._loader(train_dataset, config.batch_size, collate_fn, shuffle=True)
@@ -126,6 +134,22 @@ class Trainer:
             model, optimizer, train_loader, valid_loader, scheduler
         )
         self.state = TrainerState()
+
+    def _early_frozen_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The trainable parameters `freeze_prefixes` names, looked up before `prepare`
+        (which may rename them, e.g. `module.` under DDP; the objects stay the same)."""
+        config = self.config
+        if not config.freeze_epochs:
+            return []
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError("freezing parameters for the first epochs needs their own gradients, "
+                             "which FSDP and DeepSpeed shard; use DDP (multi_gpu_ddp.yaml)")
+        frozen = [p for name, p in model.named_parameters()
+                  if p.requires_grad and name.startswith(tuple(config.freeze_prefixes))]
+        if not frozen:
+            raise ValueError(f"no trainable parameter's name starts with {config.freeze_prefixes}"
+                             "; nothing to freeze for the first epochs")
+        return frozen
 
     def _loader(self, dataset: Dataset, batch_size: int, collate_fn: Callable, shuffle=False):
         if len(dataset) == 0:
@@ -184,6 +208,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         positions = torch.zeros((), dtype=torch.long, device=acc.device)
         wait, trained = 0.0, 0
+        # A function of the epoch counter, so a resumed run freezes exactly as before.
+        frozen_now = self.state.epoch < config.freeze_epochs
         progress = tqdm(total=len(self.train_loader), initial=done_here,
                         desc=f"epoch {self.state.epoch + 1}", leave=False,
                         disable=not acc.is_local_main_process)
@@ -197,6 +223,11 @@ class Trainer:
             with acc.accumulate(self.model):
                 loss = self.model(batch)["loss"]
                 acc.backward(loss)
+                if acc.sync_gradients and frozen_now:
+                    # No gradient: AdamW skips them (no moment update, no weight decay).
+                    # Gradients are already all-reduced, so every process drops the same.
+                    for parameter in self.early_frozen:
+                        parameter.grad = None
                 if acc.sync_gradients and config.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                 self.optimizer.step()

@@ -183,3 +183,106 @@ def test_adapter_script_reports_an_unknown_method_in_one_line(id_base, target_di
     )
     assert result.returncode == 2
     assert "invalid choice: 'lora'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def text_base(tiny_dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A text SASRec (tiny BERT, frozen + cached) pretrained on the source; (run, encoder)."""
+    from tests.test_modality_encoders import save_bert
+
+    root = tmp_path_factory.mktemp("text_base")
+    encoder = save_bert(root / "bert", dropout=0.0)
+    run = root / "run"
+    pretrain(parse_args(pretrain_parser("t", modality="text"), [
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
+        "--encoder", str(encoder), "--text-template", "{title} ({genre})",
+        "--encoder-cache-dir", str(root / "cache"), *MODEL, *TRAIN]))
+    return run, root / "cache"
+
+
+def test_text_transfer_adapts_the_item_encoder_top_layer_and_the_backbone(text_base, target_dir,
+                                                                         tmp_path):
+    run_dir, cache = text_base
+    run = tmp_path / "both"
+    metrics = finetune(HOULSBY, "--pretrained", str(run_dir), "--dataset", str(target_dir),
+                       "--output-dir", str(run), "--epochs", "1", "--adapt", "both",
+                       "--layers", "top:1", "--encoder-cache-dir", str(cache))
+    config = json.loads((run / "config.json").read_text())["model"]["item_encoder_config"]
+    assert (config["freeze"], config["trainable_layers"]) == (False, 1)  # partial caching
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    prefix = "item_encoder.encoder.model.encoder.layer.1."
+    assert {n.split(".adapter.")[0] for n in saved} == {
+        prefix + "attention.output.dense", prefix + "output.dense",
+        "backbone.layers.1.attention", "backbone.layers.1.feed_forward"}
+    # No per-item parameters: the content model's trainable share is the adapters alone.
+    assert metrics["parameters"]["trainable"] == sum(t.numel() for t in saved.values())
+    assert metrics["parameters"]["trainable_percent"] < 10
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
+
+
+def test_zero_shot_and_lora_through_peft_on_the_text_encoder(text_base, target_dir, tmp_path):
+    run_dir, cache = text_base
+    zero = finetune((), "--pretrained", str(run_dir), "--dataset", str(target_dir),
+                    "--output-dir", str(tmp_path / "zero"), "--zero-shot",
+                    "--encoder-cache-dir", str(cache))
+    assert 0 <= zero["test"]["ndcg@10"] <= 1
+    assert json.loads((tmp_path / "zero" / "config.json").read_text())["transfer"]["method"] \
+        == "zero_shot"
+    run = tmp_path / "lora"
+    metrics = finetune(("lora",), "--pretrained", str(run_dir), "--dataset", str(target_dir),
+                       "--output-dir", str(run), "--epochs", "1", "--adapt", "item_encoder",
+                       "--layers", "top:1", "--rank", "2", "--encoder-cache-dir", str(cache))
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    assert saved and all(".layer.1." in n and "lora_" in n for n in saved)
+    again = load_adapted_model(run / "best_model", load_dataset_folder(target_dir),
+                               encoder_cache_dir=cache)
+    assert metrics["parameters"]["trainable"] == sum(
+        p.numel() for p in again.parameters() if p.requires_grad)
+
+
+def test_reparameterised_prefix_is_saved_folded_and_reloads_to_the_same_metrics(
+        id_base, target_dir, tmp_path):
+    run = tmp_path / "prefix"
+    metrics = finetune(("prefix", "prompt"), "--pretrained", str(id_base), "--dataset",
+                       str(target_dir), "--output-dir", str(run), "--epochs", "2",
+                       "--num-virtual-tokens", "3", "--reparameterize")
+    best = run / "best_model"
+    adapter = json.loads((best / "adapter_config.json").read_text())["adapter"]
+    assert adapter["reparameterize"] is False
+    saved = load_file(best / "adapter_model.safetensors")
+    assert not any("mlp" in n or n.endswith(".embedding") for n in saved)
+    assert saved["backbone.layers.0.attention.key_value"].shape == (3, 32)
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
+
+
+def test_a_setting_of_another_method_is_refused(id_base, target_dir, tmp_path):
+    with pytest.raises(ValueError, match="--num-tokens: not a setting of --method prefix"):
+        finetune(("prefix", "prompt"), "--pretrained", str(id_base), "--dataset",
+                 str(target_dir), "--output-dir", str(tmp_path / "x"), "--num-tokens", "3")
+
+
+def test_diffusion_step_adapters_transfer_a_diffrec(tiny_dataset_dir, id_base, target_dir,
+                                                    tmp_path):
+    base = tmp_path / "diffrec"
+    pretrain(parse_args(pretrain_parser("t"), [
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(base), "--epochs", "1",
+        "--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2", *MODEL, *TRAIN]))
+    run = tmp_path / "step"
+    metrics = finetune(("diffusion_step",), "--pretrained", str(base), "--dataset",
+                       str(target_dir), "--output-dir", str(run), "--epochs", "1",
+                       "--backbone", "diffrec", "--layers", "top:1", "--sites", "ffn")
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    # The fresh per-item parameters of the target (table, generative bias) and the adapter.
+    assert {"item_encoder.embedding.weight", "item_bias"} <= set(saved)
+    assert all(n in ("item_encoder.embedding.weight", "item_bias") or ".layers.1." in n
+               for n in saved)
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
+    with pytest.raises(ValueError, match="need a diffusion backbone"):
+        finetune(("diffusion_step",), "--pretrained", str(id_base), "--dataset",
+                 str(target_dir), "--output-dir", str(tmp_path / "bad"))
