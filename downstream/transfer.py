@@ -39,7 +39,7 @@ from adapters.checkpoint import (
     read_adapter_config,
     save_adapter,
 )
-from dataset_tools import SequenceData
+from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
 from modality_encoders import build_item_content
 from modality_encoders.transformer import load_encoder_config, resolve_encoder_path
 from pretraining.cli import protocol_config, training_config
@@ -83,6 +83,8 @@ def target_config(
     adapted one up (the hidden states below are cached), with its own weights frozen.
     """
     encoder_config = {**base.item_encoder_config, **(encoder_overrides or {})}
+    if "template" in encoder_config and "template" not in (encoder_overrides or {}):
+        encoder_config["template"] = target_template(encoder_config["template"], data)
     if adapter is not None and adapter.adapt in ("item_encoder", "both"):
         if base.item_encoder == "id":
             raise ValueError(
@@ -96,6 +98,23 @@ def target_config(
                               trainable_layers=-1 if lowest == 0 else num_layers - lowest)
     return replace(base, num_items=data.num_items, dataset_fingerprint=data.fingerprint,
                    item_encoder_config=encoder_config)
+
+
+def target_template(template: str, data: SequenceData) -> str:
+    """The item text template for the target: the base's when the target's item table has
+    its fields, else the target's built-in default (e.g. ML-1M's `{genre}` is ML-100k's
+    `{class}`); otherwise an error asking for --text-template."""
+    columns = set(data.items.column_names)
+    if set(ItemTextTemplate(template).fields) <= columns:
+        return template
+    try:
+        return default_template(data.name).template
+    except DataError:
+        missing = sorted(set(ItemTextTemplate(template).fields) - columns)
+        raise ValueError(
+            f"the pretrained model's item text template {template!r} uses fields {missing} "
+            f"that {data.path} lacks (it has {sorted(columns)}); pass --text-template"
+        ) from None
 
 
 def build_target_model(

@@ -286,3 +286,21 @@ def test_diffusion_step_adapters_transfer_a_diffrec(tiny_dataset_dir, id_base, t
     with pytest.raises(ValueError, match="need a diffusion backbone"):
         finetune(("diffusion_step",), "--pretrained", str(id_base), "--dataset",
                  str(target_dir), "--output-dir", str(tmp_path / "bad"))
+
+
+def test_target_text_template_falls_back_to_the_targets_default():
+    from types import SimpleNamespace
+
+    from downstream.transfer import target_template
+
+    def data(name, columns):
+        return SimpleNamespace(name=name, path=f"/data/{name}",
+                               items=SimpleNamespace(column_names=columns))
+
+    ml1m = "{movie_title} ({release_year}). Genres: {genre}"
+    ml100k_columns = ["item_id", "movie_title", "release_year", "class"]
+    assert target_template(ml1m, data("ml-100k", ml100k_columns)) == \
+        "{movie_title} ({release_year}). Genres: {class}"
+    assert target_template("{movie_title}", data("ml-100k", ml100k_columns)) == "{movie_title}"
+    with pytest.raises(ValueError, match=r"uses fields \['genre'\].*pass --text-template"):
+        target_template(ml1m, data("mine", ml100k_columns))
