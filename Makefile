@@ -1,5 +1,5 @@
-# Two entry points for a fresh machine: `make demo` (train + evaluate SASRec on the
-# embedded ML-100k) and `make test`. Both create .venv and install everything first.
+# Two entry points for a fresh machine: `make demo` (pretrain on ML-1M, transfer to
+# ML-100k with adapters, print the table) and `make test`. Both create .venv and install everything first.
 PYTHON ?= python3
 # A CPU build of torch; on a GPU machine use e.g. TORCH_SPEC="torch" (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
@@ -24,8 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(RUN) $(BIN)/python scripts/pretrain_id.py --dataset ml-100k \
-		--output-dir runs/quickstart-ml-100k --resume
+	$(RUN) $(BIN)/python scripts/transfer_demo.py --output-dir runs/demo
 
 test: install
 	$(RUN) $(BIN)/python -m pytest -q

@@ -304,3 +304,23 @@ def test_target_text_template_falls_back_to_the_targets_default():
     assert target_template("{movie_title}", data("ml-100k", ml100k_columns)) == "{movie_title}"
     with pytest.raises(ValueError, match=r"uses fields \['genre'\].*pass --text-template"):
         target_template(ml1m, data("mine", ml100k_columns))
+
+
+def test_transfer_demo_prints_the_three_runs_and_reuses_them(tiny_dataset_dir, target_dir,
+                                                             tmp_path, capsys):
+    from downstream.demo import transfer_demo
+    from tests.test_modality_encoders import save_bert
+
+    encoder = save_bert(tmp_path / "bert")
+    kwargs = dict(source=str(tiny_dataset_dir), target=str(target_dir),
+                  output_dir=tmp_path / "demo", encoder=str(encoder), pretrain_epochs=1,
+                  finetune_epochs=1, pretrain_flags=tuple(MODEL),
+                  common=(*TRAIN, "--text-template", "{title} ({genre})",
+                          "--encoder-cache-dir", str(tmp_path / "cache")))
+    table = transfer_demo(**kwargs)
+    lines = table.splitlines()[2:]
+    assert [line.split(" (")[0] for line in lines] == [
+        f"{target_dir} houlsby adapters", f"{target_dir} full fine-tuning",
+        f"{target_dir} from scratch"]
+    assert "100.0% trained" in lines[1] and "100.0% trained" not in lines[0]
+    assert transfer_demo(**kwargs) == table  # finished runs are reused, not retrained
