@@ -39,6 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from accelerate import Accelerator
+from tables import markdown
 from torch.utils.data import DataLoader
 
 from dataset_tools import SequenceData
@@ -236,17 +237,12 @@ def check_targets(rows: list[dict], trade_off: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
-    def cell(column: str, value) -> str:
-        if column.startswith("test "):
-            return f"{value:.4f}"
-        if column == "x sasrec":
-            return f"{value:.2f}x"
-        return f"{value:,.2f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+def cell(column: str, value) -> str:
+    if column.startswith("test "):
+        return f"{value:.4f}"
+    if column == "x sasrec":
+        return f"{value:.2f}x"
+    return f"{value:,.2f}" if isinstance(value, float) else str(value)
 
 
 def report(rows: list[dict], trade_off: list[dict], targets: list[str],
@@ -258,7 +254,7 @@ def report(rows: list[dict], trade_off: list[dict], targets: list[str],
         f"inference on a seeded sample of {options.timing_users} test users; x sasrec: "
         "against SASRec's inference time.",
         "",
-        markdown(rows, MODEL_COLUMNS),
+        markdown(rows, MODEL_COLUMNS, cell),
         "",
         "## DiffRec inference trade-off",
         "",
@@ -266,7 +262,7 @@ def report(rows: list[dict], trade_off: list[dict], targets: list[str],
         f"the full reverse process on a smaller sample of {options.reverse_users} users "
         "(metrics on a sample are noisier than Table 1's).",
         "",
-        markdown(trade_off, TRADE_OFF_COLUMNS),
+        markdown(trade_off, TRADE_OFF_COLUMNS, cell),
         "",
         "## Targets",
         "",

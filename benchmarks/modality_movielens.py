@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from tables import markdown, number
 
 from dataset_tools import SequenceData, default_template
 from pretraining.data import item_frequencies
@@ -209,17 +210,10 @@ def encoding_row(text_run: Path, source: SequenceData, threads: int | None,
 
 
 # ------------------------------------------------------------------------------ report
-def markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float) and 0 < abs(value) < 1e-3:
-            return f"{value:.1e}"
-        if isinstance(value, float):
-            return f"{value:.4f}" if abs(value) < 1 else f"{value:,.1f}"
-        return f"{value:,}" if isinstance(value, int) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+def cell(column: str, value) -> str:
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:
+        return f"{value:.1e}"  # e.g. the max difference against the cache
+    return number(value)
 
 
 def main() -> None:
@@ -269,11 +263,11 @@ def main() -> None:
                "zero_shot": zero_shot, "encoding": encoding}
     report = "\n\n".join([
         f"### Quality on {source.name} (full ranking, test split)",
-        markdown(quality, QUALITY_COLUMNS),
+        markdown(quality, QUALITY_COLUMNS, cell),
         f"### Zero-shot on {target.name} (pretrained on {source.name}, no training)",
-        markdown(zero_shot, ZERO_SHOT_COLUMNS),
+        markdown(zero_shot, ZERO_SHOT_COLUMNS, cell),
         f"### Encoding the {source.name} catalog (frozen encoder; cold vs warm cache)",
-        markdown([encoding], ENCODING_COLUMNS),
+        markdown([encoding], ENCODING_COLUMNS, cell),
     ])
     print(report)
     args.output_dir.mkdir(parents=True, exist_ok=True)

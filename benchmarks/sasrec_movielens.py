@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
+from tables import markdown
 
 from pretraining.cli import parse_args, pretrain_parser, protocol_config
 from pretraining.pipeline import evaluate_checkpoint, load_data, pretrain
@@ -75,16 +76,6 @@ def metrics_config(run_dir: Path) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
 
-def markdown(rows: list[dict]) -> str:
-    def cell(value):
-        return f"{value:.4f}" if isinstance(value, float) and value < 1 else (
-            f"{value:,.1f}" if isinstance(value, float) else str(value))
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     rows = [run(name, args.output_dir, extra) for name in args.datasets]
-    table = markdown(rows)
+    table = markdown(rows, COLUMNS)
     print(table)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "results.json").write_text(json.dumps(rows, indent=2))

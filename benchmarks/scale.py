@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from tables import markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, BATCH, LENGTH, NEGATIVES = 64, 64, 50, 1024
 
@@ -295,10 +297,7 @@ def process_rows(work: Path, dataset: str) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row if key != "run"))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
+    return markdown(rows, columns, lambda column, value: _cell(value))
 
 
 def _cell(value) -> str:

@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tables import markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 # (name, script, flags, which sources it applies to)
 GRID = [
@@ -116,12 +118,6 @@ def check_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +143,7 @@ def main() -> None:
             runs = [run_one(script, flags, Path(source), run_dir, seed, args.target, extra)
                     for seed, run_dir in zip(seeds, run_dirs, strict=True)]
             rows.append(summarize(kind, name, runs, run_dirs))
-    table = markdown(rows)
+    table = markdown(rows, COLUMNS)
     targets = check_targets(rows)
     print(table, *targets, sep="\n")
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,34 @@ def write_synthetic_items(path: Path, num_items: int = 40, num_groups: int = 5) 
     return path
 
 
+def perturb_adapters(model, scale: float = 0.1) -> None:
+    """Move every adapter parameter off its (partly zero) init by seeded noise, so a test
+    can check that the adapters really are on the forward path. Random, not constant:
+    LayerNorm cancels a shift shared by all dims."""
+    import torch
+
+    from adapters.base import adapter_parameter_ids
+
+    owned = adapter_parameter_ids(model)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) in owned:
+                param.add_(scale * torch.randn_like(param))
+
+
+def random_item_batch(num_items: int = 30, batch: int = 4, length: int = 8) -> dict:
+    """Random training sequences [batch, length] with left padding in the first row."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randint(1, num_items + 1, (batch, length), generator=generator)
+    inputs[0, :3] = 0
+    targets = torch.randint(1, num_items + 1, (batch, length), generator=generator)
+    targets[0, :3] = 0
+    return {"input_ids": inputs, "target_ids": targets}
+
+
 def load_script(name: str):
     """Import scripts/<name>.py as a module (scripts are not a package)."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

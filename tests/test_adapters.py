@@ -21,6 +21,7 @@ from adapters import (
 )
 from adapters.base import adapter_parameter_ids
 from pretraining import RecommenderConfig, SequentialRecommender
+from tests.conftest import perturb_adapters, random_item_batch
 
 
 def tiny_model(num_items=30):
@@ -31,23 +32,8 @@ def tiny_model(num_items=30):
                                                    backbone_config=backbone)).eval()
 
 
-def batch():
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.randint(1, 31, (4, 8), generator=generator)
-    inputs[0, :3] = 0  # left padding
-    targets = torch.randint(1, 31, (4, 8), generator=generator)
-    targets[0, :3] = 0
-    return {"input_ids": inputs, "target_ids": targets}
 
 
-def perturb_adapters(model):
-    """Move every adapter parameter off its init, so outputs must differ."""
-    owned = adapter_parameter_ids(model)
-    torch.manual_seed(2)
-    with torch.no_grad():  # random, not constant: LayerNorm cancels a shift shared by all dims
-        for param in model.parameters():
-            if id(param) in owned:
-                param.add_(0.1 * torch.randn_like(param))
 
 
 CONFIGS = {
@@ -69,12 +55,12 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_injection_leaves_scores_bit_for_bit_unchanged(name):
     model = tiny_model()
-    before = model.scores(batch())
+    before = model.scores(random_item_batch())
     adapted = get_adapted_model(model, CONFIGS[name]).eval()
     assert adapted is model
-    assert torch.equal(adapted.scores(batch()), before)
+    assert torch.equal(adapted.scores(random_item_batch()), before)
     perturb_adapters(adapted)  # the adapters really are on the forward path
-    assert not torch.allclose(adapted.scores(batch()), before)
+    assert not torch.allclose(adapted.scores(random_item_batch()), before)
 
 
 def param_hashes(model, skip=frozenset()):
@@ -122,7 +108,7 @@ def test_one_step_moves_only_adapters_and_named_extras(name):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.loss(batch())["loss"].backward()
+    model.loss(random_item_batch())["loss"].backward()
     optimizer.step()
 
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

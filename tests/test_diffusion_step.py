@@ -14,10 +14,11 @@ from adapters import (
 from adapters.base import adapter_config_from_dict, adapter_parameter_ids
 from pretraining import RecommenderConfig, SequentialRecommender
 from pretraining.sasrec import CausalSelfAttention, FeedForward
+from tests import test_diffrec
+from tests.conftest import perturb_adapters
 
-TINY = {"hidden_size": 8, "num_layers": 2, "num_heads": 2, "ffn_size": 16, "max_len": 6,
-        "dropout": 0.0, "num_steps": 20, "num_seeds": 3}
-NUM_ITEMS = 11
+TINY = {**test_diffrec.TINY, "num_layers": 2}  # two layers, for placement
+NUM_ITEMS = test_diffrec.NUM_ITEMS
 
 
 def model(**overrides) -> SequentialRecommender:
@@ -32,14 +33,6 @@ def batch() -> dict:
             "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9], [0, 0, 0, 0, 8]])}
 
 
-def perturb_adapters(recommender) -> None:
-    """Move every adapter parameter off its (partly zero) init."""
-    owned = adapter_parameter_ids(recommender)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for param in recommender.parameters():
-            if id(param) in owned:
-                param.add_(0.3 * torch.randn_like(param))
 
 
 def fixed_losses(recommender) -> dict:
@@ -64,14 +57,14 @@ def test_injection_leaves_scores_and_losses_bit_for_bit_unchanged(name, causal):
     assert torch.equal(recommender.scores(batch()), scores)
     after = fixed_losses(recommender)
     assert all(torch.equal(after[key], losses[key]) for key in ("loss", "mse", "ce"))
-    perturb_adapters(recommender)  # the adapters really are on both paths
+    perturb_adapters(recommender, 0.3)  # the adapters really are on both paths
     assert not torch.allclose(recommender.scores(batch()), scores)
     assert not torch.allclose(fixed_losses(recommender)["loss"], losses["loss"])
 
 
 def test_the_adapter_effect_depends_on_the_step():
     recommender = get_adapted_model(model(), CONFIGS["default"])
-    perturb_adapters(recommender)
+    perturb_adapters(recommender, 0.3)
     backbone = recommender.backbone
     adapter = backbone.layers[0].feed_forward.fc2.adapter
     x = torch.randn(2, 5, 8)
@@ -104,7 +97,7 @@ def test_history_caching_and_per_seed_inference_still_agree(inference, noised, s
     backbone = recommender.backbone
     before = backbone.sample_predictions(catalog[input_ids], input_ids > 0, reuse_history=True)
     get_adapted_model(recommender, DiffusionStepConfig(sites=sites, reduction_factor=2))
-    perturb_adapters(recommender)
+    perturb_adapters(recommender, 0.3)
     once = backbone.sample_predictions(catalog[input_ids], input_ids > 0, reuse_history=True)
     per_seed = backbone.sample_predictions(catalog[input_ids], input_ids > 0,
                                            reuse_history=False)

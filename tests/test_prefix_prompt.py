@@ -18,6 +18,7 @@ from adapters import (
 from adapters.base import adapter_config_from_dict, adapter_parameter_ids
 from modality_encoders.transformer import TransformerStages
 from pretraining import RecommenderConfig, SequentialRecommender
+from tests.conftest import perturb_adapters, random_item_batch
 
 SASREC = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,
           "dropout": 0.1}
@@ -33,13 +34,6 @@ def recommender(backbone="sasrec", **overrides):
                                                    backbone_config=settings)).eval()
 
 
-def sequences():
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.randint(1, 31, (4, 8), generator=generator)
-    inputs[0, :3] = 0  # left padding
-    targets = torch.randint(1, 31, (4, 8), generator=generator)
-    targets[0, :3] = 0
-    return {"input_ids": inputs, "target_ids": targets}
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +67,12 @@ def image_inputs():
 
 # Each host: (build the model from the encoders folder, its output, the host getter).
 HOSTS = {
-    "sasrec": (lambda e: recommender(), lambda m: m.scores(sequences())),
-    "diffrec": (lambda e: recommender("diffrec"), lambda m: m.scores(sequences())),
+    "sasrec": (lambda e: recommender(), lambda m: m.scores(random_item_batch())),
+    "diffrec": (lambda e: recommender("diffrec"), lambda m: m.scores(random_item_batch())),
     # a causal denoiser samples through the history cache (`_encode_history`/`_denoise_tail`)
     "diffrec-cached": (lambda e: recommender("diffrec", causal_denoiser=True, inference="strided",
                                              inference_steps=3),
-                       lambda m: m.scores(sequences())),
+                       lambda m: m.scores(random_item_batch())),
     "bert-sdpa": (lambda e: stages(e, "bert"), lambda m: m(text_inputs())),  # 4-D bool mask
     "bert-eager": (lambda e: stages(e, "bert", "eager"), lambda m: m(text_inputs())),  # float
     "bert-no-padding": (lambda e: stages(e, "bert"), lambda m: m(text_inputs(padded=False))),
@@ -92,14 +86,6 @@ CONFIGS = {
 }
 
 
-def perturb_adapters(model):
-    """Move every adapter parameter (gates included) off its init, so outputs must differ."""
-    owned = adapter_parameter_ids(model)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for param in model.parameters():
-            if id(param) in owned:
-                param.add_(0.5 * torch.randn_like(param))
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -112,7 +98,7 @@ def test_injection_leaves_outputs_bit_for_bit_unchanged(encoders, host, config):
         adapted = get_adapted_model(model, CONFIGS[config]).eval()
         assert any(isinstance(m, GatedPrefixAttention) for m in adapted.modules())
         assert torch.equal(run(adapted), before)
-        perturb_adapters(adapted)  # the adapters really are on the forward path
+        perturb_adapters(adapted, 0.5)  # the adapters really are on the forward path
         after = run(adapted)
     assert after.shape == before.shape  # prompt positions never reach the output
     assert not torch.allclose(after, before)
@@ -121,10 +107,10 @@ def test_injection_leaves_outputs_bit_for_bit_unchanged(encoders, host, config):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_diffrec_history_cache_matches_the_full_denoiser_with_adapters(config):
     model = get_adapted_model(recommender("diffrec", causal_denoiser=True), CONFIGS[config])
-    perturb_adapters(model)
+    perturb_adapters(model, 0.5)
     backbone = model.backbone.eval()
-    vectors = model.item_encoder.catalog()[sequences()["input_ids"]]
-    mask = sequences()["input_ids"] > 0
+    vectors = model.item_encoder.catalog()[random_item_batch()["input_ids"]]
+    mask = random_item_batch()["input_ids"] > 0
     cached = backbone.sample_predictions(vectors, mask, reuse_history=True)
     full = backbone.sample_predictions(vectors, mask, reuse_history=False)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
@@ -137,7 +123,7 @@ def test_one_step_moves_only_adapter_parameters(config):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == owned
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.loss(sequences())["loss"].backward()
+    model.loss(random_item_batch())["loss"].backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= owned
@@ -148,13 +134,13 @@ def test_one_step_moves_only_adapter_parameters(config):
 def test_gradients_reach_gates_at_once_and_prefixes_once_gates_open(config):
     model = get_adapted_model(recommender(), CONFIGS[config]).train()
     wrappers = [m for m in model.modules() if isinstance(m, GatedPrefixAttention)]
-    model.loss(sequences())["loss"].backward()
+    model.loss(random_item_batch())["loss"].backward()
     assert all(w.gate.grad.abs().sum() > 0 for w in wrappers)  # zero gate, non-zero prefix
     model.zero_grad()
     with torch.no_grad():
         for wrapper in wrappers:
             wrapper.gate.fill_(0.5)
-    model.loss(sequences())["loss"].backward()
+    model.loss(random_item_batch())["loss"].backward()
     for wrapper in wrappers:
         prefix = [p for n, p in wrapper.named_parameters()
                   if not n.startswith("base.") and n != "gate"]
@@ -163,7 +149,7 @@ def test_gradients_reach_gates_at_once_and_prefixes_once_gates_open(config):
 
 def test_fold_replaces_the_mlp_by_its_prefix_and_keeps_outputs(encoders):
     model = get_adapted_model(stages(encoders, "bert"), PrefixConfig(reparameterize=True))
-    perturb_adapters(model)
+    perturb_adapters(model, 0.5)
     with torch.no_grad():
         before = model(text_inputs())
     assert fold_prefixes(model) is model
