@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapters import HoulsbyConfig, LoRAConfig, PfeifferConfig, PrefixConfig, PromptConfig
 from adapters.checkpoint import AdapterCheckpointError
 from dataset_tools import PrepareConfig, load_dataset_folder, prepare_dataset
 from downstream import evaluate_any_run, load_adapted_model
@@ -324,3 +325,39 @@ def test_transfer_demo_prints_the_three_runs_and_reuses_them(tiny_dataset_dir, t
         f"{target_dir} from scratch"]
     assert "100.0% trained" in lines[1] and "100.0% trained" not in lines[0]
     assert transfer_demo(**kwargs) == table  # finished runs are reused, not retrained
+
+
+@pytest.mark.parametrize("adapter", [
+    HoulsbyConfig(layers="top:1"), PfeifferConfig(parallel=True), LoRAConfig(rank=2),
+    PrefixConfig(num_virtual_tokens=3), PromptConfig(num_tokens=2, layers="bottom:1"),
+], ids=lambda config: config.method)
+def test_adapter_only_checkpoint_reproduces_the_trained_models_scores(id_base, target_dir,
+                                                                      tmp_path, adapter):
+    from dataclasses import asdict
+
+    from adapters.checkpoint import save_adapter
+    from downstream import adapt, build_target_model, target_config
+    from pretraining.recommender import checkpoint_fingerprint, load_recommender_config
+    from tests.conftest import perturb_adapters
+
+    base_dir = id_base / "best_model"
+    target = load_dataset_folder(target_dir)
+    config = target_config(load_recommender_config(base_dir), target, adapter)
+    model = adapt(build_target_model(config, base_dir, target), adapter)
+    perturb_adapters(model, 0.5)  # stands in for training
+    save_adapter(model, tmp_path / "adapter", adapter, checkpoint_fingerprint(base_dir),
+                 metadata={"pretrained": str(base_dir), "model": asdict(config)})
+    reloaded = load_adapted_model(tmp_path / "adapter", target)
+    assert torch.equal(scores_on(reloaded, target), scores_on(model, target))
+
+
+def test_base_checkpoint_of_another_architecture_is_refused(id_base, target_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(id_base / "best_model", other)
+    meta = json.loads((other / "config.json").read_text())
+    meta["config"]["backbone_config"]["num_layers"] = 3
+    (other / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit the target model"):
+        finetune(HOULSBY, "--pretrained", str(other), "--dataset", str(target_dir),
+                 "--output-dir", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
