@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only the grid rows with these names")
+    parser.add_argument("--single-seed", nargs="*", default=[],
+                        help="grid rows run with the first seed only (expensive ones)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-transfer"))
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -137,7 +139,9 @@ def main() -> None:
         for name, script, flags, kinds in GRID:
             if kind not in kinds or (args.only is not None and name not in args.only):
                 continue
-            seeds = args.seeds[:1] if name == "zero-shot" else args.seeds  # deterministic
+            # Zero-shot is deterministic: one evaluation.
+            single = name == "zero-shot" or name in args.single_seed
+            seeds = args.seeds[:1] if single else args.seeds
             run_dirs = [args.output_dir / kind / name.replace(" ", "-").replace(":", "")
                         / f"seed{seed}" for seed in seeds]
             runs = [run_one(script, flags, Path(source), run_dir, seed, args.target, extra)
