@@ -104,12 +104,21 @@ def check_targets(rows: list[dict]) -> list[str]:
         if not adapters or "full fine-tuning" not in by_name:
             continue
         full = statistics.mean(by_name["full fine-tuning"]["ndcg"])
-        small = [row for row in adapters if row["percent"] <= 10.0] or adapters
-        best = max(small, key=lambda row: statistics.mean(row["ndcg"]))
-        ratio = statistics.mean(best["ndcg"]) / full if full else float("nan")
-        lines.append(f"{source}: best adapter with <= 10% trainable: {best['method']} "
-                     f"({best['trainable %']}%), NDCG@10 = {ratio:.1%} of full fine-tuning "
-                     f"-> {'met' if ratio >= 0.95 else 'NOT met'} (target >= 95%)")
+        small = [row for row in adapters if row["percent"] <= 10.0]
+        if not small:
+            lines.append(f"{source}: no adapter trains <= 10% of the parameters (a fresh "
+                         "per-item table alone is more) -> NOT met (target >= 95% of full "
+                         "fine-tuning with <= 10% trained)")
+        else:
+            best = max(small, key=lambda row: statistics.mean(row["ndcg"]))
+            ratio = statistics.mean(best["ndcg"]) / full if full else float("nan")
+            lines.append(f"{source}: best adapter with <= 10% trainable: {best['method']} "
+                         f"({best['trainable %']}%), NDCG@10 = {ratio:.1%} of full fine-tuning "
+                         f"-> {'met' if ratio >= 0.95 else 'NOT met'} (target >= 95%)")
+        best_any = max(adapters, key=lambda row: statistics.mean(row["ndcg"]))
+        lines.append(f"{source}: best adapter at any share: {best_any['method']} "
+                     f"({best_any['trainable %']}%), NDCG@10 = "
+                     f"{statistics.mean(best_any['ndcg']) / full:.1%} of full fine-tuning")
         if "scratch" in by_name:
             scratch = statistics.mean(by_name["scratch"]["ndcg"])
             top = max(statistics.mean(row["ndcg"]) for row in adapters)
@@ -129,6 +138,9 @@ def main() -> None:
                         help="run only the grid rows with these names")
     parser.add_argument("--single-seed", nargs="*", default=[],
                         help="grid rows run with the first seed only (expensive ones)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train nothing: summarise the finished runs (rows without one "
+                        "are left out)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-transfer"))
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -142,11 +154,16 @@ def main() -> None:
             # Zero-shot is deterministic: one evaluation.
             single = name == "zero-shot" or name in args.single_seed
             seeds = args.seeds[:1] if single else args.seeds
-            run_dirs = [args.output_dir / kind / name.replace(" ", "-").replace(":", "")
-                        / f"seed{seed}" for seed in seeds]
+            run_dirs = {seed: args.output_dir / kind / name.replace(" ", "-").replace(":", "")
+                        / f"seed{seed}" for seed in seeds}
+            if args.summary_only:
+                run_dirs = {seed: path for seed, path in run_dirs.items()
+                            if (path / "metrics.json").is_file()}
+                if not run_dirs:
+                    continue
             runs = [run_one(script, flags, Path(source), run_dir, seed, args.target, extra)
-                    for seed, run_dir in zip(seeds, run_dirs, strict=True)]
-            rows.append(summarize(kind, name, runs, run_dirs))
+                    for seed, run_dir in run_dirs.items()]
+            rows.append(summarize(kind, name, runs, list(run_dirs.values())))
     table = markdown(rows, COLUMNS)
     targets = check_targets(rows)
     print(table, *targets, sep="\n")
