@@ -27,26 +27,23 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from accelerate import PartialState
 from safetensors.torch import load_file
 
 from adapters import fold_prefixes, get_adapted_model, parse_layers
 from adapters.base import AdapterConfig
 from adapters.checkpoint import (
-    ADAPTER_WEIGHTS_NAME,
     is_adapter_checkpoint,
     load_adapter_weights,
     read_adapter_config,
     save_adapter,
 )
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
-from modality_encoders import build_item_content
 from modality_encoders.transformer import load_encoder_config, resolve_encoder_path
 from pretraining.cli import protocol_config, training_config
-from pretraining.data import item_frequencies
 from pretraining.pipeline import (
     METRICS,
     RUN_CONFIG,
+    build_recommender,
     dataset_section,
     evaluate_model,
     evaluate_run,
@@ -65,7 +62,7 @@ from pretraining.recommender import (
     checkpoint_fingerprint,
     load_recommender_config,
 )
-from pretraining.trainer import BEST_DIR, build_accelerator
+from pretraining.trainer import build_accelerator
 
 BASELINES = ("full", "scratch", "zero_shot")
 
@@ -125,10 +122,7 @@ def build_target_model(
 ) -> SequentialRecommender:
     """The target model with the base's weights (`base_dir`), or freshly initialised
     (`base_dir` None, for training from scratch)."""
-    frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
-    content = build_item_content(data, config.item_encoder, config.item_encoder_config,
-                                 encoder_cache_dir)
-    model = SequentialRecommender(config, frequencies, content)
+    model = build_recommender(config, data, encoder_cache_dir)
     if base_dir is not None:
         transfer_weights(model, base_dir)
     return model
@@ -273,12 +267,8 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
             return load_checkpoint(directory, data, encoder_cache_dir=encoder_cache_dir)
         return load_adapted_model(directory, data, base_dir, encoder_cache_dir)
 
-    metrics = train_run(args, data, output_dir, run_config, build_model, load_best, label,
-                        save_model)
-    weights = output_dir / BEST_DIR / (WEIGHTS_NAME if adapter is None else ADAPTER_WEIGHTS_NAME)
-    metrics["checkpoint_mb"] = weights.stat().st_size / 2**20
-    _write_metrics(output_dir, metrics)
-    return metrics
+    return train_run(args, data, output_dir, run_config, build_model, load_best, label,
+                     save_model)
 
 
 def encoder_overrides(args: argparse.Namespace) -> dict:
@@ -301,11 +291,7 @@ def _zero_shot(args, data, config, base_dir, output_dir, run_config, label) -> d
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
-        _write_metrics(output_dir, metrics)
+        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
         print(format_metrics_table({label: metrics}))
     return metrics
 
-
-def _write_metrics(output_dir: Path, metrics: dict) -> None:
-    if PartialState().is_main_process:
-        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))

@@ -49,7 +49,6 @@ def pretrain(args: argparse.Namespace) -> dict:
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{args.backbone}"
     config = model_config(args, data.num_items, data.fingerprint, data)
     encoder_cache_dir = getattr(args, "encoder_cache_dir", None)
-    frequencies = item_frequencies(data) if config.negative_sampling == "popularity" else None
     model_section = asdict(config)
     item_source = None
     if args.init_items_from is not None:  # checked now: a bad source fails before training
@@ -67,15 +66,14 @@ def pretrain(args: argparse.Namespace) -> dict:
     }
 
     def build_model() -> SequentialRecommender:
-        content = build_item_content(data, config.item_encoder, config.item_encoder_config,
-                                     encoder_cache_dir)
-        model = SequentialRecommender(config, frequencies, content)
+        model = build_recommender(config, data, encoder_cache_dir)
         if item_source is not None:
             copy_item_encoder(item_source, model)
         return model
 
     def load_best(checkpoint: Path) -> SequentialRecommender:
-        return load_checkpoint(checkpoint, data, frequencies, encoder_cache_dir)
+        return load_checkpoint(checkpoint, data, model_frequencies(config, data),
+                               encoder_cache_dir)
 
     return train_run(args, data, output_dir, run_config, build_model, load_best,
                      label=f"{data.name} {args.backbone}")
@@ -138,6 +136,20 @@ def copy_item_encoder(checkpoint: Path, model: SequentialRecommender) -> None:
                               f"this model ({str(error).strip().splitlines()[0]})") from None
 
 
+def model_frequencies(config: RecommenderConfig, data: SequenceData):
+    """Item frequencies when the model samples negatives by popularity, else None."""
+    return item_frequencies(data) if config.negative_sampling == "popularity" else None
+
+
+def build_recommender(
+    config: RecommenderConfig, data: SequenceData, encoder_cache_dir: Path | None = None
+) -> SequentialRecommender:
+    """A freshly initialised recommender for `data`, with its items' content."""
+    content = build_item_content(data, config.item_encoder, config.item_encoder_config,
+                                 encoder_cache_dir)
+    return SequentialRecommender(config, model_frequencies(config, data), content)
+
+
 def dataset_section(data: SequenceData, args: argparse.Namespace) -> dict:
     return {"name": data.name, "path": str(data.path), "fingerprint": data.fingerprint,
             "train_windows": args.train_windows}
@@ -184,6 +196,9 @@ def train_run(
                              trainer_config.eval_batch_size, accelerator)
     metrics["training"] = summary
     metrics["parameters"] = {"trainable": trainable, "total": total, "trainable_percent": percent}
+    # Size of what the best checkpoint stores (the adapter alone for adapter runs).
+    metrics["checkpoint_mb"] = sum(
+        f.stat().st_size for f in (output_dir / BEST_DIR).glob("*.safetensors")) / 2**20
     if accelerator.is_main_process:
         (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
         print(format_metrics_table({label: metrics}))
