@@ -56,6 +56,11 @@ class AdapterConfig:
         check_layer_spec(self.layers)
         check_known(self.extras, EXTRAS, "trainable extra(s)", "valid")
 
+    def placement(self) -> tuple[str, ...]:
+        """The site or module names this config places adapters at; empty: the host's
+        defaults (every method that takes `sites` or `target_modules` overrides it)."""
+        return ()
+
     def replace(self, **changes) -> AdapterConfig:
         return dataclasses.replace(self, **changes)
 
@@ -136,8 +141,7 @@ def adapter_hosts(model: nn.Module, adapt: str = "both") -> list[nn.Module]:
             where = f"the {adapt} of {where}"
         raise ValueError(
             f"{where} has no layers to adapt: no module there declares `adapter_sites` "
-            "(an ID item table, or a frozen and cached content encoder, has none); choose "
-            "another --adapt component"
+            "(an ID item table has none); choose another --adapt component"
         )
     return hosts
 
@@ -147,8 +151,11 @@ def _declares_sites(module: nn.Module) -> bool:
 
 
 def num_layers(host: nn.Module) -> int:
-    """How many layers the host has: the count of consecutive `{i}` that resolve."""
+    """How many layers the host has: the count of consecutive `{i}` that resolve; a host
+    whose site patterns have no `{i}` (a content encoder's output head) is one layer."""
     patterns = list(host.adapter_sites.values())
+    if not any("{i}" in p for p in patterns):
+        return 1
     count = 0
     while any(_has_submodule(host, p.format(i=count)) for p in patterns):
         count += 1
@@ -158,8 +165,8 @@ def num_layers(host: nn.Module) -> int:
 def layer_path(host: nn.Module, index: int) -> str:
     """The module path of layer `index`: a site pattern cut just after `{i}`."""
     pattern = next(iter(host.adapter_sites.values()))
-    head, _, _ = pattern.partition("{i}")
-    return f"{head}{index}"
+    head, marker, _ = pattern.partition("{i}")
+    return f"{head}{index}" if marker else pattern
 
 
 def select_sites(host: nn.Module, layers: str, sites: Iterable[str]) -> list[tuple[int, str]]:

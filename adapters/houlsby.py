@@ -50,6 +50,9 @@ class HoulsbyConfig(AdapterConfig):
                 f"{', '.join(NON_LINEARITIES)}"
             )
 
+    def placement(self) -> tuple[str, ...]:
+        return self.sites
+
 
 @dataclass(frozen=True)
 class PfeifferConfig(HoulsbyConfig):

@@ -54,6 +54,9 @@ class LoRAConfig(AdapterConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    def placement(self) -> tuple[str, ...]:
+        return self.target_modules or ()
+
 
 class LoRALinear(AdapterLayer):
     """`base(x) + dropout(x) @ A^T @ B^T * scaling`; `base` keeps the pretrained weights."""
@@ -126,9 +129,11 @@ def target_paths(host: nn.Module, config: LoRAConfig) -> list[str]:
         for name, module in layer.named_modules():
             if not isinstance(module, nn.Linear) or _inside_adapter(layer, name):
                 continue
-            linears.append(name)
-            if any(name == t or name.endswith("." + t) for t in targets):
-                paths.append(f"{prefix}.{name}")
+            # The layer itself may be the Linear (a content encoder's output head).
+            path = f"{prefix}.{name}" if name else prefix
+            linears.append(name or prefix)
+            if any(path == t or path.endswith("." + t) for t in targets):
+                paths.append(path)
     if not paths:
         raise ValueError(
             f"no nn.Linear in the chosen layers ({config.layers}) of {model_type!r} matches "

@@ -38,7 +38,12 @@ from adapters.checkpoint import (
     save_adapter,
 )
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
-from modality_encoders.transformer import load_encoder_config, resolve_encoder_path
+from modality_encoders.content_encoder import HEAD_SITE
+from modality_encoders.transformer import (
+    ADAPTER_LAYOUTS,
+    load_encoder_config,
+    resolve_encoder_path,
+)
 from pretraining.cli import protocol_config, training_config
 from pretraining.pipeline import (
     METRICS,
@@ -75,9 +80,10 @@ def target_config(
 ) -> RecommenderConfig:
     """The base's architecture for the target catalog.
 
-    Adapters in the item encoder need the encoder inside the step: it is switched from
-    frozen + cached outputs to partial caching, running only the layers from the lowest
-    adapted one up (the hidden states below are cached), with its own weights frozen.
+    Adapters in the item encoder's transformer layers need the encoder inside the step: it
+    is switched from frozen + cached outputs to partial caching, running only the layers
+    from the lowest adapted one up (the hidden states below are cached), with its own
+    weights frozen. Adapters on its output head alone keep the cache.
     """
     encoder_config = {**base.item_encoder_config, **(encoder_overrides or {})}
     if "template" in encoder_config and "template" not in (encoder_overrides or {}):
@@ -89,12 +95,26 @@ def target_config(
                 "has no layers to adapt); use --adapt backbone"
             )
         name = encoder_config["encoder"]
-        num_layers = load_encoder_config(resolve_encoder_path(name), name).num_hidden_layers
-        lowest = parse_layers(adapter.layers, num_layers)[0]
-        encoder_config.update(freeze=False,
-                              trainable_layers=-1 if lowest == 0 else num_layers - lowest)
+        encoder = load_encoder_config(resolve_encoder_path(name), name)
+        if adapts_encoder_layers(adapter, encoder.model_type):
+            num_layers = encoder.num_hidden_layers
+            lowest = parse_layers(adapter.layers, num_layers)[0]
+            encoder_config.update(freeze=False,
+                                  trainable_layers=-1 if lowest == 0 else num_layers - lowest)
     return replace(base, num_items=data.num_items, dataset_fingerprint=data.fingerprint,
                    item_encoder_config=encoder_config)
+
+
+def adapts_encoder_layers(adapter: AdapterConfig, model_type: str) -> bool:
+    """Whether `adapter` reaches a content encoder's transformer layers, rather than only
+    its output head above the cache: it does unless it names the head (`--sites
+    projection`, `--target-modules projection`) and nothing those layers hold."""
+    names = set(adapter.placement())
+    if HEAD_SITE not in names:
+        return True
+    layout = ADAPTER_LAYOUTS.get(model_type)
+    layer_names = set(layout[0]) | set(layout[1]) if layout else names - {HEAD_SITE}
+    return bool(names & layer_names)
 
 
 def target_template(template: str, data: SequenceData) -> str:

@@ -4,7 +4,8 @@ Three ways to run, chosen by `freeze` and `trainable_layers`:
 - frozen (default): the catalog is encoded once (chunked, no grad) and cached on disk;
   `catalog()` = projection(cached pooled outputs). The encoder is not part of the
   module, so checkpoints hold the projection only and refer to the encoder by path +
-  fingerprint.
+  fingerprint. Adapters can still reach the output head: the module declares one
+  adapter site, `projection` (`HEAD_SITE`), also its LoRA target.
 - end-to-end (`freeze=False`, all layers): the encoder runs inside the training step on
   the items a batch needs (`encodes_on_demand`); evaluation re-encodes the catalog once
   per evaluation (memoised while in eval mode).
@@ -67,6 +68,10 @@ class ContentEncoderSettings:
             raise ValueError("encode_batch_size must be >= 1 and max_text_length >= 2")
 
 
+# The site (and LoRA target) of a frozen, cached encoder's output head.
+HEAD_SITE = "projection"
+
+
 class ContentItemEncoder(nn.Module):
     """Base of `TextItemEncoder` and `ImageItemEncoder` (see the module docstring)."""
 
@@ -98,6 +103,10 @@ class ContentItemEncoder(nn.Module):
         if settings.freeze:
             outputs = self._cached("pooled", (num_items, self.hidden_size), self._build_pooled)
             self.register_buffer("outputs", outputs, persistent=False)
+            # An adapter host of one layer: the head above the cache (so adapting it keeps
+            # the cache). In the other modes the encoder's transformer is the host.
+            self.adapter_sites = {HEAD_SITE: HEAD_SITE}
+            self.lora_targets = (HEAD_SITE,)
             return
         self.encoder = TransformerStages(self.path, settings.encoder, self.modality)
         num_layers = self.encoder.num_layers

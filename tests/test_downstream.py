@@ -361,3 +361,61 @@ def test_base_checkpoint_of_another_architecture_is_refused(id_base, target_dir,
         finetune(HOULSBY, "--pretrained", str(other), "--dataset", str(target_dir),
                  "--output-dir", str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("methods, placement, wrapped", [
+    (HOULSBY, ["--sites", "projection", "--reduction-factor", "4"], "BottleneckSite"),
+    (("lora",), ["--target-modules", "projection", "--rank", "2"], "LoRALinear"),
+])
+def test_adapters_on_the_cached_encoders_output_head_keep_the_cache(
+        text_base, target_dir, tmp_path, methods, placement, wrapped):
+    run_dir, cache = text_base
+    run = tmp_path / "head"
+    common = ["--pretrained", str(run_dir), "--dataset", str(target_dir),
+              "--encoder-cache-dir", str(cache)]
+    zero = finetune((), *common, "--output-dir", str(tmp_path / "zero"), "--zero-shot")
+    # lr 0: the injected adapter alone must leave the zero-shot scores exactly as they were.
+    untrained = finetune(methods, *common, "--output-dir", str(run), "--epochs", "1",
+                         "--lr", "0", "--adapt", "item_encoder", *placement)
+    assert untrained["test"] == zero["test"]
+    config = json.loads((run / "config.json").read_text())["model"]["item_encoder_config"]
+    assert config["freeze"] is True  # still frozen + cached: no transformer layer in the step
+    model = load_adapted_model(run / "best_model", load_dataset_folder(target_dir),
+                               encoder_cache_dir=cache)
+    assert model.item_encoder.encoder is None
+    assert type(model.item_encoder.projection).__name__ == wrapped
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    assert saved and all(n.startswith("item_encoder.projection.") for n in saved)
+    assert untrained["parameters"]["trainable"] == sum(t.numel() for t in saved.values())
+
+
+def test_lora_on_the_backbone_and_the_output_head_together(text_base, target_dir, tmp_path):
+    run_dir, cache = text_base
+    run = tmp_path / "both"
+    metrics = finetune(("lora",), "--pretrained", str(run_dir), "--dataset", str(target_dir),
+                       "--output-dir", str(run), "--epochs", "1", "--adapt", "both",
+                       "--target-modules", "q_proj,v_proj,projection", "--rank", "2",
+                       "--encoder-cache-dir", str(cache))
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    wrapped = {n.rsplit(".lora_", 1)[0] for n in saved}
+    assert wrapped == {"item_encoder.projection"} | {
+        f"backbone.layers.{i}.attention.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sites", "projection", "--layers", "top:2"], "K must be between 1 and 1"),
+    # attn is in the transformer layers, which then run in the step and have no head site
+    (["--sites", "attn,projection"], "unknown adapter site(s) 'projection'"),
+])
+def test_bad_head_placement_fails_before_training(text_base, target_dir, tmp_path, extra,
+                                                  message):
+    run_dir, cache = text_base
+    run = tmp_path / "bad"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        finetune(HOULSBY, "--pretrained", str(run_dir), "--dataset", str(target_dir),
+                 "--output-dir", str(run), "--adapt", "item_encoder",
+                 "--encoder-cache-dir", str(cache), *extra)
+    assert not (run / "config.json").exists()
