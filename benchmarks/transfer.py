@@ -1,7 +1,7 @@
 """Transfer ML-1M -> ML-100k: adapters against full fine-tuning, from scratch and zero-shot.
 
-For each pretrained source (an ID SASRec and a text SASRec with the shipped MiniLM,
-both pretraining run folders on ML-1M), every row of the grid is fine-tuned on the target
+For each pretrained source (an ID SASRec, a text SASRec with the shipped MiniLM and an ID
+DiffRec, all pretraining run folders on ML-1M), every row of the grid is fine-tuned on the target
 with each seed, each run in its own process (so peak memory is the run's own), by the
 repository's scripts. The table reports the mean and spread (sample standard deviation)
 over seeds of test NDCG@10 and HR@10 (full ranking, no history mask), the trainable
@@ -32,11 +32,11 @@ from tables import markdown
 ROOT = Path(__file__).resolve().parents[1]
 # (name, script, flags, which sources it applies to)
 GRID = [
-    ("scratch", "finetune_full", ["--from-scratch"], ("id", "text")),
+    ("scratch", "finetune_full", ["--from-scratch"], ("id", "text", "diffrec")),
     ("zero-shot", "finetune_full", ["--zero-shot"], ("text",)),
-    ("full fine-tuning", "finetune_full", [], ("id", "text")),
+    ("full fine-tuning", "finetune_full", [], ("id", "text", "diffrec")),
     ("houlsby backbone all", "adapter_houlsby", ["--adapt", "backbone", "--layers", "all"],
-     ("id", "text")),
+     ("id", "text", "diffrec")),
     ("houlsby backbone top:1", "adapter_houlsby", ["--adapt", "backbone", "--layers", "top:1"],
      ("id", "text")),
     ("houlsby item_encoder top:1", "adapter_houlsby",
@@ -44,11 +44,15 @@ GRID = [
     ("houlsby both top:1", "adapter_houlsby", ["--adapt", "both", "--layers", "top:1"],
      ("text",)),
     ("lora backbone all", "adapter_lora", ["--adapt", "backbone", "--layers", "all"],
-     ("id", "text")),
+     ("id", "text", "diffrec")),
     ("lora item_encoder top:1", "adapter_lora",
      ["--adapt", "item_encoder", "--layers", "top:1"], ("text",)),
     ("prefix backbone all", "adapter_prefix",
      ["--method", "prefix", "--adapt", "backbone", "--layers", "all"], ("id", "text")),
+    ("diffusion_step backbone all", "adapter_diffusion_step",
+     ["--adapt", "backbone", "--layers", "all"], ("diffrec",)),
+    ("diffusion_step step MLP only", "adapter_diffusion_step", ["--step-mlp-only"],
+     ("diffrec",)),
 ]
 COLUMNS = ("source", "method", "seeds", "test ndcg@10", "test hr@10", "trainable",
            "trainable %", "checkpoint MB", "fine-tune s", "peak MB")
@@ -131,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", action="append", required=True,
-                        help="KIND=RUN_DIR, KIND 'id' or 'text' (repeatable)")
+                        help="KIND=RUN_DIR, KIND 'id', 'text' or 'diffrec' (repeatable)")
     parser.add_argument("--target", default="ml-100k")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None,
