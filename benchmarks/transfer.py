@@ -16,7 +16,8 @@ Finished runs are summarised without training again; interrupted ones resume.
     python benchmarks/transfer.py --source id=runs/bench-sasrec/ml-1m \\
         --source text=runs/bench-text/ml-1m --output-dir runs/bench-transfer -- --lr 2e-3
 
-Extra flags after `--` go to every fine-tuning run.
+Extra flags after `--` go to every fine-tuning run; a row's own settings (e.g. the
+learning rate and batch size its method was tuned with) come after them and win.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ GRID = [
     ("scratch", "finetune_full", ["--from-scratch"], ("id", "text", "diffrec")),
     ("zero-shot", "finetune_full", ["--zero-shot"], ("text",)),
     ("full fine-tuning", "finetune_full", [], ("id", "text", "diffrec")),
+    ("full fine-tuning b32", "finetune_full", ["--batch-size", "32"], ("text",)),
     ("houlsby backbone all", "adapter_houlsby", ["--adapt", "backbone", "--layers", "all"],
      ("id", "text", "diffrec")),
     ("houlsby backbone top:1", "adapter_houlsby", ["--adapt", "backbone", "--layers", "top:1"],
@@ -50,6 +52,11 @@ GRID = [
      ("id", "text", "diffrec")),
     ("lora item_encoder top:1", "adapter_lora",
      ["--adapt", "item_encoder", "--layers", "top:1"], ("text",)),
+    # LoRA on the text encoder's output head only (the cache stays): rank 32, tuned on
+    # validation with batch 32 and lr 5e-3.
+    ("lora item_encoder head b32", "adapter_lora",
+     ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "32", "--alpha",
+      "64", "--lr", "5e-3", "--batch-size", "32"], ("text",)),
     ("prefix backbone all", "adapter_prefix",
      ["--method", "prefix", "--adapt", "backbone", "--layers", "all"], ("id", "text")),
     ("diffusion_step backbone all", "adapter_diffusion_step",
@@ -67,7 +74,7 @@ def run_one(script: str, flags: list[str], source: Path, run_dir: Path, seed: in
         resume = ["--resume"] if (run_dir / "config.json").is_file() else []
         command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--pretrained",
                    str(source), "--dataset", target, "--output-dir", str(run_dir), "--seed",
-                   str(seed), "--report-to", "none", *flags, *extra, *resume]
+                   str(seed), "--report-to", "none", *extra, *flags, *resume]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads((run_dir / "metrics.json").read_text())
@@ -128,11 +135,13 @@ def check_targets(rows: list[dict]) -> list[str]:
     lines = []
     for source in dict.fromkeys(row["source"] for row in rows):
         by_name = {row["method"]: row for row in rows if row["source"] == source}
+        fulls = [row for name, row in by_name.items() if name.startswith("full fine-tuning")]
         adapters = [row for name, row in by_name.items()
-                    if name not in ("scratch", "zero-shot", "full fine-tuning")]
-        if not adapters or "full fine-tuning" not in by_name:
+                    if name not in ("scratch", "zero-shot") and row not in fulls]
+        if not adapters or not fulls:
             continue
-        full = statistics.mean(by_name["full fine-tuning"]["ndcg"])
+        # The reference is the best full fine-tuning run under any of its settings.
+        full = max(statistics.mean(row["ndcg"]) for row in fulls)
         small = [row for row in adapters if row["percent"] <= 10.0]
         if not small:
             lines.append(f"{source}: no adapter trains <= 10% of the parameters (a fresh "
