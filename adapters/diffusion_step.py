@@ -59,6 +59,9 @@ class DiffusionStepConfig(AdapterConfig):
         # The bottleneck's settings are Houlsby's: its config checks them.
         HoulsbyConfig(reduction_factor=self.reduction_factor, non_linearity=self.non_linearity)
 
+    def placement(self) -> tuple[str, ...]:
+        return self.sites
+
 
 class StepModulatedBottleneck(Bottleneck):
     """A bottleneck whose hidden activations are scaled and shifted by the step embedding.
