@@ -307,6 +307,11 @@ def format_metrics_table(runs: dict[str, dict]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+# Run settings added after run folders were first written, with the behaviour runs from
+# before had (a config.json without the key ran that way), so they still resume.
+SETTINGS_ADDED_LATER = {"dataset": {"train_windows": "last"}}
+
+
 def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
     """Refuse to overwrite a run, or to resume one with another model or dataset."""
     existing = output_dir / RUN_CONFIG
@@ -317,7 +322,8 @@ def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
                          "or choose another --output-dir")
     previous = json.loads(existing.read_text())
     for section in ("dataset", "model", "transfer"):
-        before, now = previous.get(section) or {}, run_config.get(section) or {}
+        before = {**SETTINGS_ADDED_LATER.get(section, {}), **(previous.get(section) or {})}
+        now = run_config.get(section) or {}
         if before != now:
             changed = sorted(key for key in set(before) | set(now)
                              if before.get(key) != now.get(key))

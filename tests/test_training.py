@@ -107,6 +107,19 @@ def test_existing_run_is_not_overwritten_and_resume_checks_settings(tiny_dataset
     assert (tmp_path / "run" / "best_model" / "model.safetensors").read_bytes() == before
 
 
+def test_a_run_written_before_a_setting_existed_resumes_with_its_old_behaviour(
+        tiny_dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "1")
+    config = json.loads((run / "config.json").read_text())
+    del config["dataset"]["train_windows"]  # as written before --train-windows existed
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"dataset settings differ \(\['train_windows'\]\)"):
+        run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--resume", "--train-windows", "all")
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--resume")
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+
+
 def test_evaluate_refuses_a_checkpoint_of_another_dataset(tiny_dataset_dir, tmp_path):
     from conftest import write_synthetic_interactions
 
