@@ -112,7 +112,8 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_old_behaviour(
     run = tmp_path / "run"
     run_pretrain(tiny_dataset_dir, run, "--epochs", "1")
     config = json.loads((run / "config.json").read_text())
-    del config["dataset"]["train_windows"]  # as written before --train-windows existed
+    # as written before --train-windows and content item encoders existed
+    del config["dataset"]["train_windows"], config["model"]["item_encoder_config"]
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"dataset settings differ \(\['train_windows'\]\)"):
         run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--resume", "--train-windows", "all")
