@@ -73,6 +73,16 @@ COLUMNS = ("source", "method", "seeds", "test ndcg@10", "test hr@10", "trainable
            "trainable %", "% incl. encoder", "checkpoint MB", "fine-tune s", "peak MB")
 
 
+def source_kind(source: Path) -> str:
+    """Which grid rows fit a pretraining run: 'diffrec', 'text', 'image' or 'id'."""
+    config = source / "config.json"
+    if not config.is_file():
+        sys.exit(f"{source} is not a pretraining run folder (no config.json); pass "
+                 "--source LABEL=RUN_DIR with the output directory of a pretraining script")
+    model = json.loads(config.read_text())["model"]
+    return "diffrec" if model["backbone"] == "diffrec" else model["item_encoder"]
+
+
 def run_one(script: str, flags: list[str], source: Path, run_dir: Path, seed: int,
             target: str, extra: list[str]) -> dict:
     if not (run_dir / "metrics.json").is_file():
@@ -174,7 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", action="append", required=True,
-                        help="KIND=RUN_DIR, KIND 'id', 'text' or 'diffrec' (repeatable)")
+                        help="LABEL=RUN_DIR (repeatable): a pretraining run, named LABEL in "
+                        "the table; its rows follow its kind (ID, text or DiffRec)")
     parser.add_argument("--target", default="ml-100k")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None,
@@ -190,14 +201,15 @@ def main() -> None:
     extra = [a for a in args.extra if a != "--"]
     sources = dict(item.split("=", 1) for item in args.source)
     rows = []
-    for kind, source in sources.items():
+    for label, source in sources.items():
+        kind = source_kind(Path(source))
         for name, script, flags, kinds in GRID:
             if kind not in kinds or (args.only is not None and name not in args.only):
                 continue
             # Zero-shot is deterministic: one evaluation.
             single = name == "zero-shot" or name in args.single_seed
             seeds = args.seeds[:1] if single else args.seeds
-            run_dirs = {seed: args.output_dir / kind / name.replace(" ", "-").replace(":", "")
+            run_dirs = {seed: args.output_dir / label / name.replace(" ", "-").replace(":", "")
                         / f"seed{seed}" for seed in seeds}
             if args.summary_only:
                 run_dirs = {seed: path for seed, path in run_dirs.items()
@@ -206,7 +218,7 @@ def main() -> None:
                     continue
             runs = [run_one(script, flags, Path(source), run_dir, seed, args.target, extra)
                     for seed, run_dir in run_dirs.items()]
-            rows.append(summarize(kind, name, runs, list(run_dirs.values())))
+            rows.append(summarize(label, name, runs, list(run_dirs.values())))
     table = markdown(rows, COLUMNS)
     targets = check_targets(rows)
     print(table, *targets, sep="\n")
