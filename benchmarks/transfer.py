@@ -46,6 +46,14 @@ GRID = [
      ("id", "text")),
     ("houlsby backbone all + projection", "adapter_houlsby",
      ["--adapt", "backbone", "--layers", "all", "--tune", "projection"], ("text",)),
+    # Probes (one seed): a higher learning rate for the adapters, and the layer norms
+    # (so also the output norm before the dot product) trained too.
+    ("houlsby backbone all + projection lr 3e-3", "adapter_houlsby",
+     ["--adapt", "backbone", "--layers", "all", "--tune", "projection", "--lr", "3e-3"],
+     ("text",)),
+    ("houlsby backbone all + projection + layernorm lr 3e-3", "adapter_houlsby",
+     ["--adapt", "backbone", "--layers", "all", "--tune", "projection,layernorm", "--lr",
+      "3e-3"], ("text",)),
     ("houlsby item_encoder head b32", "adapter_houlsby",
      ["--adapt", "item_encoder", "--sites", "projection", "--reduction-factor", "1", "--lr",
       "5e-3", "--batch-size", "32"], ("text",)),
