@@ -208,9 +208,11 @@ def main() -> None:
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     sources = dict(item.split("=", 1) for item in args.source)
+    # Every source is checked before the first (hours-long) run starts.
+    kinds = {label: source_kind(Path(source)) for label, source in sources.items()}
     rows = []
     for label, source in sources.items():
-        kind = source_kind(Path(source))
+        kind = kinds[label]
         for name, script, flags, kinds in GRID:
             if kind not in kinds or (args.only is not None and name not in args.only):
                 continue
