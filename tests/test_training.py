@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -171,12 +172,19 @@ def test_config_file_values_are_overridden_by_flags(tiny_dataset_dir, tmp_path):
     assert (args.epochs, args.hidden_size, args.lr) == (1, 16, 0.01)
 
 
+def free_port() -> int:
+    """A port no one listens on now: the default rendezvous port may be taken by another run."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_cpu_run_matches_one_process_evaluation(tiny_dataset_dir, tmp_path):
     # `accelerate launch --cpu --num_processes 2` silently starts ONE process (STACK.md).
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
+                "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     os.environ["ACCELERATE_USE_CPU"] = "1"
     try:
         result = script("pretrain_id.py", "--dataset", str(tiny_dataset_dir), "--output-dir",
