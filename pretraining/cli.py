@@ -65,6 +65,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "logQ correction")
     group.add_argument("--num-negatives", type=int, default=1024, help="for --loss sampled")
     group.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform")
+    group.add_argument("--repeat-bias", action="store_true",
+                       help="learn one score offset for items already in the input sequence "
+                       "(negative where users rarely re-consume, positive where they repeat)")
     group.add_argument("--init-items-from", type=Path, metavar="DIR",
                        help="start the item encoder (ID: the item table) from this pretraining "
                        "run folder or its best_model/ (any backbone; same dataset, item encoder "
@@ -250,6 +253,7 @@ def model_config(
         loss=args.loss,
         num_negatives=args.num_negatives,
         negative_sampling=args.negative_sampling,
+        repeat_bias=args.repeat_bias,
         dataset_fingerprint=fingerprint,
     )
 

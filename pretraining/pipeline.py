@@ -309,7 +309,8 @@ def format_metrics_table(runs: dict[str, dict]) -> str:
 
 # Run settings added after run folders were first written, with the behaviour runs from
 # before had (a config.json without the key ran that way), so they still resume.
-SETTINGS_ADDED_LATER = {"dataset": {"train_windows": "last"}, "model": {"item_encoder_config": {}}}
+SETTINGS_ADDED_LATER = {"dataset": {"train_windows": "last"},
+                        "model": {"item_encoder_config": {}, "repeat_bias": False}}
 
 
 def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:

@@ -44,6 +44,34 @@ WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE = "SequentialRecommender"
 
 
+@dataclass
+class HistoryQuery:
+    """What a scorer with a repeat bias scores candidates against: the last state [B, d]
+    and `seen` [B, N + 1], whether each item is among the row's inputs."""
+
+    state: torch.Tensor
+    seen: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+
+def history_indicator(input_ids: torch.Tensor, num_columns: int, causal: bool) -> torch.Tensor:
+    """Which items each row has seen: [B, num_columns], or [B, L, num_columns] up to each
+    position when `causal` (bool). Items index the columns; padding (0) marks column 0,
+    which is never a candidate."""
+    if causal:
+        length = input_ids.shape[-1]
+        upto = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        input_ids = torch.where(upto, input_ids[..., None, :], 0)  # [B, L(t), L(s)]: s <= t
+    seen = input_ids.new_zeros((*input_ids.shape[:-1], num_columns), dtype=torch.bool)
+    return seen.scatter_(-1, input_ids, True)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, malformed, or does not fit the model or data."""
 
@@ -59,6 +87,11 @@ class RecommenderConfig:
     num_negatives: int = 1024
     negative_sampling: str = "uniform"  # or "popularity" (needs item frequencies)
     dataset_fingerprint: str | None = None
+    # One learned score offset for items already in the input sequence. A dot product with
+    # one query vector cannot push down a whole history of scattered items, yet in some
+    # domains users never re-consume (MovieLens: one rating per movie) and in others they
+    # mostly do; the offset learns which from the data. Scores only: no item is removed.
+    repeat_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -77,6 +110,9 @@ class RecommenderConfig:
         if self.is_generative and self.loss != "full":
             raise ValueError(f"the {self.backbone} backbone trains with the full softmax only; "
                              "use --loss full")
+        if self.is_generative and self.repeat_bias:
+            raise ValueError(f"--repeat-bias applies to the dot-product scorer; the "
+                             f"{self.backbone} backbone scores by its own softmax, drop the flag")
         self.backbone_settings()  # validates the backbone's own settings now, not mid-run
 
     @property
@@ -114,6 +150,8 @@ class SequentialRecommender(nn.Module):
             self.sampling_probs = None
         if config.is_generative:
             self.item_bias = nn.Parameter(torch.zeros(config.num_items + 1))
+        if config.repeat_bias:
+            self.repeat_bias = nn.Parameter(torch.zeros(()))
 
     def catalog_parameter_names(self) -> list[str]:
         """Parameters with one row per item of this catalog (an ID table, the generative
@@ -133,16 +171,29 @@ class SequentialRecommender(nn.Module):
             self.training and getattr(self.item_encoder, "encodes_on_demand", False)
         ):
             return self._loss_on_needed_items(batch)
-        states = self.encode(batch["input_ids"])
-        targets = batch["target_ids"]
+        input_ids, targets = batch["input_ids"], batch["target_ids"]
+        states = self.encode(input_ids)
         catalog = self.item_encoder.catalog()
+        offsets = self._repeat_offsets(input_ids, len(catalog))
         if states.device.type == "cpu":
             # Skip padding positions: their logits cost as much as real ones. (On an
             # accelerator this boolean selection would wait for the device every step, so
             # there the loss ignores padding targets instead.)
             has_target = targets > 0
             states, targets = states[has_target], targets[has_target]
-        return {"loss": full_softmax_loss(states, catalog, targets)}
+            offsets = None if offsets is None else offsets[has_target]
+        return {"loss": full_softmax_loss(states, catalog, targets, offsets)}
+
+    def _repeat_offsets(self, input_ids: torch.Tensor, num_columns: int,
+                        local_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[B, L, num_columns]: the repeat bias where a column's item is among the inputs up
+        to that position (None without --repeat-bias). `local_ids` [B, L] numbers the inputs
+        by catalog row when the catalog is a local one."""
+        if not self.config.repeat_bias:
+            return None
+        seen = history_indicator(input_ids if local_ids is None else local_ids, num_columns,
+                                 causal=True)
+        return self.repeat_bias * seen
 
     def _loss_on_needed_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss on the batch's items only: sampled softmax, or a trained item encoder.
@@ -173,12 +224,14 @@ class SequentialRecommender(nn.Module):
         _, local_inputs, local_targets, local_negatives = local.split(sizes)
         local_inputs = local_inputs.view_as(input_ids)
         states = self.backbone(catalog[local_inputs], input_ids > 0)[has_target]
+        offsets = self._repeat_offsets(input_ids, len(items), local_inputs)
+        offsets = None if offsets is None else offsets[has_target]
         if self.sampling_probs is None or self.config.loss == "full":
             probs = catalog.new_full((len(items) - 1,), 1.0 / num_items)
         else:
             probs = self.sampling_probs[items[1:] - 1]
         loss = sampled_softmax_loss(states, catalog, local_targets, len(negatives), probs,
-                                    negatives=local_negatives)
+                                    negatives=local_negatives, item_offsets=offsets)
         return {"loss": loss}
 
     def _generative_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -200,13 +253,21 @@ class SequentialRecommender(nn.Module):
         total = self.backbone.config.mse_weight * mse + ce
         return {"loss": total, "mse": mse.detach(), "ce": ce.detach()}
 
-    def query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | DiffusionQuery:
-        """What the next item is scored against: the state at the last position [B, d];
-        for a generative backbone, a `DiffusionQuery` (each seed's predicted h^0 and its
+    def query(
+        self, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor | HistoryQuery | DiffusionQuery:
+        """What the next item is scored against: the state at the last position [B, d]
+        (with --repeat-bias, a `HistoryQuery` that also knows the inputs' items); for a
+        generative backbone, a `DiffusionQuery` (each seed's predicted h^0 and its
         log-normaliser over the whole catalog)."""
+        input_ids = batch["input_ids"]
         if self.config.is_generative:
-            return self._generative_query(batch["input_ids"])
-        return self.encode(batch["input_ids"])[:, -1]
+            return self._generative_query(input_ids)
+        state = self.encode(input_ids)[:, -1]
+        if self.config.repeat_bias:
+            seen = history_indicator(input_ids, self.config.num_items + 1, causal=False)
+            return HistoryQuery(state, seen)
+        return state
 
     def _generative_query(self, input_ids: torch.Tensor) -> DiffusionQuery:
         catalog = self.item_encoder.catalog()
@@ -232,14 +293,14 @@ class SequentialRecommender(nn.Module):
             logits = query.predicted @ catalog[item_ids].T + self.item_bias[item_ids]
             log_probs = logits.float() - query.log_normalizer[..., None]  # [B, S, C]
             return log_probs.logsumexp(1) - math.log(log_probs.shape[1])
+        if isinstance(query, HistoryQuery):
+            return query.state @ catalog[item_ids].T + self.repeat_bias * query.seen[:, item_ids]
         return query @ catalog[item_ids].T
 
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores of every item [B, num_items + 1] (column 0 = padding)."""
-        if self.config.is_generative:
-            items = torch.arange(self.config.num_items + 1, device=batch["input_ids"].device)
-            return self.score_items(self.query(batch), items)
-        return self.query(batch) @ self.item_encoder.catalog().T
+        items = torch.arange(self.config.num_items + 1, device=batch["input_ids"].device)
+        return self.score_items(self.query(batch), items)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # DDP only syncs gradients of what runs through forward().

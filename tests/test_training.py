@@ -113,8 +113,9 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_old_behaviour(
     run = tmp_path / "run"
     run_pretrain(tiny_dataset_dir, run, "--epochs", "1")
     config = json.loads((run / "config.json").read_text())
-    # as written before --train-windows and content item encoders existed
+    # as written before --train-windows, content item encoders and --repeat-bias existed
     del config["dataset"]["train_windows"], config["model"]["item_encoder_config"]
+    del config["model"]["repeat_bias"]
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"dataset settings differ \(\['train_windows'\]\)"):
         run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--resume", "--train-windows", "all")
@@ -141,6 +142,13 @@ def script(name: str, *args: str, launcher: list[str] | None = None) -> subproce
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [*(launcher or [sys.executable]), str(ROOT / "scripts" / name), *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def failure_report(result: subprocess.CompletedProcess) -> str:
+    """Every error line of a failed script (each rank's, when launched), then stderr's end:
+    progress bars would push a rank's error out of the tail alone."""
+    errors = [line for line in result.stderr.splitlines() if "rror" in line or "ignal" in line]
+    return "\n".join([*errors[:40], "--- end of stderr:", result.stderr[-1500:]])
 
 
 @pytest.mark.parametrize(
@@ -191,7 +199,7 @@ def test_two_process_cpu_run_matches_one_process_evaluation(tiny_dataset_dir, tm
                         str(tmp_path / "run"), *SMALL, "--epochs", "1", launcher=launcher)
     finally:
         del os.environ["ACCELERATE_USE_CPU"]
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, failure_report(result)
     two = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert two["protocol"]["num_processes"] == 2
     assert two["protocol"]["num_users"] == 60  # no duplicated padding users in the metrics

@@ -1,0 +1,121 @@
+"""--repeat-bias: one learned score offset for items already in the input sequence."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretraining import RecommenderConfig, SequentialRecommender
+from pretraining.cli import parse_args, pretrain_parser
+from pretraining.evaluation import chunked_target_ranks, target_ranks
+from pretraining.losses import full_softmax_loss, sampled_softmax_loss
+from pretraining.pipeline import pretrain
+from pretraining.recommender import HistoryQuery, history_indicator
+
+NUM_ITEMS = 30
+BACKBONE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,
+            "dropout": 0.0}
+
+
+def model_with_bias(value: float | None) -> SequentialRecommender:
+    """A tiny SASRec; `value` None = no repeat bias, else the bias set to it."""
+    config = RecommenderConfig(num_items=NUM_ITEMS, backbone_config=BACKBONE,
+                               repeat_bias=value is not None)
+    torch.manual_seed(0)
+    model = SequentialRecommender(config).eval()
+    if value is not None:
+        with torch.no_grad():
+            model.repeat_bias.fill_(value)
+    return model
+
+
+BATCH = {"input_ids": torch.tensor([[0, 0, 3, 5, 3], [1, 2, 4, 8, 9]]),
+         "target_ids": torch.tensor([[0, 0, 5, 3, 7], [2, 4, 8, 9, 1]])}
+
+
+def test_history_indicator_marks_the_items_seen_so_far():
+    seen = history_indicator(BATCH["input_ids"], NUM_ITEMS + 1, causal=False)
+    assert seen.shape == (2, NUM_ITEMS + 1)
+    assert seen[0, 1:].nonzero().flatten().tolist() == [2, 4]  # items 3 and 5 (repeats once)
+    assert seen[1, 1:].nonzero().flatten().tolist() == [0, 1, 3, 7, 8]
+    causal = history_indicator(BATCH["input_ids"], NUM_ITEMS + 1, causal=True)
+    assert causal.shape == (2, 5, NUM_ITEMS + 1)
+    for t in range(5):
+        expected = set(BATCH["input_ids"][1, : t + 1].tolist())
+        assert set(causal[1, t, 1:].nonzero().flatten().add(1).tolist()) == expected
+    assert torch.equal(causal[:, -1, 1:], seen[:, 1:])
+
+
+def test_the_bias_shifts_exactly_the_seen_items_and_starts_at_zero():
+    plain = model_with_bias(None).scores(BATCH)
+    assert torch.equal(model_with_bias(0.0).scores(BATCH), plain)
+    shifted = model_with_bias(-2.5).scores(BATCH)
+    seen = history_indicator(BATCH["input_ids"], NUM_ITEMS + 1, causal=False)
+    torch.testing.assert_close(shifted - plain, -2.5 * seen.float())
+    # At zero the loss is the plain model's too.
+    torch.testing.assert_close(model_with_bias(0.0).loss(BATCH)["loss"],
+                               model_with_bias(None).loss(BATCH)["loss"])
+
+
+def test_chunked_evaluation_ranks_with_the_bias_match_the_full_scores():
+    model = model_with_bias(-1.0)
+    query = model.query(BATCH)
+    assert isinstance(query, HistoryQuery)
+    targets = torch.tensor([3, 9])  # both in their row's history
+    chunked = chunked_target_ranks(model, query, targets, chunk_size=7)
+    assert torch.equal(chunked, target_ranks(model.scores(BATCH), targets))
+
+
+def test_every_loss_path_adds_the_same_offsets():
+    model = model_with_bias(-1.5)
+    loss = model.loss(BATCH)["loss"]
+    # The dense (accelerator) path: no padding selection, the loss ignores padding targets.
+    states = model.encode(BATCH["input_ids"])
+    offsets = -1.5 * history_indicator(BATCH["input_ids"], NUM_ITEMS + 1, causal=True).float()
+    catalog = model.item_encoder.catalog()
+    torch.testing.assert_close(
+        full_softmax_loss(states, catalog, BATCH["target_ids"], offsets), loss)
+    # The local-catalog path (trained item encoders, sampled softmax) on every item.
+    torch.testing.assert_close(model._loss_on_needed_items(BATCH)["loss"], loss)
+    has_target = BATCH["target_ids"] > 0
+    every_item = torch.arange(1, NUM_ITEMS + 1)
+    sampled = sampled_softmax_loss(states[has_target], catalog, BATCH["target_ids"][has_target],
+                                   NUM_ITEMS, negatives=every_item,
+                                   item_offsets=offsets[has_target])
+    torch.testing.assert_close(sampled, loss)
+
+
+@pytest.mark.parametrize("repeats, sign", [(False, -1), (True, 1)])
+def test_the_bias_learns_whether_users_repeat(repeats, sign):
+    """Sequences of distinct items push the bias down; targets that repeat an earlier
+    item push it up."""
+    model = model_with_bias(0.0).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        items = torch.stack([torch.randperm(NUM_ITEMS, generator=generator)[:9] + 1
+                             for _ in range(16)])
+        inputs, targets = items[:, :-1], items[:, 1:].clone()
+        if repeats:
+            targets[:, 1:] = inputs[:, :-1]  # next = the item before last
+        loss = model.loss({"input_ids": inputs, "target_ids": targets})["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert sign * model.repeat_bias.item() > 0.1
+
+
+def test_pretraining_with_the_flag_trains_and_saves_the_bias(tiny_dataset_dir, tmp_path):
+    argv = ["--dataset", str(tiny_dataset_dir), "--output-dir", str(tmp_path / "run"),
+            "--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20",
+            "--batch-size", "16", "--report-to", "none", "--cpu", "--epochs", "2",
+            "--repeat-bias"]
+    pretrain(parse_args(pretrain_parser("test"), argv))
+    best = tmp_path / "run" / "best_model"
+    assert load_file(best / "model.safetensors")["repeat_bias"].item() < 0  # no repeats
+    loaded = SequentialRecommender.from_pretrained(best)
+    assert loaded.config.repeat_bias
+
+
+def test_a_generative_backbone_refuses_the_flag():
+    with pytest.raises(ValueError, match="--repeat-bias applies to the dot-product scorer"):
+        RecommenderConfig(num_items=NUM_ITEMS, backbone="diffrec", repeat_bias=True)
