@@ -48,6 +48,10 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
     encoder.add_argument("--image-store", type=Path, help="the target items' LMDB image store")
     encoder.add_argument("--encoder-cache-dir", type=Path,
                          help="where encoder outputs are cached (unset: DATASET/cache)")
+    parser.add_argument("--repeat-bias", action="store_true",
+                        help="add a learned score offset for items already in the input "
+                        "sequence to a base trained without one (starts at 0: no change); "
+                        "a base's own repeat bias is always kept and trained")
     if not methods:
         baseline = parser.add_mutually_exclusive_group()
         baseline.add_argument("--from-scratch", action="store_true",

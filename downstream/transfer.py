@@ -70,6 +70,9 @@ from pretraining.recommender import (
 from pretraining.trainer import build_accelerator
 
 BASELINES = ("full", "scratch", "zero_shot")
+# Parameters a target may add to a base trained without them (`--repeat-bias`): they start
+# neutral (0: no change to any score) and, like the per-item ones, every fine-tuning trains them.
+ADDABLE_PARAMETERS = ("repeat_bias",)
 
 
 def target_config(
@@ -77,8 +80,10 @@ def target_config(
     data: SequenceData,
     adapter: AdapterConfig | None = None,
     encoder_overrides: dict | None = None,
+    repeat_bias: bool = False,
 ) -> RecommenderConfig:
-    """The base's architecture for the target catalog.
+    """The base's architecture for the target catalog (`repeat_bias`: add one if the base
+    has none).
 
     Adapters in the item encoder's transformer layers need the encoder inside the step: it
     is switched from frozen + cached outputs to partial caching, running only the layers
@@ -102,7 +107,8 @@ def target_config(
             encoder_config.update(freeze=False,
                                   trainable_layers=-1 if lowest == 0 else num_layers - lowest)
     return replace(base, num_items=data.num_items, dataset_fingerprint=data.fingerprint,
-                   item_encoder_config=encoder_config)
+                   item_encoder_config=encoder_config,
+                   repeat_bias=base.repeat_bias or repeat_bias)
 
 
 def adapts_encoder_layers(adapter: AdapterConfig, model_type: str) -> bool:
@@ -151,9 +157,10 @@ def build_target_model(
 def transfer_weights(model: SequentialRecommender, base_dir: Path) -> None:
     """Copy every base tensor into `model`, except the per-item ones of the source catalog.
 
-    Every target tensor must come from the base, except the per-item ones (fresh) and the
-    weights of a content encoder that the base kept frozen outside the model (they come
-    from the encoder's own folder); anything else means another architecture.
+    Every target tensor must come from the base, except the per-item ones (fresh), those
+    the target adds (`ADDABLE_PARAMETERS`) and the weights of a content encoder that the
+    base kept frozen outside the model (they come from the encoder's own folder); anything
+    else means another architecture.
     """
     base_state = load_file(str(base_dir / WEIGHTS_NAME))
     per_item = set(model.catalog_parameter_names())
@@ -163,7 +170,7 @@ def transfer_weights(model: SequentialRecommender, base_dir: Path) -> None:
         if name in per_item:
             continue
         if name not in base_state:
-            if not name.startswith("item_encoder.encoder."):
+            if not name.startswith("item_encoder.encoder.") and name not in ADDABLE_PARAMETERS:
                 missing.append(name)
             continue
         if base_state[name].shape != tensor.shape:
@@ -181,11 +188,13 @@ def transfer_weights(model: SequentialRecommender, base_dir: Path) -> None:
 
 
 def adapt(model: SequentialRecommender, adapter: AdapterConfig) -> SequentialRecommender:
-    """Inject `adapter` and freeze the rest, keeping the fresh per-item parameters trainable."""
+    """Inject `adapter` and freeze the rest, keeping the fresh per-item parameters and the
+    repeat bias trainable."""
     get_adapted_model(model, adapter)
     parameters = dict(model.named_parameters())
-    for name in model.catalog_parameter_names():
-        parameters[name].requires_grad_(True)
+    for name in [*model.catalog_parameter_names(), *ADDABLE_PARAMETERS]:
+        if name in parameters:
+            parameters[name].requires_grad_(True)
     return model
 
 
@@ -246,7 +255,7 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
     if method == "zero_shot" and base.item_encoder == "id":
         raise ValueError("zero-shot transfer needs a content item encoder (text or image): an "
                          "ID model has never seen the target's items; fine-tune it instead")
-    config = target_config(base, data, adapter, encoder_overrides(args))
+    config = target_config(base, data, adapter, encoder_overrides(args), args.repeat_bias)
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{method}"
     fingerprint = checkpoint_fingerprint(base_dir)
     encoder_cache_dir = getattr(args, "encoder_cache_dir", None)

@@ -114,6 +114,25 @@ def test_houlsby_transfer_saves_the_adapter_alone_and_reloads_it_exactly(
         load_adapted_model(best, target, base_dir=other)
 
 
+def test_a_repeat_bias_added_to_a_base_without_one_is_trained_saved_and_reloaded(
+        id_base, target_dir, tmp_path):
+    run = tmp_path / "houlsby_repeat"
+    metrics = finetune(HOULSBY, "--pretrained", str(id_base), "--dataset", str(target_dir),
+                       "--output-dir", str(run), "--epochs", "2", "--layers", "top:1",
+                       "--sites", "ffn", "--reduction-factor", "4", "--repeat-bias")
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    assert saved["repeat_bias"].item() < 0  # the synthetic users never repeat an item
+    bottleneck = (16 * 4 + 4) + (4 * 16 + 16)
+    table = saved["item_encoder.embedding.weight"].numel()
+    assert metrics["parameters"]["trainable"] == bottleneck + table + 1
+    target = load_dataset_folder(target_dir)
+    model = load_adapted_model(run / "best_model", target)
+    assert model.config.repeat_bias and model.repeat_bias.item() == saved["repeat_bias"].item()
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
+
+
 def test_lora_transfer_round_trips_and_trains_only_lora_and_the_table(id_base, target_dir,
                                                                        tmp_path):
     run = tmp_path / "lora"
