@@ -70,6 +70,10 @@ GRID = [
     ("lora item_encoder head b32", "adapter_lora",
      ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "32", "--alpha",
       "64", "--lr", "5e-3", "--batch-size", "32"], ("text",)),
+    # LoRA in every backbone Linear and on the text encoder's output head together.
+    ("lora both all + head", "adapter_lora",
+     ["--adapt", "both", "--target-modules", "q_proj,k_proj,v_proj,o_proj,fc1,fc2,projection",
+      "--rank", "4", "--alpha", "8"], ("text",)),
     ("prefix backbone all", "adapter_prefix",
      ["--method", "prefix", "--adapt", "backbone", "--layers", "all"], ("id", "text")),
     ("diffusion_step backbone all", "adapter_diffusion_step",
