@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from pretraining import RecommenderConfig, SequentialRecommender
 from pretraining.cli import parse_args, pretrain_parser
-from pretraining.evaluation import chunked_target_ranks, target_ranks
+from pretraining.evaluation import chunked_target_ranks, target_ranks, top_k_items
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from pretraining.pipeline import pretrain
 from pretraining.recommender import HistoryQuery, history_indicator
@@ -63,6 +63,10 @@ def test_chunked_evaluation_ranks_with_the_bias_match_the_full_scores():
     targets = torch.tensor([3, 9])  # both in their row's history
     chunked = chunked_target_ranks(model, query, targets, chunk_size=7)
     assert torch.equal(chunked, target_ranks(model.scores(BATCH), targets))
+    best_scores, best_items = top_k_items(model, query, 5, chunk_size=7)
+    expected = model.scores(BATCH)[:, 1:].topk(5)
+    torch.testing.assert_close(best_scores, expected.values)
+    assert torch.equal(best_items, expected.indices + 1)
 
 
 def test_every_loss_path_adds_the_same_offsets():
