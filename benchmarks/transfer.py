@@ -217,8 +217,8 @@ def main() -> None:
     rows = []
     for label, source in sources.items():
         kind = kinds[label]
-        for name, script, flags, kinds in GRID:
-            if kind not in kinds or (args.only is not None and name not in args.only):
+        for name, script, flags, row_kinds in GRID:
+            if kind not in row_kinds or (args.only is not None and name not in args.only):
                 continue
             # Zero-shot is deterministic: one evaluation.
             single = name == "zero-shot" or name in args.single_seed

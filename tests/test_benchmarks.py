@@ -30,3 +30,16 @@ def test_transfer_source_kind_follows_the_run_config(tmp_path, backbone, item_en
 def test_transfer_source_that_is_not_a_run_folder_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="not a pretraining run folder"):
         transfer.source_kind(tmp_path)
+
+
+def test_transfer_summary_reads_every_source(tmp_path, monkeypatch):
+    """Several sources in one call: each keeps its own kind (the grid loop once rebound
+    the per-source lookup, so a second source failed)."""
+    id_run = write_run(tmp_path / "id", "sasrec", "id")
+    text_run = write_run(tmp_path / "text", "sasrec", "text")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["transfer.py", "--source", f"id={id_run}", "--source",
+                                      f"text={text_run}", "--summary-only", "--output-dir",
+                                      str(out)])
+    transfer.main()
+    assert json.loads((out / "results.json").read_text()) == []
