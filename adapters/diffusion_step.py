@@ -67,8 +67,8 @@ class StepModulatedBottleneck(Bottleneck):
     """A bottleneck whose hidden activations are scaled and shifted by the step embedding.
 
     `context` is the backbone's `StepContext` (shared, not owned): while the denoiser runs,
-    its `embedding` [B, d] belongs to the rows of the input and its last `noised` positions
-    carry the step.
+    its `embedding` [B, 1, d] (or [B, noised, d]: a step per position) belongs to the rows
+    of the input, and its last `noised` positions carry the step.
     """
 
     def __init__(self, context: StepContext, features: int, bottleneck_size: int, step_dim: int,
@@ -84,7 +84,7 @@ class StepModulatedBottleneck(Bottleneck):
         noised = self.context.noised
         if noised:
             step = self.context.embedding.to(h.dtype)
-            scale, shift = self.modulation(step)[:, None].chunk(2, dim=-1)
+            scale, shift = self.modulation(step).chunk(2, dim=-1)  # [B, 1 or noised, b]
             h = torch.cat([h[:, :-noised], h[:, -noised:] * (1 + scale) + shift], dim=1)
         return self.up(h)
 

@@ -93,6 +93,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     diffusion.add_argument("--causal-denoiser", action="store_true",
                            help="causal attention in the denoiser: the history is encoded "
                            "once and reused for every seed and step")
+    diffusion.add_argument("--every-position", action="store_true",
+                           help="train on every position's next item, not only each window's "
+                           "last (needs --causal-denoiser; ~max-len targets per window)")
     diffusion.add_argument("--mse-weight", type=float, default=1.0,
                            help="weight of the diffusion MSE next to the cross-entropy")
 
@@ -242,7 +245,7 @@ def model_config(
             schedule=args.schedule, num_steps=args.diffusion_steps, num_seeds=args.num_seeds,
             inference=args.inference, inference_steps=args.inference_steps,
             noised_positions=args.noised_positions, causal_denoiser=args.causal_denoiser,
-            mse_weight=args.mse_weight,
+            every_position=args.every_position, mse_weight=args.mse_weight,
         )
     return RecommenderConfig(
         num_items=num_items,

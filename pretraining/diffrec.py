@@ -26,6 +26,14 @@ so the history (everything before the noised positions) never sees the noised
 target: its keys and values are computed once per user and reused for every
 seed and every reverse step.
 
+`every_position` (causal denoiser only) trains on the next item of every position of a
+window, as SASRec does, instead of the window's last item alone. The denoiser runs
+on two streams in one pass: the clean inputs (causal attention among themselves) and,
+for each input position t, its noised next item at position t + 1, each with its own
+step, attending to the clean inputs up to t and to itself only. Each noised token
+then sees exactly what the single noised target sees at inference (the history, then
+itself), so the inference code is unchanged.
+
 While the denoiser's layers run, `step_context` holds the step embedding of the rows
 being denoised, so that layers conditioned on the step (`diffusion_step` adapters) can
 read it without a change to the blocks' call signature.
@@ -59,6 +67,9 @@ class DiffRecConfig(SASRecConfig):
     inference: str = "one_step"  # or "reverse" (all N steps) or "strided"
     inference_steps: int = 50  # steps of the strided reverse process
     causal_denoiser: bool = False
+    # Train on every position's next item at once, not only the window's last (needs the
+    # causal denoiser): ~max_len targets per window instead of one (see the module doc).
+    every_position: bool = False
     mse_weight: float = 1.0
     history_size: int = 10  # losses remembered per step for importance sampling
     inference_seed: int = 0
@@ -88,6 +99,10 @@ class DiffRecConfig(SASRecConfig):
         if self.inference == "strided" and not 1 <= self.inference_steps <= self.num_steps:
             raise ValueError(f"--inference-steps must be in 1..{self.num_steps} "
                              f"(--diffusion-steps), got {self.inference_steps}")
+        if self.every_position and not (self.causal_denoiser and self.noised_positions == 1):
+            raise ValueError("--every-position needs --causal-denoiser and --noised-positions 1"
+                             ": each position's noised target may only see the clean items "
+                             "before it")
         if self.mse_weight < 0:
             raise ValueError(f"mse_weight must be >= 0, got {self.mse_weight}")
 
@@ -139,11 +154,13 @@ class DiffusionQuery:
     """What DiffRec's candidates are scored against.
 
     `predicted` [B, S, d]: each seed's predicted h^0; `log_normalizer` [B, S]: each
-    seed's logsumexp of the logits over the whole catalog (items 1..N).
+    seed's logsumexp of the logits over the whole catalog (items 1..N); `item_offsets`
+    [B, N + 1]: each row's repeat bias on the items of its input (None without one).
     """
 
     predicted: torch.Tensor
     log_normalizer: torch.Tensor
+    item_offsets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -155,7 +172,8 @@ class DiffusionQuery:
 
 @dataclass
 class StepContext:
-    """The step embedding [B, d] (`step_mlp` output) of the rows the layers are denoising.
+    """The step embedding [B, 1, d], or [B, noised, d] with a step per position
+    (`step_mlp` output), of the rows the layers are denoising.
 
     Set only while the denoiser runs on noised positions, which are the last `noised`
     positions of the layers' input; the history cache (`_encode_history`), whose
@@ -227,7 +245,10 @@ class DiffRec(nn.Module):
         return torch.cat([sequence[:, :-k], noised], dim=1)
 
     def step_embedding(self, steps: torch.Tensor) -> torch.Tensor:
-        return self.step_mlp(sinusoidal_embedding(steps, self.config.hidden_size))
+        """Steps [B] -> [B, 1, d], or a step per position [B, K] -> [B, K, d]."""
+        per_row = steps.dim() == 1
+        z = sinusoidal_embedding(steps.reshape(-1), self.config.hidden_size)
+        return self.step_mlp(z).view(len(steps), 1 if per_row else steps.shape[1], -1)
 
     def embed(self, vectors, padding_mask, steps, start: int, noised: int):
         """Denoiser input: vectors + positions (from `start` of the right-aligned range) +
@@ -239,7 +260,7 @@ class DiffRec(nn.Module):
         positions = torch.arange(start, start + length, device=vectors.device)
         x = vectors + self.position_embedding(positions)
         if noised:
-            step = self.step_embedding(steps)[:, None].to(x.dtype)
+            step = self.step_embedding(steps).to(x.dtype)
             x = torch.cat([x[:, :-noised], x[:, -noised:] + step], dim=1)
         return self.input_dropout(x) * padding_mask.unsqueeze(-1).to(x.dtype)
 
@@ -280,6 +301,59 @@ class DiffRec(nn.Module):
         if self.training:
             self.step_sampler.update(steps, per_sequence.detach())
         return {"mse": (weights * per_sequence).mean(), "predicted": predicted}
+
+    def every_position_losses(self, item_vectors, padding_mask, target_vectors, has_target):
+        """`training_losses` for the next item of every position (`every_position`).
+
+        `item_vectors` [B, L, d] are the inputs, `target_vectors` [B, L, d] each position's
+        next item and `has_target` [B, L] where there is one. Returns the importance-weighted
+        MSE over the targets and the predicted h^0 [B, L', d] with the `has_target` [B, L']
+        it belongs to (L' = L, or L - 1 when the first position must make room: a target
+        sits one position after its input, within `max_len`).
+        """
+        if item_vectors.shape[1] >= self.config.max_len:  # as `build_sequence` drops it
+            drop = item_vectors.shape[1] - self.config.max_len + 1
+            item_vectors, padding_mask = item_vectors[:, drop:], padding_mask[:, drop:]
+            target_vectors, has_target = target_vectors[:, drop:], has_target[:, drop:]
+        batch, length = padding_mask.shape
+        steps, weights = self.step_sampler.sample(batch * length)
+        steps, weights = steps.view(batch, length), weights.view(batch, length)
+        noised = self.schedule.add_noise(target_vectors, torch.randn_like(target_vectors),
+                                         steps)
+        predicted = self.denoise_every_position(item_vectors, padding_mask, noised, steps,
+                                                has_target)
+        per_target = (predicted - target_vectors).float().pow(2).mean(-1)
+        if self.training:
+            self.step_sampler.update(steps[has_target], per_target[has_target].detach())
+        mse = (weights * per_target)[has_target].sum() / has_target.sum().clamp_min(1)
+        return {"mse": mse, "predicted": predicted, "has_target": has_target}
+
+    def denoise_every_position(self, item_vectors, padding_mask, noised_targets, steps,
+                               has_target) -> torch.Tensor:
+        """f(h^n, n) [B, L, d] of every position's noised next item at once (the two
+        streams of the module doc): inputs `item_vectors` [B, L, d] (L < max_len),
+        `noised_targets` [B, L, d] at `steps` [B, L], `has_target` [B, L]."""
+        batch, length = padding_mask.shape
+        # Clean inputs at positions up to max_len - 2, each noised target one to the right.
+        x = torch.cat([item_vectors, noised_targets], dim=1)
+        start = self.config.max_len - length - 1
+        positions = torch.arange(length, device=x.device)
+        x = x + self.position_embedding(torch.cat([positions, positions + 1]) + start)
+        step = self.step_embedding(steps)
+        x = torch.cat([x[:, :length], x[:, length:] + step.to(x.dtype)], dim=1)
+        keep = torch.cat([padding_mask, has_target], dim=1).unsqueeze(-1).to(x.dtype)
+        x = self.input_dropout(x) * keep
+        # Query t of either stream sees the clean inputs up to t; a noised target also sees
+        # itself, and no other position sees it.
+        history = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        history = history & padding_mask[:, None, :]  # [B, L, L]
+        itself = torch.eye(length, dtype=torch.bool, device=x.device).expand(batch, -1, -1)
+        attn_mask = torch.cat([torch.cat([history, torch.zeros_like(history)], dim=2),
+                               torch.cat([history, itself], dim=2)], dim=1)[:, None]
+        with self.step_context.use(step, length):
+            for layer in self.layers:
+                x = layer(x, attn_mask) * keep
+        return self.final_norm(x[:, length:])
 
     # -- inference ------------------------------------------------------------------------
     def inference_timesteps(self) -> list[int]:

@@ -25,6 +25,7 @@ from pretraining.cli import ITEM_ENCODER_PREFIX, model_config, protocol_config, 
 from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
 from pretraining.evaluation import EvaluationProtocol, evaluate
 from pretraining.recommender import (
+    BACKBONES,
     WEIGHTS_NAME,
     CheckpointError,
     RecommenderConfig,
@@ -313,6 +314,17 @@ SETTINGS_ADDED_LATER = {"dataset": {"train_windows": "last"},
                         "model": {"item_encoder_config": {}, "repeat_bias": False}}
 
 
+def _with_later_settings(section: str, settings: dict) -> dict:
+    """`settings` with the settings added since at the values older runs ran with: those of
+    SETTINGS_ADDED_LATER, and the backbone's own (dataclass fields added with their old
+    behaviour as the default)."""
+    settings = {**SETTINGS_ADDED_LATER.get(section, {}), **settings}
+    if section == "model" and settings.get("backbone") in BACKBONES:
+        config_cls, _ = BACKBONES[settings["backbone"]]
+        settings["backbone_config"] = asdict(config_cls(**settings.get("backbone_config", {})))
+    return settings
+
+
 def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
     """Refuse to overwrite a run, or to resume one with another model or dataset."""
     existing = output_dir / RUN_CONFIG
@@ -323,8 +335,8 @@ def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
                          "or choose another --output-dir")
     previous = json.loads(existing.read_text())
     for section in ("dataset", "model", "transfer"):
-        before = {**SETTINGS_ADDED_LATER.get(section, {}), **(previous.get(section) or {})}
-        now = run_config.get(section) or {}
+        before = _with_later_settings(section, previous.get(section) or {})
+        now = _with_later_settings(section, run_config.get(section) or {})
         if before != now:
             changed = sorted(key for key in set(before) | set(now)
                              if before.get(key) != now.get(key))

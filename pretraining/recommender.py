@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_model, save_file
 from torch import nn
 
@@ -110,9 +109,6 @@ class RecommenderConfig:
         if self.is_generative and self.loss != "full":
             raise ValueError(f"the {self.backbone} backbone trains with the full softmax only; "
                              "use --loss full")
-        if self.is_generative and self.repeat_bias:
-            raise ValueError(f"--repeat-bias applies to the dot-product scorer; the "
-                             f"{self.backbone} backbone scores by its own softmax, drop the flag")
         self.backbone_settings()  # validates the backbone's own settings now, not mid-run
 
     @property
@@ -235,22 +231,32 @@ class SequentialRecommender(nn.Module):
         return {"loss": loss}
 
     def _generative_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The backbone's losses on each sequence's last target, plus the cross-entropy of
-        softmax(h0_hat @ catalog^T + b) over the catalog (Eq. 8, 13).
-
-        Only the last position's target is predicted (every training window ends with a
-        target); the total is `mse_weight` * MSE + CE.
+        """The backbone's losses plus the cross-entropy of softmax(h0_hat @ catalog^T + b)
+        over the catalog (Eq. 8, 13), on each window's last target, or on every position's
+        with `every_position`. The total is `mse_weight` * MSE + CE.
         """
-        input_ids, targets = batch["input_ids"], batch["target_ids"][:, -1]
-        has_target = targets > 0
-        input_ids, targets = input_ids[has_target], targets[has_target]
-        catalog = self.item_encoder.catalog()
-        losses = self.backbone.training_losses(catalog[input_ids], input_ids > 0,
-                                               catalog[targets])
-        logits = losses["predicted"] @ catalog[1:].T + self.item_bias[1:]
-        ce = F.cross_entropy(logits.float(), targets - 1)
+        input_ids, targets = batch["input_ids"], batch["target_ids"]
+        catalog, backbone = self.item_encoder.catalog(), self.backbone
+        if backbone.config.every_position:
+            repeat = self._repeat_offsets(input_ids, len(catalog))  # [B, L, N + 1] or None
+            losses = backbone.every_position_losses(catalog[input_ids], input_ids > 0,
+                                                    catalog[targets], targets > 0)
+            has_target = losses["has_target"]
+            kept = has_target.shape[1]  # the positions the backbone kept, from the right
+            predicted, targets = losses["predicted"][has_target], targets[:, -kept:][has_target]
+            repeat = None if repeat is None else repeat[:, -kept:][has_target]
+        else:
+            has_target = targets[:, -1] > 0  # every training window ends with a target
+            input_ids, targets = input_ids[has_target], targets[has_target, -1]
+            losses = backbone.training_losses(catalog[input_ids], input_ids > 0,
+                                              catalog[targets])
+            predicted, repeat = losses["predicted"], None
+            if self.config.repeat_bias:
+                repeat = self.repeat_bias * history_indicator(input_ids, len(catalog), False)
+        offsets = self.item_bias if repeat is None else self.item_bias + repeat
+        ce = full_softmax_loss(predicted, catalog, targets, offsets)
         mse = losses["mse"]
-        total = self.backbone.config.mse_weight * mse + ce
+        total = backbone.config.mse_weight * mse + ce
         return {"loss": total, "mse": mse.detach(), "ce": ce.detach()}
 
     def query(
@@ -272,14 +278,28 @@ class SequentialRecommender(nn.Module):
     def _generative_query(self, input_ids: torch.Tensor) -> DiffusionQuery:
         catalog = self.item_encoder.catalog()
         predicted = self.backbone.sample_predictions(catalog[input_ids], input_ids > 0)
+        offsets = None
+        if self.config.repeat_bias:
+            seen = history_indicator(input_ids, self.config.num_items + 1, causal=False)
+            offsets = self.repeat_bias * seen
         rows = predicted.shape[0] * predicted.shape[1]
         chunk = max(1, GENERATIVE_NORMALIZER_ELEMENTS // max(rows, 1))
         log_normalizer = torch.full(predicted.shape[:2], float("-inf"), device=predicted.device)
         for start in range(1, self.config.num_items + 1, chunk):
-            items = slice(start, min(start + chunk, self.config.num_items + 1))
-            logits = (predicted @ catalog[items].T + self.item_bias[items]).float()
+            items = torch.arange(start, min(start + chunk, self.config.num_items + 1),
+                                 device=predicted.device)
+            logits = self._generative_logits(predicted, offsets, catalog, items)
             log_normalizer = torch.logaddexp(log_normalizer, logits.logsumexp(-1))
-        return DiffusionQuery(predicted, log_normalizer)
+        return DiffusionQuery(predicted, log_normalizer, offsets)
+
+    def _generative_logits(self, predicted: torch.Tensor, item_offsets: torch.Tensor | None,
+                           catalog: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """Each seed's logits [B, S, C] (float32) of the candidates `item_ids` [C], from
+        the seeds' predictions [B, S, d] and the rows' repeat offsets [B, N + 1] (or None)."""
+        logits = predicted @ catalog[item_ids].T + self.item_bias[item_ids]
+        if item_offsets is not None:
+            logits = logits + item_offsets[:, None, item_ids]
+        return logits.float()
 
     def score_items(self, query, item_ids: torch.Tensor) -> torch.Tensor:
         """Scores [B, C] of shared candidates `item_ids` [C].
@@ -290,8 +310,9 @@ class SequentialRecommender(nn.Module):
         """
         catalog = self.item_encoder.catalog()
         if isinstance(query, DiffusionQuery):
-            logits = query.predicted @ catalog[item_ids].T + self.item_bias[item_ids]
-            log_probs = logits.float() - query.log_normalizer[..., None]  # [B, S, C]
+            logits = self._generative_logits(query.predicted, query.item_offsets, catalog,
+                                             item_ids)
+            log_probs = logits - query.log_normalizer[..., None]  # [B, S, C]
             return log_probs.logsumexp(1) - math.log(log_probs.shape[1])
         if isinstance(query, HistoryQuery):
             return query.state @ catalog[item_ids].T + self.repeat_bias * query.seen[:, item_ids]

@@ -231,6 +231,66 @@ def test_causal_denoiser_reuses_the_history(inference, noised):
         model().backbone.sample_predictions(catalog[input_ids], input_ids > 0, True)
 
 
+# -- every position -------------------------------------------------------------------------
+def test_every_position_needs_the_causal_denoiser_and_one_noised_position():
+    for settings in ({}, {"causal_denoiser": True, "noised_positions": 2}):
+        with pytest.raises(ValueError, match="--every-position needs --causal-denoiser"):
+            DiffRecConfig(**TINY, every_position=True, **settings)
+
+
+def test_every_position_denoises_each_target_from_the_inputs_up_to_it():
+    """Each noised target sees the clean inputs up to its position and itself, nothing else:
+    the last one is exactly the single-target causal denoiser, and no prediction moves
+    when a later input or another target's noise changes."""
+    backbone = model(causal_denoiser=True, every_position=True).backbone
+    torch.manual_seed(1)
+    inputs, noised = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    steps = torch.tensor([[5, 9, 13, 20], [1, 2, 3, 4]])
+    predicted = backbone.denoise_every_position(inputs, mask, noised, steps, mask)
+    single = backbone(torch.cat([inputs, noised[:, -1:]], dim=1),
+                      torch.cat([mask, mask.new_ones(2, 1)], dim=1), steps[:, -1])
+    torch.testing.assert_close(predicted[:, -1], single)
+    for t in range(3):
+        later_inputs, other_noise = inputs.clone(), noised.clone()
+        later_inputs[:, t + 1:] += torch.randn_like(later_inputs[:, t + 1:])
+        other_noise[:, torch.arange(4) != t] = torch.randn(2, 3, 8)
+        moved = backbone.denoise_every_position(later_inputs, mask, other_noise, steps, mask)
+        torch.testing.assert_close(moved[:, t], predicted[:, t])
+        assert not torch.allclose(moved[:, t + 1:], predicted[:, t + 1:])
+
+
+def test_every_position_trains_on_each_target_with_its_own_step():
+    recommender = model(causal_denoiser=True, every_position=True).train()
+    sampler = recommender.backbone.step_sampler
+    batch = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
+             "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
+    losses = recommender.loss(batch)
+    assert torch.isfinite(losses["loss"])
+    assert sampler.counts.sum() == 8  # 3 + 5 targets, one step each (max_len 6: all fit)
+    # Inputs as long as max_len lose their first position, as the inference sequence does.
+    long = {key: torch.tensor([[1, 2, 3, 4, 5, 6]]) + (key == "target_ids")
+            for key in ("input_ids", "target_ids")}
+    recommender.loss(long)
+    assert sampler.counts.sum() == 8 + 5
+
+
+def test_a_diffrec_run_from_before_every_position_resumes(tiny_dataset_dir, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    argv = ["--dataset", str(tiny_dataset_dir), "--output-dir", str(run), *SMALL]
+    pretrain(parse_args(pretrain_parser("test"), [*argv, "--epochs", "1"]))
+    config = json.loads((run / "config.json").read_text())
+    del config["model"]["backbone_config"]["every_position"]  # as written before it existed
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model settings differ \(\['backbone_config'\]\)"):
+        pretrain(parse_args(pretrain_parser("test"), [*argv, "--epochs", "2", "--resume",
+                                                      "--causal-denoiser", "--every-position"]))
+    pretrain(parse_args(pretrain_parser("test"), [*argv, "--epochs", "2", "--resume"]))
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+
+
 # -- training and checkpoints --------------------------------------------------------------
 SMALL = ["--backbone", "diffrec", "--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32",
          "--max-len", "10", "--num-layers", "1", "--dropout", "0.0", "--batch-size", "16",
@@ -238,12 +298,15 @@ SMALL = ["--backbone", "diffrec", "--hidden-size", "16", "--num-heads", "2", "--
          "--num-seeds", "2", "--patience", "100"]
 
 
-def test_training_lowers_mse_and_ce_and_the_checkpoint_round_trips(tiny_dataset_dir, tmp_path):
+@pytest.mark.parametrize("targets", [[], ["--causal-denoiser", "--every-position"]],
+                         ids=["last", "every-position"])
+def test_training_lowers_mse_and_ce_and_the_checkpoint_round_trips(tiny_dataset_dir, tmp_path,
+                                                                   targets):
     from dataset_tools import load_dataset_folder
     from pretraining.data import LeaveOneOutDataset, collate_left_padded
 
     argv = ["--dataset", str(tiny_dataset_dir), "--output-dir", str(tmp_path / "run"),
-            *SMALL, "--epochs", "1", "--lr", "1e-2"]
+            *SMALL, *targets, "--epochs", "1", "--lr", "1e-2"]
     args = parse_args(pretrain_parser("test"), argv)
     assert args.backbone == "diffrec"
     data = load_dataset_folder(tiny_dataset_dir)

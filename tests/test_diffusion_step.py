@@ -48,10 +48,15 @@ CONFIGS = {
 }
 
 
+DENOISERS = {"bidirectional": {"noised_positions": 2},
+             "causal": {"causal_denoiser": True, "noised_positions": 2},
+             "every position": {"causal_denoiser": True, "every_position": True}}
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("causal", [False, True])
-def test_injection_leaves_scores_and_losses_bit_for_bit_unchanged(name, causal):
-    recommender = model(causal_denoiser=causal, noised_positions=2)
+@pytest.mark.parametrize("denoiser", list(DENOISERS))
+def test_injection_leaves_scores_and_losses_bit_for_bit_unchanged(name, denoiser):
+    recommender = model(**DENOISERS[denoiser])
     scores, losses = recommender.scores(batch()), fixed_losses(recommender)
     get_adapted_model(recommender, CONFIGS[name])
     assert torch.equal(recommender.scores(batch()), scores)
@@ -82,6 +87,27 @@ def test_the_adapter_effect_depends_on_the_step():
         adapter.modulation.bias.zero_()
     assert torch.equal(contribution(3), contribution(17))
     assert backbone.step_context.embedding is None  # cleared after each use
+
+
+def test_with_a_step_per_position_each_noised_position_gets_its_own():
+    recommender = get_adapted_model(model(), CONFIGS["default"])
+    perturb_adapters(recommender, 0.3)
+    backbone = recommender.backbone
+    adapter = backbone.layers[0].feed_forward.fc2.adapter
+    x = torch.randn(2, 5, 8)
+
+    def contribution(steps: list[int]) -> torch.Tensor:  # the last len(steps) positions
+        embedding = backbone.step_embedding(torch.tensor([steps, steps]))
+        with torch.no_grad(), backbone.step_context.use(embedding, len(steps)):
+            return adapter(x)
+
+    both_early, last_late = contribution([3, 3]), contribution([3, 17])
+    assert torch.equal(both_early[:, :-1], last_late[:, :-1])
+    assert not torch.allclose(both_early[:, -1], last_late[:, -1])
+    # One step per row is the same as that step at every noised position.
+    with torch.no_grad(), backbone.step_context.use(backbone.step_embedding(
+            torch.tensor([3, 3])), 2):
+        torch.testing.assert_close(adapter(x), both_early)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from pretraining.recommender import HistoryQuery, history_indicator
 NUM_ITEMS = 30
 BACKBONE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,
             "dropout": 0.0}
+DIFFREC = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_len": 6,
+           "dropout": 0.0, "num_steps": 20, "num_seeds": 3}
 
 
 def model_with_bias(value: float | None) -> SequentialRecommender:
@@ -88,11 +90,22 @@ def test_every_loss_path_adds_the_same_offsets():
     torch.testing.assert_close(sampled, loss)
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "diffrec", "diffrec every position"])
 @pytest.mark.parametrize("repeats, sign", [(False, -1), (True, 1)])
-def test_the_bias_learns_whether_users_repeat(repeats, sign):
+def test_the_bias_learns_whether_users_repeat(repeats, sign, backbone):
     """Sequences of distinct items push the bias down; targets that repeat an earlier
-    item push it up."""
-    model = model_with_bias(0.0).train()
+    item push it up. DiffRec learns it through the cross-entropy of its last target, or of
+    every position's."""
+    if backbone == "sasrec":
+        model = model_with_bias(0.0).train()
+    else:
+        settings = {**DIFFREC, "max_len": 12}
+        if backbone == "diffrec every position":
+            settings.update(causal_denoiser=True, every_position=True)
+        torch.manual_seed(0)
+        model = SequentialRecommender(RecommenderConfig(
+            num_items=NUM_ITEMS, backbone="diffrec", backbone_config=settings,
+            repeat_bias=True)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -120,6 +133,32 @@ def test_pretraining_with_the_flag_trains_and_saves_the_bias(tiny_dataset_dir, t
     assert loaded.config.repeat_bias
 
 
-def test_a_generative_backbone_refuses_the_flag():
-    with pytest.raises(ValueError, match="--repeat-bias applies to the dot-product scorer"):
-        RecommenderConfig(num_items=NUM_ITEMS, backbone="diffrec", repeat_bias=True)
+def test_diffrec_adds_the_bias_to_every_seed_softmax_and_its_normaliser():
+    def diffrec(bias: float | None) -> SequentialRecommender:
+        config = RecommenderConfig(num_items=NUM_ITEMS, backbone="diffrec",
+                                   backbone_config=DIFFREC, repeat_bias=bias is not None)
+        torch.manual_seed(0)
+        recommender = SequentialRecommender(config).eval()
+        with torch.no_grad():
+            recommender.item_bias.normal_()
+            if bias is not None:
+                recommender.repeat_bias.fill_(bias)
+        return recommender
+
+    batch = {"input_ids": BATCH["input_ids"]}
+    items = torch.arange(1, NUM_ITEMS + 1)
+    # At 0 it is the plain model exactly.
+    torch.testing.assert_close(diffrec(0.0).scores(batch), diffrec(None).scores(batch))
+    recommender = diffrec(-2.0)
+    query = recommender.query(batch)
+    catalog = recommender.item_encoder.catalog()
+    seen = history_indicator(batch["input_ids"], NUM_ITEMS + 1, causal=False)[:, items]
+    singles = [torch.softmax(query.predicted[:, s] @ catalog[items].T
+                             + recommender.item_bias[items] - 2.0 * seen, dim=-1)
+               for s in range(3)]
+    expected = torch.stack(singles).mean(0)
+    torch.testing.assert_close(recommender.score_items(query, items).exp(), expected)
+    # Chunked ranking (the evaluator's path) agrees with ranking all scores.
+    targets = torch.tensor([7, 1])
+    full = target_ranks(recommender.scores(batch), targets)
+    assert torch.equal(chunked_target_ranks(recommender, query, targets, 4), full)
