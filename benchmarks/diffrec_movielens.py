@@ -1,10 +1,11 @@
 """DiffRec on MovieLens next to SASRec: quality, training and inference cost, trade-offs.
 
 Foundation protocol: 5-core, chronological leave-one-out, full ranking over the catalog,
-no history mask. Per dataset it trains (or resumes, or summarises) three runs: SASRec,
-DiffRec with the default bidirectional denoiser, and DiffRec with `--causal-denoiser`
-(the history never attends to the noised target, so it is encoded once per user and
-reused for every seed and reverse step). An existing SASRec run folder can be reused.
+no history mask. Per dataset it trains (or resumes, or summarises) SASRec, DiffRec with
+the default bidirectional denoiser, DiffRec with `--causal-denoiser` (the history never
+attends to the noised target, so it is encoded once per user and reused for every seed
+and reverse step) and that causal DiffRec trained on every position's next item
+(`--every-position`). An existing SASRec run folder can be reused.
 
 Table 1, per dataset and model: test NDCG@10, HR@10, MRR (all users, from metrics.json),
 epochs, the median seconds per training epoch (log.jsonl, validation excluded) and the
@@ -55,6 +56,9 @@ MODELS = {  # name -> the flags that make its pretraining run
     "sasrec": ["--backbone", "sasrec"],
     "diffrec": ["--backbone", "diffrec"],
     "diffrec causal": ["--backbone", "diffrec", "--causal-denoiser"],
+    # The causal denoiser trained on every position's next item, not each window's last.
+    "diffrec every position": ["--backbone", "diffrec", "--causal-denoiser",
+                               "--every-position"],
 }
 TRADE_OFF = [  # DiffRec inference settings compared on the same weights
     {"inference": "one_step", "num_seeds": 1},
