@@ -67,46 +67,47 @@ def test_injection_leaves_scores_and_losses_bit_for_bit_unchanged(name, denoiser
     assert not torch.allclose(fixed_losses(recommender)["loss"], losses["loss"])
 
 
-def test_the_adapter_effect_depends_on_the_step():
+def perturbed_ffn_adapter():
+    """A DiffRec with perturbed diffusion_step adapters: its backbone and layer 0's FFN one."""
     recommender = get_adapted_model(model(), CONFIGS["default"])
     perturb_adapters(recommender, 0.3)
     backbone = recommender.backbone
-    adapter = backbone.layers[0].feed_forward.fc2.adapter
+    return backbone, backbone.layers[0].feed_forward.fc2.adapter
+
+
+def adapter_output(backbone, adapter, x: torch.Tensor, steps: list) -> torch.Tensor:
+    """The adapter on `x` [2, L, d] with `steps`: one per row (on the last position), or
+    a list of K per row (on the last K positions)."""
+    steps = torch.tensor([steps, steps])
+    noised = 1 if steps.dim() == 1 else steps.shape[1]
+    with torch.no_grad(), backbone.step_context.use(backbone.step_embedding(steps), noised):
+        return adapter(x)
+
+
+def test_the_adapter_effect_depends_on_the_step():
+    backbone, adapter = perturbed_ffn_adapter()
     x = torch.randn(2, 5, 8)
-
-    def contribution(step: int) -> torch.Tensor:  # the last position carries the step
-        embedding = backbone.step_embedding(torch.full((2,), step))
-        with torch.no_grad(), backbone.step_context.use(embedding, 1):
-            return adapter(x)
-
-    early, late = contribution(3), contribution(17)
+    early, late = (adapter_output(backbone, adapter, x, step) for step in (3, 17))
     assert torch.equal(early[:, :-1], late[:, :-1])  # the history is not modulated
     assert not torch.allclose(early[:, -1], late[:, -1])
     with torch.no_grad():  # without the modulation, the step makes no difference
         adapter.modulation.weight.zero_()
         adapter.modulation.bias.zero_()
-    assert torch.equal(contribution(3), contribution(17))
+    assert torch.equal(adapter_output(backbone, adapter, x, 3),
+                       adapter_output(backbone, adapter, x, 17))
     assert backbone.step_context.embedding is None  # cleared after each use
 
 
 def test_with_a_step_per_position_each_noised_position_gets_its_own():
-    recommender = get_adapted_model(model(), CONFIGS["default"])
-    perturb_adapters(recommender, 0.3)
-    backbone = recommender.backbone
-    adapter = backbone.layers[0].feed_forward.fc2.adapter
+    backbone, adapter = perturbed_ffn_adapter()
     x = torch.randn(2, 5, 8)
-
-    def contribution(steps: list[int]) -> torch.Tensor:  # the last len(steps) positions
-        embedding = backbone.step_embedding(torch.tensor([steps, steps]))
-        with torch.no_grad(), backbone.step_context.use(embedding, len(steps)):
-            return adapter(x)
-
-    both_early, last_late = contribution([3, 3]), contribution([3, 17])
+    both_early, last_late = (adapter_output(backbone, adapter, x, steps)
+                             for steps in ([3, 3], [3, 17]))
     assert torch.equal(both_early[:, :-1], last_late[:, :-1])
     assert not torch.allclose(both_early[:, -1], last_late[:, -1])
     # One step per row is the same as that step at every noised position.
-    with torch.no_grad(), backbone.step_context.use(backbone.step_embedding(
-            torch.tensor([3, 3])), 2):
+    with torch.no_grad(), backbone.step_context.use(
+            backbone.step_embedding(torch.tensor([3, 3])), 2):
         torch.testing.assert_close(adapter(x), both_early)
 
 
