@@ -55,6 +55,16 @@ def text_inputs(padded=True):
     return {"input_ids": ids.clamp_min(1), "attention_mask": mask}
 
 
+def every_position_predictions(model) -> torch.Tensor:
+    """DiffRec's training predictions for every position, at fixed steps and noise."""
+    batch, catalog = random_item_batch(), model.item_encoder.catalog()
+    torch.manual_seed(0)
+    losses = model.backbone.every_position_losses(
+        catalog[batch["input_ids"]], batch["input_ids"] > 0, catalog[batch["target_ids"]],
+        batch["target_ids"] > 0)
+    return losses["predicted"]
+
+
 def stages(encoders, kind, attention="sdpa"):
     model = TransformerStages(encoders / kind, kind, "text" if kind == "bert" else "image")
     model.model.set_attn_implementation(attention)
@@ -73,6 +83,10 @@ HOSTS = {
     "diffrec-cached": (lambda e: recommender("diffrec", causal_denoiser=True, inference="strided",
                                              inference_steps=3),
                        lambda m: m.scores(random_item_batch())),
+    # training on every position: the predictions of the two-stream pass
+    "diffrec-every-position": (
+        lambda e: recommender("diffrec", causal_denoiser=True, every_position=True),
+        lambda m: every_position_predictions(m)),
     "bert-sdpa": (lambda e: stages(e, "bert"), lambda m: m(text_inputs())),  # 4-D bool mask
     "bert-eager": (lambda e: stages(e, "bert", "eager"), lambda m: m(text_inputs())),  # float
     "bert-no-padding": (lambda e: stages(e, "bert"), lambda m: m(text_inputs(padded=False))),
