@@ -317,8 +317,8 @@ SETTINGS_ADDED_LATER = {"dataset": {"train_windows": "last"},
 def _with_later_settings(section: str, settings: dict) -> dict:
     """`settings` with the settings added since at the values older runs ran with: those of
     SETTINGS_ADDED_LATER, and the backbone's own (dataclass fields added with their old
-    behaviour as the default)."""
-    settings = {**SETTINGS_ADDED_LATER.get(section, {}), **settings}
+    behaviour as the default). As read back from JSON: tuples compare as lists."""
+    settings = json.loads(json.dumps({**SETTINGS_ADDED_LATER.get(section, {}), **settings}))
     if section == "model" and settings.get("backbone") in BACKBONES:
         config_cls, _ = BACKBONES[settings["backbone"]]
         settings["backbone_config"] = asdict(config_cls(**settings.get("backbone_config", {})))

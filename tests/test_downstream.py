@@ -148,6 +148,18 @@ def test_lora_transfer_round_trips_and_trains_only_lora_and_the_table(id_base, t
         p.numel() for n, p in model.named_parameters() if n in saved)
 
 
+def test_an_interrupted_adapter_run_resumes(id_base, target_dir, tmp_path):
+    """Adapter settings hold tuples (sites, extras), which config.json keeps as lists."""
+    run = tmp_path / "houlsby"
+    argv = ["--pretrained", str(id_base / "best_model"), "--dataset", str(target_dir),
+            "--output-dir", str(run), "--sites", "attn,ffn", "--tune", "layernorm"]
+    finetune(HOULSBY, *argv, "--epochs", "1")
+    finetune(HOULSBY, *argv, "--epochs", "2", "--resume")
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match=r"transfer settings differ \(\['adapter'\]\)"):
+        finetune(HOULSBY, *argv[:-2], "--tune", "bias", "--epochs", "3", "--resume")
+
+
 def test_full_finetuning_and_from_scratch_write_complete_checkpoints(id_base, target_dir,
                                                                      tmp_path):
     base = load_file(id_base / "best_model" / "model.safetensors")
