@@ -154,13 +154,13 @@ class DiffusionQuery:
     """What DiffRec's candidates are scored against.
 
     `predicted` [B, S, d]: each seed's predicted h^0; `log_normalizer` [B, S]: each
-    seed's logsumexp of the logits over the whole catalog (items 1..N); `item_offsets`
-    [B, N + 1]: each row's repeat bias on the items of its input (None without one).
+    seed's logsumexp of the logits over the whole catalog (items 1..N); `seen` [B, N + 1]:
+    which items each row's input holds, for the repeat bias (None without one).
     """
 
     predicted: torch.Tensor
     log_normalizer: torch.Tensor
-    item_offsets: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.predicted)

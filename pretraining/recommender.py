@@ -278,27 +278,27 @@ class SequentialRecommender(nn.Module):
     def _generative_query(self, input_ids: torch.Tensor) -> DiffusionQuery:
         catalog = self.item_encoder.catalog()
         predicted = self.backbone.sample_predictions(catalog[input_ids], input_ids > 0)
-        offsets = None
+        seen = None
         if self.config.repeat_bias:
             seen = history_indicator(input_ids, self.config.num_items + 1, causal=False)
-            offsets = self.repeat_bias * seen
         rows = predicted.shape[0] * predicted.shape[1]
         chunk = max(1, GENERATIVE_NORMALIZER_ELEMENTS // max(rows, 1))
         log_normalizer = torch.full(predicted.shape[:2], float("-inf"), device=predicted.device)
         for start in range(1, self.config.num_items + 1, chunk):
             items = torch.arange(start, min(start + chunk, self.config.num_items + 1),
                                  device=predicted.device)
-            logits = self._generative_logits(predicted, offsets, catalog, items)
+            logits = self._generative_logits(predicted, seen, catalog, items)
             log_normalizer = torch.logaddexp(log_normalizer, logits.logsumexp(-1))
-        return DiffusionQuery(predicted, log_normalizer, offsets)
+        return DiffusionQuery(predicted, log_normalizer, seen)
 
-    def _generative_logits(self, predicted: torch.Tensor, item_offsets: torch.Tensor | None,
+    def _generative_logits(self, predicted: torch.Tensor, seen: torch.Tensor | None,
                            catalog: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """Each seed's logits [B, S, C] (float32) of the candidates `item_ids` [C], from
-        the seeds' predictions [B, S, d] and the rows' repeat offsets [B, N + 1] (or None)."""
+        the seeds' predictions [B, S, d] and, with a repeat bias, which items each row has
+        seen [B, N + 1]."""
         logits = predicted @ catalog[item_ids].T + self.item_bias[item_ids]
-        if item_offsets is not None:
-            logits = logits + item_offsets[:, None, item_ids]
+        if seen is not None:
+            logits = logits + self.repeat_bias * seen[:, None, item_ids]
         return logits.float()
 
     def score_items(self, query, item_ids: torch.Tensor) -> torch.Tensor:
@@ -310,8 +310,7 @@ class SequentialRecommender(nn.Module):
         """
         catalog = self.item_encoder.catalog()
         if isinstance(query, DiffusionQuery):
-            logits = self._generative_logits(query.predicted, query.item_offsets, catalog,
-                                             item_ids)
+            logits = self._generative_logits(query.predicted, query.seen, catalog, item_ids)
             log_probs = logits - query.log_normalizer[..., None]  # [B, S, C]
             return log_probs.logsumexp(1) - math.log(log_probs.shape[1])
         if isinstance(query, HistoryQuery):
