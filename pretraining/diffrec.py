@@ -250,9 +250,10 @@ class DiffRec(nn.Module):
         z = sinusoidal_embedding(steps.reshape(-1), self.config.hidden_size)
         return self.step_mlp(z).view(len(steps), 1 if per_row else steps.shape[1], -1)
 
-    def embed(self, vectors, padding_mask, steps, start: int, noised: int):
+    def embed(self, vectors, padding_mask, step, start: int, noised: int):
         """Denoiser input: vectors + positions (from `start` of the right-aligned range) +
-        the step embedding on the last `noised` positions."""
+        the step embedding `step` (`step_embedding`; None without noised positions) on the
+        last `noised` positions."""
         length = vectors.shape[1]
         if start + length > self.config.max_len:
             raise ValueError(f"sequence length {start + length} exceeds max_len "
@@ -260,8 +261,7 @@ class DiffRec(nn.Module):
         positions = torch.arange(start, start + length, device=vectors.device)
         x = vectors + self.position_embedding(positions)
         if noised:
-            step = self.step_embedding(steps).to(x.dtype)
-            x = torch.cat([x[:, :-noised], x[:, -noised:] + step], dim=1)
+            x = torch.cat([x[:, :-noised], x[:, -noised:] + step.to(x.dtype)], dim=1)
         return self.input_dropout(x) * padding_mask.unsqueeze(-1).to(x.dtype)
 
     def _mask(self, queries: int, padding_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -277,10 +277,11 @@ class DiffRec(nn.Module):
         """f(h^n, n): the predicted h^0 [B, d] at the last position of a noised sequence."""
         length = sequence.shape[1]
         noised = self.noised_count(length)
-        x = self.embed(sequence, padding_mask, steps, self.config.max_len - length, noised)
+        step = self.step_embedding(steps)  # once, for the input and the step context
+        x = self.embed(sequence, padding_mask, step, self.config.max_len - length, noised)
         keep = padding_mask.unsqueeze(-1).to(x.dtype)
         attn_mask = self._mask(length, padding_mask)
-        with self.step_context.use(self.step_embedding(steps), noised):
+        with self.step_context.use(step, noised):
             for layer in self.layers:
                 x = layer(x, attn_mask) * keep
         return self.final_norm(x[:, -1])
@@ -436,11 +437,12 @@ class DiffRec(nn.Module):
         """The causal denoiser on the noised positions only, over the cached history."""
         seeds = len(tail) // len(history_mask)
         k = tail.shape[1]
-        x = self.embed(tail, tail_mask, steps, self.config.max_len - k, k)
+        step = self.step_embedding(steps)
+        x = self.embed(tail, tail_mask, step, self.config.max_len - k, k)
         keep = tail_mask.unsqueeze(-1).to(x.dtype)
         attn_mask = self._mask(k, torch.cat([history_mask.repeat_interleave(seeds, 0),
                                              tail_mask], dim=1))
-        with self.step_context.use(self.step_embedding(steps), k):
+        with self.step_context.use(step, k):
             for layer, past in zip(self.layers, cache, strict=True):
                 if past is not None:
                     past = tuple(t.repeat_interleave(seeds, 0) for t in past)

@@ -134,8 +134,8 @@ def test_only_the_noised_positions_change():
         assert torch.equal(noised[:, :-k], sequence[:, :-k])
         assert (noised[:, -k:] != sequence[:, -k:]).all()
         # The denoiser's inputs: the step embedding only reaches the noised positions.
-        a = backbone.embed(noised, mask, steps, 1, k)
-        b = backbone.embed(noised, mask, torch.tensor([9, 1]), 1, k)
+        a = backbone.embed(noised, mask, backbone.step_embedding(steps), 1, k)
+        b = backbone.embed(noised, mask, backbone.step_embedding(torch.tensor([9, 1])), 1, k)
         assert torch.equal(a[:, :-k], b[:, :-k]) and not torch.equal(a[:, -k:], b[:, -k:])
 
 
