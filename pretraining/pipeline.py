@@ -30,6 +30,7 @@ from pretraining.recommender import (
     CheckpointError,
     RecommenderConfig,
     SequentialRecommender,
+    build_backbone_config,
     checkpoint_fingerprint,
     load_recommender_config,
 )
@@ -320,8 +321,8 @@ def _with_later_settings(section: str, settings: dict) -> dict:
     behaviour as the default). As read back from JSON: tuples compare as lists."""
     settings = json.loads(json.dumps({**SETTINGS_ADDED_LATER.get(section, {}), **settings}))
     if section == "model" and settings.get("backbone") in BACKBONES:
-        config_cls, _ = BACKBONES[settings["backbone"]]
-        settings["backbone_config"] = asdict(config_cls(**settings.get("backbone_config", {})))
+        settings["backbone_config"] = asdict(
+            build_backbone_config(settings["backbone"], settings.get("backbone_config", {})))
     return settings
 
 
@@ -335,7 +336,10 @@ def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
                          "or choose another --output-dir")
     previous = json.loads(existing.read_text())
     for section in ("dataset", "model", "transfer"):
-        before = _with_later_settings(section, previous.get(section) or {})
+        try:
+            before = _with_later_settings(section, previous.get(section) or {})
+        except ValueError as error:
+            raise CheckpointError(f"cannot --resume {output_dir}: {existing}: {error}") from None
         now = _with_later_settings(section, run_config.get(section) or {})
         if before != now:
             changed = sorted(key for key in set(before) | set(now)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +37,21 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "sasrec": (SASRecConfig, SASRec),
     "diffrec": (DiffRecConfig, DiffRec),
 }
+
+
+def build_backbone_config(backbone: str, settings: dict):
+    """The backbone's config dataclass from recorded `settings`, naming any setting it lacks
+    (a run written by a newer peftrec, or a hand-edited config.json)."""
+    config_cls, _ = BACKBONES[backbone]
+    unknown = sorted(set(settings) - {known.name for known in fields(config_cls)})
+    if unknown:
+        raise ValueError(
+            f"unknown {backbone} settings {unknown}: written by a newer peftrec, or edited by "
+            "hand? Upgrade peftrec or remove them"
+        )
+    return config_cls(**settings)
+
+
 GENERATIVE_NORMALIZER_ELEMENTS = 1 << 24  # logits held at once when normalising over items
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -116,8 +131,7 @@ class RecommenderConfig:
         return hasattr(BACKBONES[self.backbone][1], "training_losses")
 
     def backbone_settings(self):
-        config_cls, _ = BACKBONES[self.backbone]
-        return config_cls(**self.backbone_config)
+        return build_backbone_config(self.backbone, self.backbone_config)
 
 
 class SequentialRecommender(nn.Module):
@@ -393,7 +407,7 @@ def load_recommender_config(directory: str | Path) -> RecommenderConfig:
         )
     try:
         return RecommenderConfig(**meta["config"])
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / CONFIG_NAME}: unexpected settings ({error})") from None
 
 

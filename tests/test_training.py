@@ -123,6 +123,25 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_old_behaviour(
     assert len((run / "log.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_run_with_a_setting_this_version_lacks_is_refused_by_name(tiny_dataset_dir, tmp_path):
+    from pretraining.recommender import CheckpointError, SequentialRecommender
+
+    run = tmp_path / "run"
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "1")
+    for config_file in (run / "config.json", run / "best_model" / "config.json"):
+        config = json.loads(config_file.read_text())
+        model = config["model"] if "model" in config else config["config"]
+        model["backbone_config"]["rotary"] = True  # as if written by a newer peftrec
+        config_file.write_text(json.dumps(config))
+    log = (run / "log.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=r"cannot --resume .*unknown sasrec settings "
+                                              r"\['rotary'\].*Upgrade peftrec"):
+        run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--resume")
+    with pytest.raises(CheckpointError, match=r"unknown sasrec settings \['rotary'\]"):
+        SequentialRecommender.from_pretrained(run / "best_model")
+    assert (run / "log.jsonl").read_text() == log
+
+
 def test_evaluate_refuses_a_checkpoint_of_another_dataset(tiny_dataset_dir, tmp_path):
     from conftest import write_synthetic_interactions
 
