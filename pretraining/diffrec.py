@@ -136,7 +136,7 @@ class ImportanceStepSampler(nn.Module):
 
     @torch.no_grad()
     def update(self, steps: torch.Tensor, losses: torch.Tensor) -> None:
-        """Record each sequence's loss under its step (1-based); vectorised, no syncs."""
+        """Record each loss under its step (1-based), vectorised: no Python loop over steps."""
         index = steps.long() - 1
         order = torch.argsort(index, stable=True)
         index, losses = index[order], losses[order].to(self.history.dtype)
