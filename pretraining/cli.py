@@ -96,6 +96,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     diffusion.add_argument("--every-position", action="store_true",
                            help="train on every position's next item, not only each window's "
                            "last (needs --causal-denoiser; ~max-len targets per window)")
+    diffusion.add_argument("--detach-noised-items", action="store_true",
+                           help="no gradient from the noised target copies to the item table "
+                           "(stops a trained table from inflating its norms past the noise)")
     diffusion.add_argument("--mse-weight", type=float, default=1.0,
                            help="weight of the diffusion MSE next to the cross-entropy")
 
@@ -246,6 +249,7 @@ def model_config(
             inference=args.inference, inference_steps=args.inference_steps,
             noised_positions=args.noised_positions, causal_denoiser=args.causal_denoiser,
             every_position=args.every_position, mse_weight=args.mse_weight,
+            detach_noised_items=args.detach_noised_items,
         )
     return RecommenderConfig(
         num_items=num_items,

@@ -70,6 +70,10 @@ class DiffRecConfig(SASRecConfig):
     # Train on every position's next item at once, not only the window's last (needs the
     # causal denoiser): ~max_len targets per window instead of one (see the module doc).
     every_position: bool = False
+    # The noised copies of the items carry no gradient to the item table. Through them a
+    # trainable table can grow its norms until the noise hardly hides the target: training
+    # gets easier while one-step inference, which starts from pure noise, gains nothing.
+    detach_noised_items: bool = False
     mse_weight: float = 1.0
     history_size: int = 10  # losses remembered per step for importance sampling
     inference_seed: int = 0
@@ -240,9 +244,13 @@ class DiffRec(nn.Module):
         """Noise the last K real positions at `steps` [B]; the others are left untouched."""
         k = self.noised_count(sequence.shape[1])
         tail = sequence[:, -k:]
-        noised = self.schedule.add_noise(tail, noise, steps[:, None].expand(-1, k))
+        noised = self.schedule.add_noise(self._noising_input(tail), noise,
+                                         steps[:, None].expand(-1, k))
         noised = torch.where(padding_mask[:, -k:, None], noised, tail)
         return torch.cat([sequence[:, :-k], noised], dim=1)
+
+    def _noising_input(self, clean: torch.Tensor) -> torch.Tensor:
+        return clean.detach() if self.config.detach_noised_items else clean
 
     def step_embedding(self, steps: torch.Tensor) -> torch.Tensor:
         """Steps [B] -> [B, 1, d], or a step per position [B, K] -> [B, K, d]."""
@@ -319,8 +327,8 @@ class DiffRec(nn.Module):
         batch, length = padding_mask.shape
         steps, weights = self.step_sampler.sample(batch * length)
         steps, weights = steps.view(batch, length), weights.view(batch, length)
-        noised = self.schedule.add_noise(target_vectors, torch.randn_like(target_vectors),
-                                         steps)
+        noised = self.schedule.add_noise(self._noising_input(target_vectors),
+                                         torch.randn_like(target_vectors), steps)
         predicted = self.denoise_every_position(item_vectors, padding_mask, noised, steps,
                                                 has_target)
         per_target = (predicted - target_vectors).float().pow(2).mean(-1)

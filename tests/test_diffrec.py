@@ -275,6 +275,35 @@ def test_every_position_trains_on_each_target_with_its_own_step():
     assert sampler.counts.sum() == 8 + 5
 
 
+@pytest.mark.parametrize("layout", [{"noised_positions": 2}, {"causal_denoiser": True},
+                                    {"causal_denoiser": True, "every_position": True}],
+                         ids=["last-two", "causal-last", "every-position"])
+def test_detached_noised_items_pass_no_gradient_through_the_noised_copy(layout):
+    """With `detach_noised_items` the prediction does not depend on the clean targets
+    through their noised copies (the MSE target still does); without it, it does."""
+    torch.manual_seed(2)
+    inputs, targets = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for detach in (False, True):
+        backbone = model(**layout, detach_noised_items=detach).backbone.train()
+        clean = inputs.clone().requires_grad_()
+        target = (targets if layout.get("every_position") else targets[:, -1]).clone()
+        target.requires_grad_()
+        if layout.get("every_position"):
+            losses = backbone.every_position_losses(clean, mask, target, mask)
+        else:
+            losses = backbone.training_losses(clean, mask, target)
+        # A random readout: the sum of a layer-normed vector has no gradient at all.
+        readout = (losses["predicted"] * torch.randn_like(losses["predicted"])).sum()
+        gradients = torch.autograd.grad(readout, [clean, target], allow_unused=True)
+        through_target = gradients[1] is not None and gradients[1].abs().sum() > 0
+        assert through_target != detach
+        # K = 2 noises the last input too: detached, it reaches the output only as noise.
+        last_input_moves = gradients[0][:, -1].abs().sum() > 0
+        assert last_input_moves != (detach and layout.get("noised_positions") == 2)
+        assert gradients[0][:, :2].abs().sum() > 0  # the clean history always trains
+
+
 def test_a_diffrec_run_from_before_every_position_resumes(tiny_dataset_dir, tmp_path):
     import json
 
@@ -362,11 +391,12 @@ def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
     args = parse_args(parser, ["--backbone", "diffrec", "--schedule", "cosine",
                                "--diffusion-steps", "30", "--inference", "strided",
                                "--inference-steps", "5", "--noised-positions", "2",
-                               "--causal-denoiser", "--num-seeds", "4"])
+                               "--causal-denoiser", "--num-seeds", "4",
+                               "--detach-noised-items"])
     config = model_config(args, 10, "x").backbone_settings()
     assert (config.schedule, config.num_steps, config.inference, config.inference_steps,
-            config.noised_positions, config.causal_denoiser, config.num_seeds) == (
-        "cosine", 30, "strided", 5, 2, True, 4)
+            config.noised_positions, config.causal_denoiser, config.num_seeds,
+            config.detach_noised_items) == ("cosine", 30, "strided", 5, 2, True, 4, True)
     plain = model_config(parse_args(parser, []), 10, "x")
     assert "schedule" not in plain.backbone_config
     with pytest.raises(ValueError, match="full"):
