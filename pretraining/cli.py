@@ -99,6 +99,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     diffusion.add_argument("--detach-noised-items", action="store_true",
                            help="no gradient from the noised target copies to the item table "
                            "(stops a trained table from inflating its norms past the noise)")
+    diffusion.add_argument("--logit-scale", action="store_true",
+                           help="score with a learned scale s: softmax(s h0 E^T + b), so the "
+                           "MSE and the softmax do not fight over the length of h0")
     diffusion.add_argument("--mse-weight", type=float, default=1.0,
                            help="weight of the diffusion MSE next to the cross-entropy")
 
@@ -249,7 +252,7 @@ def model_config(
             inference=args.inference, inference_steps=args.inference_steps,
             noised_positions=args.noised_positions, causal_denoiser=args.causal_denoiser,
             every_position=args.every_position, mse_weight=args.mse_weight,
-            detach_noised_items=args.detach_noised_items,
+            detach_noised_items=args.detach_noised_items, logit_scale=args.logit_scale,
         )
     return RecommenderConfig(
         num_items=num_items,

@@ -74,6 +74,11 @@ class DiffRecConfig(SASRecConfig):
     # trainable table can grow its norms until the noise hardly hides the target: training
     # gets easier while one-step inference, which starts from pure noise, gains nothing.
     detach_noised_items: bool = False
+    # Score softmax(s * h^0 @ E^T + b) with a learned scalar s. The softmax is tied to the
+    # item table, so without s one vector serves two masters: the MSE pulls h^0 to the
+    # items' scale, the cross-entropy wants it long for sharp probabilities (the paper's W
+    # is a separate layer). s gives the sharpness, h^0 stays at the items' scale.
+    logit_scale: bool = False
     mse_weight: float = 1.0
     history_size: int = 10  # losses remembered per step for importance sampling
     inference_seed: int = 0
@@ -157,9 +162,10 @@ class ImportanceStepSampler(nn.Module):
 class DiffusionQuery:
     """What DiffRec's candidates are scored against.
 
-    `predicted` [B, S, d]: each seed's predicted h^0; `log_normalizer` [B, S]: each
-    seed's logsumexp of the logits over the whole catalog (items 1..N); `seen` [B, N + 1]:
-    which items each row's input holds, for the repeat bias (None without one).
+    `predicted` [B, S, d]: each seed's predicted h^0, as scored (`DiffRec.scoring_vectors`);
+    `log_normalizer` [B, S]: each seed's logsumexp of the logits over the whole catalog
+    (items 1..N); `seen` [B, N + 1]: which items each row's input holds, for the repeat
+    bias (None without one).
     """
 
     predicted: torch.Tensor
@@ -226,8 +232,16 @@ class DiffRec(nn.Module):
         self.step_sampler = ImportanceStepSampler(config.num_steps, config.history_size)
         self.step_context = StepContext()
         self.apply(_init_weights)
+        # log s, so that s stays positive; s = 1 at start, the model without it.
+        self.log_logit_scale = nn.Parameter(torch.zeros(())) if config.logit_scale else None
 
     # -- building blocks ------------------------------------------------------------------
+    def scoring_vectors(self, predicted: torch.Tensor) -> torch.Tensor:
+        """Predicted h^0 as the softmax reads it: times s with `logit_scale`."""
+        if self.log_logit_scale is None:
+            return predicted
+        return predicted * self.log_logit_scale.exp().to(predicted.dtype)
+
     def build_sequence(self, item_vectors, padding_mask, last_vectors):
         """History [B, L, d] + the target / placeholder [B, d] -> [B, L', d], mask [B, L']."""
         sequence = torch.cat([item_vectors, last_vectors[:, None]], dim=1)

@@ -268,7 +268,7 @@ class SequentialRecommender(nn.Module):
             if self.config.repeat_bias:
                 repeat = self.repeat_bias * history_indicator(input_ids, len(catalog), False)
         offsets = self.item_bias if repeat is None else self.item_bias + repeat
-        ce = full_softmax_loss(predicted, catalog, targets, offsets)
+        ce = full_softmax_loss(backbone.scoring_vectors(predicted), catalog, targets, offsets)
         mse = losses["mse"]
         total = backbone.config.mse_weight * mse + ce
         return {"loss": total, "mse": mse.detach(), "ce": ce.detach()}
@@ -292,6 +292,7 @@ class SequentialRecommender(nn.Module):
     def _generative_query(self, input_ids: torch.Tensor) -> DiffusionQuery:
         catalog = self.item_encoder.catalog()
         predicted = self.backbone.sample_predictions(catalog[input_ids], input_ids > 0)
+        predicted = self.backbone.scoring_vectors(predicted)
         seen = None
         if self.config.repeat_bias:
             seen = history_indicator(input_ids, self.config.num_items + 1, causal=False)

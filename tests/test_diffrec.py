@@ -206,6 +206,38 @@ def test_seed_average_equals_the_mean_of_single_seed_softmaxes():
     )
 
 
+@pytest.mark.parametrize("layout", [{}, {"causal_denoiser": True, "every_position": True}],
+                         ids=["last", "every-position"])
+def test_logit_scale_sharpens_the_softmax_and_leaves_the_mse_alone(layout):
+    """softmax(s h0 E^T + b): s = 1 at start (the plain model); with s = 3 the training
+    cross-entropy and the seed-averaged scores use 3 h0 while the MSE still reads h0."""
+    plain, scaled = model(**layout), model(**layout, logit_scale=True)
+    scaled.load_state_dict(plain.state_dict(), strict=False)
+    items = torch.arange(1, NUM_ITEMS + 1)
+    train = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
+             "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
+
+    def losses(recommender):
+        torch.manual_seed(0)  # the same steps and noise for both models
+        return recommender.train().loss(train)
+
+    torch.testing.assert_close(scaled.eval().scores(batch()), plain.eval().scores(batch()))
+    torch.testing.assert_close(losses(scaled)["loss"], losses(plain)["loss"])
+    with torch.no_grad():
+        scaled.backbone.log_logit_scale.fill_(math.log(3.0))
+    assert torch.isclose(losses(scaled)["mse"], losses(plain)["mse"])
+    assert not torch.isclose(losses(scaled)["ce"], losses(plain)["ce"])
+    losses(scaled)["loss"].backward()
+    assert scaled.backbone.log_logit_scale.grad.abs() > 0  # it is learned
+    query, reference = scaled.eval().query(batch()), plain.eval().query(batch())
+    torch.testing.assert_close(query.predicted, 3 * reference.predicted)
+    catalog = plain.item_encoder.catalog()
+    expected = torch.stack([torch.softmax(3 * reference.predicted[:, s] @ catalog[items].T
+                                          + plain.item_bias[items], -1)
+                            for s in range(TINY["num_seeds"])]).mean(0)
+    torch.testing.assert_close(scaled.score_items(query, items).exp(), expected)
+
+
 def test_chunked_evaluation_matches_ranking_all_scores():
     recommender = model()
     targets = batch()["target_ids"]
@@ -392,11 +424,12 @@ def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
                                "--diffusion-steps", "30", "--inference", "strided",
                                "--inference-steps", "5", "--noised-positions", "2",
                                "--causal-denoiser", "--num-seeds", "4",
-                               "--detach-noised-items"])
+                               "--detach-noised-items", "--logit-scale"])
     config = model_config(args, 10, "x").backbone_settings()
     assert (config.schedule, config.num_steps, config.inference, config.inference_steps,
             config.noised_positions, config.causal_denoiser, config.num_seeds,
-            config.detach_noised_items) == ("cosine", 30, "strided", 5, 2, True, 4, True)
+            config.detach_noised_items, config.logit_scale) == (
+        "cosine", 30, "strided", 5, 2, True, 4, True, True)
     plain = model_config(parse_args(parser, []), 10, "x")
     assert "schedule" not in plain.backbone_config
     with pytest.raises(ValueError, match="full"):
