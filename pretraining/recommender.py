@@ -38,6 +38,11 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "diffrec": (DiffRecConfig, DiffRec),
 }
 
+GENERATIVE_NORMALIZER_ELEMENTS = 1 << 24  # logits held at once when normalising over items
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ARCHITECTURE = "SequentialRecommender"
+
 
 def build_backbone_config(backbone: str, settings: dict):
     """The backbone's config dataclass from recorded `settings`, naming any setting it lacks
@@ -50,12 +55,6 @@ def build_backbone_config(backbone: str, settings: dict):
             "hand? Upgrade peftrec or remove them"
         )
     return config_cls(**settings)
-
-
-GENERATIVE_NORMALIZER_ELEMENTS = 1 << 24  # logits held at once when normalising over items
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-ARCHITECTURE = "SequentialRecommender"
 
 
 @dataclass
