@@ -102,6 +102,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     diffusion.add_argument("--logit-scale", action="store_true",
                            help="score with a learned scale s: softmax(s h0 E^T + b), so the "
                            "MSE and the softmax do not fight over the length of h0")
+    diffusion.add_argument("--untied-output", action="store_true",
+                           help="score with a separate output table W (the paper's Eq. 13, "
+                           "a copy of the item vectors at start), not the item table")
     diffusion.add_argument("--mse-weight", type=float, default=1.0,
                            help="weight of the diffusion MSE next to the cross-entropy")
 
@@ -253,6 +256,7 @@ def model_config(
             noised_positions=args.noised_positions, causal_denoiser=args.causal_denoiser,
             every_position=args.every_position, mse_weight=args.mse_weight,
             detach_noised_items=args.detach_noised_items, logit_scale=args.logit_scale,
+            untied_output=args.untied_output,
         )
     return RecommenderConfig(
         num_items=num_items,

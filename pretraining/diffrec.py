@@ -79,6 +79,11 @@ class DiffRecConfig(SASRecConfig):
     # items' scale, the cross-entropy wants it long for sharp probabilities (the paper's W
     # is a separate layer). s gives the sharpness, h^0 stays at the items' scale.
     logit_scale: bool = False
+    # Score with the paper's separate output layer W (Eq. 13), a per-item table initialised
+    # as a copy of the item vectors, instead of the item table itself. The item table then
+    # serves only the inputs and the MSE targets, so it can stay frozen (e.g. as copied from
+    # SASRec) while the softmax still learns every item's output vector.
+    untied_output: bool = False
     mse_weight: float = 1.0
     history_size: int = 10  # losses remembered per step for importance sampling
     inference_seed: int = 0

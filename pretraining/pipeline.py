@@ -71,6 +71,8 @@ def pretrain(args: argparse.Namespace) -> dict:
         model = build_recommender(config, data, encoder_cache_dir)
         if item_source is not None:
             copy_item_encoder(item_source, model)
+            if model.output_items is not None:  # the output table starts as the items too
+                model.copy_items_to_output()
         return model
 
     def load_best(checkpoint: Path) -> SequentialRecommender:

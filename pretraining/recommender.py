@@ -159,15 +159,31 @@ class SequentialRecommender(nn.Module):
             self.sampling_probs = None
         if config.is_generative:
             self.item_bias = nn.Parameter(torch.zeros(config.num_items + 1))
+        self.output_items = None
+        if getattr(backbone_config, "untied_output", False):
+            self.output_items = nn.Parameter(torch.empty(config.num_items + 1,
+                                                         backbone_config.hidden_size))
+            self.copy_items_to_output()
         if config.repeat_bias:
             self.repeat_bias = nn.Parameter(torch.zeros(()))
 
     def catalog_parameter_names(self) -> list[str]:
         """Parameters with one row per item of this catalog (an ID table, the generative
-        item bias): they do not transfer to another catalog."""
+        item bias, an untied output table): they do not transfer to another catalog."""
         names = [f"item_encoder.{name}"
                  for name in getattr(self.item_encoder, "catalog_parameters", ())]
-        return names + (["item_bias"] if self.config.is_generative else [])
+        names += ["item_bias"] if self.config.is_generative else []
+        return names + (["output_items"] if self.output_items is not None else [])
+
+    @torch.no_grad()
+    def copy_items_to_output(self) -> None:
+        """Set the untied output table (`untied_output`) to the item encoder's vectors."""
+        self.output_items.copy_(self.item_encoder.catalog())
+
+    def output_catalog(self, catalog: torch.Tensor) -> torch.Tensor:
+        """The item vectors a generative softmax scores against: `catalog` (the item
+        encoder's), or the separate output table with `untied_output`."""
+        return catalog if self.output_items is None else self.output_items
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Contextual states [B, L, d] for left-padded item sequences [B, L]."""
@@ -267,7 +283,8 @@ class SequentialRecommender(nn.Module):
             if self.config.repeat_bias:
                 repeat = self.repeat_bias * history_indicator(input_ids, len(catalog), False)
         offsets = self.item_bias if repeat is None else self.item_bias + repeat
-        ce = full_softmax_loss(backbone.scoring_vectors(predicted), catalog, targets, offsets)
+        ce = full_softmax_loss(backbone.scoring_vectors(predicted), self.output_catalog(catalog),
+                               targets, offsets)
         mse = losses["mse"]
         total = backbone.config.mse_weight * mse + ce
         return {"loss": total, "mse": mse.detach(), "ce": ce.detach()}
@@ -291,6 +308,7 @@ class SequentialRecommender(nn.Module):
     def _generative_query(self, input_ids: torch.Tensor) -> DiffusionQuery:
         catalog = self.item_encoder.catalog()
         predicted = self.backbone.sample_predictions(catalog[input_ids], input_ids > 0)
+        catalog = self.output_catalog(catalog)  # what the softmax scores against
         predicted = self.backbone.scoring_vectors(predicted)
         seen = None
         if self.config.repeat_bias:
@@ -324,7 +342,8 @@ class SequentialRecommender(nn.Module):
         """
         catalog = self.item_encoder.catalog()
         if isinstance(query, DiffusionQuery):
-            logits = self._generative_logits(query.predicted, query.seen, catalog, item_ids)
+            logits = self._generative_logits(query.predicted, query.seen,
+                                             self.output_catalog(catalog), item_ids)
             log_probs = logits - query.log_normalizer[..., None]  # [B, S, C]
             return log_probs.logsumexp(1) - math.log(log_probs.shape[1])
         if isinstance(query, HistoryQuery):

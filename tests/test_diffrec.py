@@ -307,6 +307,48 @@ def test_every_position_trains_on_each_target_with_its_own_step():
     assert sampler.counts.sum() == 8 + 5
 
 
+@pytest.mark.parametrize("layout", [{}, {"causal_denoiser": True, "every_position": True}],
+                         ids=["last", "every-position"])
+def test_an_untied_output_table_scores_while_the_item_table_feeds_the_denoiser(layout):
+    """`untied_output`: softmax(h0 W^T + b) with W a copy of the items at start (the plain
+    model exactly); then scores and the cross-entropy follow W, the denoiser's inputs and
+    the MSE the item table, and the softmax's gradient reaches W, not the item table."""
+    plain, untied = model(**layout), model(**layout, untied_output=True)
+    untied.load_state_dict(plain.state_dict(), strict=False)
+    untied.copy_items_to_output()
+    items = torch.arange(1, NUM_ITEMS + 1)
+    train = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
+             "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
+
+    def losses(recommender):
+        torch.manual_seed(0)  # the same steps and noise for both models
+        return recommender.train().loss(train)
+
+    torch.testing.assert_close(untied.eval().scores(batch()), plain.eval().scores(batch()))
+    torch.testing.assert_close(losses(untied)["loss"], losses(plain)["loss"])
+    assert "output_items" in untied.catalog_parameter_names()
+    with torch.no_grad():
+        untied.output_items.normal_()
+    assert torch.isclose(losses(untied)["mse"], losses(plain)["mse"])
+    assert not torch.isclose(losses(untied)["ce"], losses(plain)["ce"])
+    # Loss = CE alone, the noised copies detached: the targets' rows (6 and 9 are never
+    # inputs) then reach the CE only through the output table, which an untied model owns.
+    for untie in (False, True):
+        ce_only = model(**layout, untied_output=untie, mse_weight=0.0, detach_noised_items=True)
+        ce_only.load_state_dict(untied.state_dict(), strict=False)
+        table = ce_only.item_encoder.embedding.weight
+        (gradient,) = torch.autograd.grad(losses(ce_only)["loss"], [table])
+        assert (gradient[[6, 9]].abs().sum() == 0) == untie
+    (gradient,) = torch.autograd.grad(losses(ce_only)["loss"], [ce_only.output_items])
+    assert gradient[[6, 9]].abs().sum() > 0
+    query = untied.eval().query(batch())
+    torch.testing.assert_close(query.predicted, plain.eval().query(batch()).predicted)
+    expected = torch.stack([torch.softmax(query.predicted[:, s] @ untied.output_items[items].T
+                                          + untied.item_bias[items], -1)
+                            for s in range(TINY["num_seeds"])]).mean(0)
+    torch.testing.assert_close(untied.score_items(query, items).exp(), expected)
+
+
 @pytest.mark.parametrize("layout", [{"noised_positions": 2}, {"causal_denoiser": True},
                                     {"causal_denoiser": True, "every_position": True}],
                          ids=["last-two", "causal-last", "every-position"])
@@ -424,12 +466,12 @@ def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
                                "--diffusion-steps", "30", "--inference", "strided",
                                "--inference-steps", "5", "--noised-positions", "2",
                                "--causal-denoiser", "--num-seeds", "4",
-                               "--detach-noised-items", "--logit-scale"])
+                               "--detach-noised-items", "--logit-scale", "--untied-output"])
     config = model_config(args, 10, "x").backbone_settings()
     assert (config.schedule, config.num_steps, config.inference, config.inference_steps,
             config.noised_positions, config.causal_denoiser, config.num_seeds,
-            config.detach_noised_items, config.logit_scale) == (
-        "cosine", 30, "strided", 5, 2, True, 4, True, True)
+            config.detach_noised_items, config.logit_scale, config.untied_output) == (
+        "cosine", 30, "strided", 5, 2, True, 4, True, True, True)
     plain = model_config(parse_args(parser, []), 10, "x")
     assert "schedule" not in plain.backbone_config
     with pytest.raises(ValueError, match="full"):

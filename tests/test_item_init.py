@@ -115,3 +115,15 @@ def test_a_source_of_another_dataset_or_width_fails_before_training(
 def test_freeze_settings_are_checked():
     with pytest.raises(ValueError, match="must be >= 0"):
         TrainingConfig(output_dir="x", freeze_epochs=-1)
+
+
+def test_an_untied_output_table_starts_as_the_source_items_and_trains_while_they_are_frozen(
+    tiny_dataset_dir, source_run, initial_weights, tmp_path
+):
+    run = tmp_path / "run"
+    run_pretrain(tiny_dataset_dir, run, *DIFFREC, "--untied-output", "--init-items-from",
+                 str(source_run), "--freeze-items-epochs", "5", "--epochs", "1")
+    assert torch.equal(initial_weights["output_items"], source_table(source_run))
+    trained = weights(run)
+    assert torch.equal(trained[TABLE], source_table(source_run))
+    assert not torch.equal(trained["output_items"], source_table(source_run))
