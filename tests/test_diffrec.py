@@ -206,6 +206,15 @@ def test_seed_average_equals_the_mean_of_single_seed_softmaxes():
     )
 
 
+def losses(recommender: SequentialRecommender) -> dict:
+    """Training losses on a fixed two-window batch with the same steps and noise each call
+    (items 6 and 9 are targets only, never inputs)."""
+    torch.manual_seed(0)
+    return recommender.train().loss({
+        "input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
+        "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])})
+
+
 @pytest.mark.parametrize("layout", [{}, {"causal_denoiser": True, "every_position": True}],
                          ids=["last", "every-position"])
 def test_logit_scale_sharpens_the_softmax_and_leaves_the_mse_alone(layout):
@@ -214,13 +223,6 @@ def test_logit_scale_sharpens_the_softmax_and_leaves_the_mse_alone(layout):
     plain, scaled = model(**layout), model(**layout, logit_scale=True)
     scaled.load_state_dict(plain.state_dict(), strict=False)
     items = torch.arange(1, NUM_ITEMS + 1)
-    train = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
-             "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
-
-    def losses(recommender):
-        torch.manual_seed(0)  # the same steps and noise for both models
-        return recommender.train().loss(train)
-
     torch.testing.assert_close(scaled.eval().scores(batch()), plain.eval().scores(batch()))
     torch.testing.assert_close(losses(scaled)["loss"], losses(plain)["loss"])
     with torch.no_grad():
@@ -317,13 +319,6 @@ def test_an_untied_output_table_scores_while_the_item_table_feeds_the_denoiser(l
     untied.load_state_dict(plain.state_dict(), strict=False)
     untied.copy_items_to_output()
     items = torch.arange(1, NUM_ITEMS + 1)
-    train = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
-             "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
-
-    def losses(recommender):
-        torch.manual_seed(0)  # the same steps and noise for both models
-        return recommender.train().loss(train)
-
     torch.testing.assert_close(untied.eval().scores(batch()), plain.eval().scores(batch()))
     torch.testing.assert_close(losses(untied)["loss"], losses(plain)["loss"])
     assert "output_items" in untied.catalog_parameter_names()
