@@ -303,6 +303,16 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
+    def _apply_configured_lr(self) -> None:
+        """Use this run's --lr after a restore, which brings back the saved run's: a resume
+        may lower it for the last epochs (a step decay), and must not ignore it silently."""
+        schedule = self.scheduler.scheduler  # the LambdaLR inside accelerate's wrapper
+        for group, saved in zip(self.optimizer.param_groups, schedule.base_lrs, strict=True):
+            group["lr"] *= self.config.lr / saved  # keeps the warm-up / cosine factor
+            group["initial_lr"] = self.config.lr
+        schedule.base_lrs = [self.config.lr] * len(schedule.base_lrs)
+        schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def _load_state(self) -> None:
         # An interruption between the two renames of `_save_state` leaves only `state.old`.
         candidates = [self.output_dir / STATE_DIR, self.output_dir / f"{STATE_DIR}.old"]
@@ -311,6 +321,7 @@ class Trainer:
             self.accelerator.print(f"--resume: no saved state in {self.output_dir}; starting fresh")
             return
         self.accelerator.load_state(str(found))
+        self._apply_configured_lr()
         self.state = TrainerState(**json.loads((found / TRAINER_STATE).read_text()))
         self.accelerator.print(
             f"resumed from {found}: epoch {self.state.epoch}, "

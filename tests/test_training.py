@@ -71,6 +71,15 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_dataset_dir, tmp
         torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
 
 
+def test_resume_trains_at_the_lr_it_is_given(tiny_dataset_dir, tmp_path):
+    """A resume restores the optimizer and scheduler, but trains at its own --lr."""
+    run = tmp_path / "run"
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "1", "--lr", "1e-2")
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "3", "--lr", "1e-3", "--resume")
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in log] == pytest.approx([1e-2, 1e-3, 1e-3])
+
+
 def test_resume_mid_epoch_continues_from_the_saved_step(tiny_dataset_dir, tmp_path, monkeypatch):
     run_pretrain(tiny_dataset_dir, tmp_path / "full", "--epochs", "1")
     original = Trainer._save_state
