@@ -180,10 +180,13 @@ class SequentialRecommender(nn.Module):
         """Set the untied output table (`untied_output`) to the item encoder's vectors."""
         self.output_items.copy_(self.item_encoder.catalog())
 
-    def output_catalog(self, catalog: torch.Tensor) -> torch.Tensor:
-        """The item vectors a generative softmax scores against: `catalog` (the item
-        encoder's), or the separate output table with `untied_output`."""
-        return catalog if self.output_items is None else self.output_items
+    def output_catalog(self, catalog: torch.Tensor | None = None) -> torch.Tensor:
+        """The item vectors a generative softmax scores against: the item encoder's
+        (`catalog` when already computed), or the separate output table with
+        `untied_output`, which needs no item catalog at all."""
+        if self.output_items is not None:
+            return self.output_items
+        return self.item_encoder.catalog() if catalog is None else catalog
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Contextual states [B, L, d] for left-padded item sequences [B, L]."""
@@ -340,12 +343,12 @@ class SequentialRecommender(nn.Module):
         probability over the whole catalog, log((1/S) sum_s p_s(item)) -- the ranking of
         the seed-averaged probability (Algorithm 3) without underflow to 0.
         """
-        catalog = self.item_encoder.catalog()
         if isinstance(query, DiffusionQuery):
             logits = self._generative_logits(query.predicted, query.seen,
-                                             self.output_catalog(catalog), item_ids)
+                                             self.output_catalog(), item_ids)
             log_probs = logits - query.log_normalizer[..., None]  # [B, S, C]
             return log_probs.logsumexp(1) - math.log(log_probs.shape[1])
+        catalog = self.item_encoder.catalog()
         if isinstance(query, HistoryQuery):
             return query.state @ catalog[item_ids].T + self.repeat_bias * query.seen[:, item_ids]
         return query @ catalog[item_ids].T
