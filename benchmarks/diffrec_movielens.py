@@ -28,7 +28,8 @@ SASRec's. Both tables and the checks go to results.json and results.md.
         --output-dir /tmp/bench-diffrec                                   # a smoke run
 
 `--models "diffrec causal"` runs one DiffRec variant (SASRec, the reference, always runs).
-Extra flags after `--` go to every training run (e.g. `-- --hidden-size 256 --max-len 50`).
+Extra flags after `--` go to every training run (e.g. `-- --hidden-size 256 --max-len 50`);
+SASRec's run leaves out the DiffRec settings among them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from tables import markdown
 from torch.utils.data import DataLoader
 
 from dataset_tools import SequenceData
-from pretraining.cli import parse_args, pretrain_parser, protocol_config
+from pretraining.cli import parse_args, pretrain_parser, protocol_config, without_diffusion_flags
 from pretraining.data import collate_left_padded
 from pretraining.evaluation import EvaluationProtocol, evaluate
 from pretraining.pipeline import evaluation_dataset, load_checkpoint, load_data, pretrain
@@ -84,6 +85,8 @@ TRADE_OFF_COLUMNS = ("dataset", "model", "inference", "denoiser passes", "users"
 
 
 def run_args(dataset: str, run_dir: Path, model: str, extra: list[str]) -> argparse.Namespace:
+    if model == "sasrec":
+        extra = without_diffusion_flags(extra)
     return parse_args(pretrain_parser(__doc__), ["--dataset", dataset, "--output-dir",
                                                  str(run_dir), *MODELS[model], *extra])
 

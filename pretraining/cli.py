@@ -20,13 +20,16 @@ from pretraining.diffrec import INFERENCE_MODES
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.recommender import BACKBONES, RecommenderConfig
 from pretraining.schedules import SCHEDULES
-from pretraining.trainer import TrainingConfig
+from pretraining.trainer import SCHEDULERS, TrainingConfig
 
 ITEM_ENCODER_PREFIX = "item_encoder."  # SequentialRecommender's item encoder parameters
 
 
 class CommandLineError(ValueError):
     """Bad flags or a bad --config file."""
+
+
+DIFFUSION_GROUP = "diffusion (--backbone diffrec)"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -76,7 +79,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="no update to the item encoder in the first E epochs, then joint "
                        "training (without --init-items-from: the random initial items stay "
                        "fixed for E epochs)")
-    diffusion = parser.add_argument_group("diffusion (--backbone diffrec)")
+    diffusion = parser.add_argument_group(DIFFUSION_GROUP)
     diffusion.add_argument("--schedule", choices=sorted(SCHEDULES), default="sqrt",
                            help="noise schedule of the diffusion process")
     diffusion.add_argument("--diffusion-steps", type=int, default=1000,
@@ -119,8 +122,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="users scored at once in full ranking (bounds evaluation memory)")
     group.add_argument("--lr", type=float, default=1e-3)
     group.add_argument("--weight-decay", type=float, default=0.0)
-    group.add_argument("--scheduler", choices=["constant", "cosine"], default="constant")
+    group.add_argument("--scheduler", choices=SCHEDULERS, default="constant",
+                       help="the rate after warm-up: constant, cosine to 0 over --epochs, or "
+                       "step (multiplied by --decay-factor after each of --decay-epochs)")
     group.add_argument("--warmup-steps", type=int, default=0)
+    group.add_argument("--decay-epochs", type=int, nargs="+", default=[],
+                       help="--scheduler step: the epochs after which the rate drops")
+    group.add_argument("--decay-factor", type=float, default=0.1,
+                       help="--scheduler step: what each drop multiplies the rate by")
     group.add_argument("--grad-accum", type=int, default=1)
     group.add_argument("--max-grad-norm", type=float, default=5.0)
     group.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
@@ -214,10 +223,43 @@ def evaluate_parser(description: str) -> argparse.ArgumentParser:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
     """Parse flags on top of the `--config` YAML file's values."""
+    defaults = {action.dest: action.default for action in _diffusion_actions(parser)}
     first, _ = parser.parse_known_args(argv)
     if first.config is not None:
         parser.set_defaults(**_read_config(first.config, parser))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    backbone = getattr(args, "backbone", "diffrec")
+    if backbone != "diffrec":
+        given = [action.option_strings[0] for action in _diffusion_actions(parser)
+                 if getattr(args, action.dest) != defaults[action.dest]]
+        if given:
+            raise CommandLineError(f"{', '.join(given)}: DiffRec settings, which do nothing "
+                                   f"with --backbone {backbone}; drop them or use --backbone "
+                                   "diffrec")
+    return args
+
+
+def _diffusion_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [action for group in parser._action_groups if group.title == DIFFUSION_GROUP
+            for action in group._group_actions]
+
+
+def without_diffusion_flags(argv: Sequence[str]) -> list[str]:
+    """`argv` less its DiffRec settings and their values: the flags of a SASRec run next
+    to a DiffRec one (e.g. the reference of a benchmark that takes one set of flags)."""
+    actions = {option: action for action in _diffusion_actions(pretrain_parser(""))
+               for option in action.option_strings}
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in actions:
+            skip_value = actions[name].nargs != 0 and "=" not in token
+            continue
+        kept.append(token)
+    return kept
 
 
 def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
@@ -299,7 +341,9 @@ def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfi
         output_dir=str(output_dir), epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        scheduler=args.scheduler, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
+        scheduler=args.scheduler, warmup_steps=args.warmup_steps,
+        decay_epochs=tuple(args.decay_epochs), decay_factor=args.decay_factor,
+        grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
         patience=args.patience, num_workers=args.num_workers, seed=args.seed,
         save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,

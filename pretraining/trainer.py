@@ -27,6 +27,7 @@ from transformers import get_scheduler
 
 from pretraining.evaluation import EvaluationProtocol, evaluate
 
+SCHEDULERS = ("constant", "cosine", "step")
 STATE_DIR = "state"
 BEST_DIR = "best_model"
 TRAINER_STATE = "trainer_state.json"
@@ -41,8 +42,11 @@ class TrainingConfig:
     eval_batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    scheduler: str = "constant"  # "constant" or "cosine", both after `warmup_steps`
+    scheduler: str = "constant"  # "constant", "cosine" or "step", all after `warmup_steps`
     warmup_steps: int = 0
+    # "step": the rate is multiplied by `decay_factor` after each of these epochs.
+    decay_epochs: tuple[int, ...] = ()
+    decay_factor: float = 0.1
     grad_accum: int = 1
     max_grad_norm: float = 5.0  # 0 disables clipping
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
@@ -69,8 +73,17 @@ class TrainingConfig:
         if self.freeze_epochs < 0:
             raise ValueError(f"freeze epochs (--freeze-items-epochs) must be >= 0, "
                              f"got {self.freeze_epochs}")
-        if self.scheduler not in ("constant", "cosine"):
-            raise ValueError(f"unknown --scheduler {self.scheduler!r}; use 'constant' or 'cosine'")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown --scheduler {self.scheduler!r}; use one of {SCHEDULERS}")
+        if (self.scheduler == "step") != bool(self.decay_epochs):
+            raise ValueError("--decay-epochs goes with --scheduler step, and step needs it: "
+                             "e.g. --scheduler step --decay-epochs 30 40")
+        if list(self.decay_epochs) != sorted(set(self.decay_epochs)) or any(
+                e < 1 for e in self.decay_epochs):
+            raise ValueError(f"--decay-epochs must be increasing epochs >= 1, "
+                             f"got {list(self.decay_epochs)}")
+        if not 0 < self.decay_factor <= 1:
+            raise ValueError(f"--decay-factor must be in (0, 1], got {self.decay_factor}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(
                 f"unknown --mixed-precision {self.mixed_precision!r}; use 'no', 'fp16' or 'bf16'"
@@ -122,18 +135,14 @@ class Trainer:
         steps_per_epoch = math.ceil(
             len(train_loader) / self.accelerator.num_processes / config.grad_accum
         )
-        # `prepare` steps the scheduler once per process per optimizer step.
-        scheduler = get_scheduler(
-            "cosine" if config.scheduler == "cosine" else "constant_with_warmup",
-            optimizer,
-            num_warmup_steps=config.warmup_steps * self.accelerator.num_processes,
-            num_training_steps=steps_per_epoch * config.epochs * self.accelerator.num_processes,
-        )
+        scheduler = _lr_scheduler(optimizer, config, steps_per_epoch,
+                                  self.accelerator.num_processes)
         (self.model, self.optimizer, self.train_loader, self.valid_loader,
          self.scheduler) = self.accelerator.prepare(
             model, optimizer, train_loader, valid_loader, scheduler
         )
         self.state = TrainerState()
+        self.epoch_lr = config.lr
 
     def _early_frozen_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """The trainable parameters `freeze_prefixes` names, looked up before `prepare`
@@ -231,6 +240,7 @@ class Trainer:
                 if acc.sync_gradients and config.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                 self.optimizer.step()
+                self.epoch_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             # Kept as tensors: no host-device sync inside the step loop.
@@ -273,7 +283,7 @@ class Trainer:
             "valid": {k: v for k, v in valid.items() if k != "protocol"},
             "seconds": seconds,
             "data_wait_share": wait / seconds if seconds else 0.0,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.epoch_lr,  # the rate of the epoch's last step
         }
         if acc.is_main_process:
             with open(self.output_dir / "log.jsonl", "a") as log:
@@ -327,6 +337,28 @@ class Trainer:
             f"resumed from {found}: epoch {self.state.epoch}, "
             f"batch {self.state.batches_in_epoch}, step {self.state.global_step}"
         )
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig,
+                  steps_per_epoch: int, num_processes: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The rate's schedule in scheduler steps: `prepare` steps it once per process per
+    optimizer step, so every length is counted in `num_processes` units."""
+    warmup = config.warmup_steps * num_processes
+    if config.scheduler != "step":
+        return get_scheduler(
+            "cosine" if config.scheduler == "cosine" else "constant_with_warmup", optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=steps_per_epoch * config.epochs * num_processes,
+        )
+    # A step decay planned up front: the same rates as stopping after each decay epoch
+    # and resuming with a lower --lr, in one run.
+    boundaries = [epoch * steps_per_epoch * num_processes for epoch in config.decay_epochs]
+
+    def factor(step: int) -> float:
+        warm = step / warmup if step < warmup else 1.0
+        return warm * config.decay_factor ** sum(step >= b for b in boundaries)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _save_pretrained(model: torch.nn.Module, state_dict: dict, directory: Path) -> None:

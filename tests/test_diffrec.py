@@ -471,3 +471,21 @@ def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
     assert "schedule" not in plain.backbone_config
     with pytest.raises(ValueError, match="full"):
         RecommenderConfig(num_items=5, backbone="diffrec", loss="sampled")
+
+
+def test_diffrec_flags_on_sasrec_are_an_error_and_the_benchmark_drops_them(tmp_path):
+    from pretraining.cli import CommandLineError, without_diffusion_flags
+
+    diffusion = ["--untied-output", "--num-seeds", "4", "--schedule=cosine", "--causal-denoiser"]
+    with pytest.raises(CommandLineError, match=r"^--schedule, --num-seeds, --causal-denoiser, "
+                       r"--untied-output: DiffRec settings, which do nothing with --backbone "
+                       r"sasrec; drop them or use --backbone diffrec$"):
+        parse_args(pretrain_parser("test"), diffusion)
+    config = tmp_path / "run.yaml"  # a config file's DiffRec settings too
+    config.write_text("untied-output: true\n")
+    with pytest.raises(CommandLineError, match="^--untied-output: DiffRec settings"):
+        parse_args(pretrain_parser("test"), ["--config", str(config)])
+    assert parse_args(pretrain_parser("test"), ["--backbone", "diffrec", *diffusion]).num_seeds == 4
+    mixed = ["--lr", "2e-3", "--untied-output", "--num-seeds", "4", "--repeat-bias",
+             "--schedule=cosine", "--max-len", "50", "--noised-positions", "2"]
+    assert without_diffusion_flags(mixed) == ["--lr", "2e-3", "--repeat-bias", "--max-len", "50"]

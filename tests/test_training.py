@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from pretraining import Trainer
 from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
 from pretraining.pipeline import evaluate_run, pretrain
+from pretraining.trainer import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20",
@@ -78,6 +80,42 @@ def test_resume_trains_at_the_lr_it_is_given(tiny_dataset_dir, tmp_path):
     run_pretrain(tiny_dataset_dir, run, "--epochs", "3", "--lr", "1e-3", "--resume")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [row["lr"] for row in log] == pytest.approx([1e-2, 1e-3, 1e-3])
+
+
+def test_step_schedule_drops_the_rate_after_each_decay_epoch(tiny_dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "4", "--lr", "1e-2", "--scheduler", "step",
+                 "--decay-epochs", "1", "3", "--decay-factor", "0.5")
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in log] == pytest.approx([1e-2, 5e-3, 5e-3, 2.5e-3])
+
+
+def test_step_schedule_equals_stopping_and_resuming_at_the_lower_rate(tiny_dataset_dir, tmp_path):
+    """The planned decay is the stop-and-resume recipe in one run, to the last bit."""
+    run_pretrain(tiny_dataset_dir, tmp_path / "planned", "--epochs", "2", "--lr", "1e-2",
+                 "--scheduler", "step", "--decay-epochs", "1", "--decay-factor", "0.5")
+    run_pretrain(tiny_dataset_dir, tmp_path / "chained", "--epochs", "1", "--lr", "1e-2")
+    run_pretrain(tiny_dataset_dir, tmp_path / "chained", "--epochs", "2", "--lr", "5e-3",
+                 "--resume")
+    planned, chained = weights(tmp_path / "planned"), weights(tmp_path / "chained")
+    for name in planned:
+        torch.testing.assert_close(planned[name], chained[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"scheduler": "step"}, "step needs it"),
+        ({"decay_epochs": (3,)}, "--decay-epochs goes with --scheduler step"),
+        ({"scheduler": "step", "decay_epochs": (5, 3)}, "increasing epochs >= 1, got [5, 3]"),
+        ({"scheduler": "step", "decay_epochs": (0,)}, "increasing epochs >= 1, got [0]"),
+        ({"scheduler": "step", "decay_epochs": (3,), "decay_factor": 0.0}, "in (0, 1], got 0.0"),
+        ({"scheduler": "linear"}, "unknown --scheduler 'linear'"),
+    ],
+)
+def test_bad_schedule_settings_are_named(settings, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainingConfig(output_dir=str(tmp_path), **settings)
 
 
 def test_resume_mid_epoch_continues_from_the_saved_step(tiny_dataset_dir, tmp_path, monkeypatch):
@@ -185,6 +223,7 @@ def failure_report(result: subprocess.CompletedProcess) -> str:
         (["--dataset", "ml-10m"], "neither a built-in"),
         (["--num-heads", "3"], "not divisible by --num-heads"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--scheduler", "step"], "step needs it: e.g. --scheduler step --decay-epochs 30 40"),
     ],
 )
 def test_bad_flags_fail_with_one_line_and_no_traceback(args, message, tmp_path):
