@@ -35,6 +35,7 @@ SASRec's run leaves out the DiffRec settings among them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -116,15 +117,6 @@ def describe(backbone_config: dict) -> str:
     return f"{steps} step{'s' if steps > 1 else ''}{full}, {seeds} seed{'s' if seeds > 1 else ''}"
 
 
-def with_inference(model: SequentialRecommender, settings: dict) -> SequentialRecommender:
-    """The same weights under other DiffRec inference settings (checked by DiffRecConfig)."""
-    config = replace(model.config,
-                     backbone_config={**model.config.backbone_config, **settings})
-    variant = SequentialRecommender(config)
-    variant.load_state_dict(model.state_dict())
-    return variant
-
-
 def timed_test(model: SequentialRecommender, data: SequenceData, args: argparse.Namespace,
                users: int) -> tuple[dict, float]:
     """Test metrics on a seeded sample of `users` users and the seconds per 1,000 of them.
@@ -170,7 +162,8 @@ def model_row(name: str, run_dir: Path, model: SequentialRecommender, data: Sequ
 def trade_off_row(name: str, model: SequentialRecommender, settings: dict, data: SequenceData,
                   args: argparse.Namespace, users: int) -> dict:
     """Table 2: one inference setting of a trained DiffRec on a sample of `users` users."""
-    variant = with_inference(model, settings)
+    variant = copy.deepcopy(model)
+    variant.set_inference(**settings)
     config = variant.config.backbone_config
     metrics, seconds = timed_test(variant, data, args, users)
     return {

@@ -18,7 +18,7 @@ from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_tem
 from modality_encoders import resolve_item_encoder_config
 from pretraining.diffrec import INFERENCE_MODES
 from pretraining.evaluation import EvaluationProtocol
-from pretraining.recommender import BACKBONES, RecommenderConfig
+from pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
 from pretraining.schedules import SCHEDULES
 from pretraining.trainer import SCHEDULERS, TrainingConfig
 
@@ -218,7 +218,17 @@ def evaluate_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path,
                         help="where to write the metrics (default RUN/evaluation.json)")
     add_protocol_arguments(parser)
+    inference = parser.add_argument_group("DiffRec inference (default: the run's own)")
+    inference.add_argument("--inference", choices=list(INFERENCE_MODES))
+    inference.add_argument("--num-seeds", type=int, help="samples averaged")
+    inference.add_argument("--inference-steps", type=int, help="steps of --inference strided")
     return parser
+
+
+def inference_overrides(args: argparse.Namespace) -> dict:
+    """The DiffRec inference settings given to scripts/evaluate.py (none: the run's own)."""
+    return {name: getattr(args, name) for name in INFERENCE_SETTINGS
+            if getattr(args, name, None) is not None}
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):

@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 from adapters import format_trainable_share, trainable_share
 from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
 from modality_encoders import build_item_content
-from pretraining.cli import ITEM_ENCODER_PREFIX, model_config, protocol_config, training_config
+from pretraining.cli import (
+    ITEM_ENCODER_PREFIX,
+    inference_overrides,
+    model_config,
+    protocol_config,
+    training_config,
+)
 from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
 from pretraining.evaluation import EvaluationProtocol, evaluate
 from pretraining.recommender import (
@@ -291,8 +297,13 @@ def evaluate_run(
     accelerator = Accelerator(cpu=args.cpu)
     check_process_count(accelerator)
     model = (load_model or load_checkpoint)(run_dir / BEST_DIR, data)
+    inference = inference_overrides(args)
+    if inference:
+        model.set_inference(**inference)
     metrics = evaluate_model(model, data, protocol_config(args), args.eval_batch_size,
                              accelerator)
+    if inference:
+        metrics["inference"] = inference
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else run_dir / "evaluation.json"
         output.write_text(json.dumps(metrics, indent=2))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -133,6 +133,9 @@ class RecommenderConfig:
         return build_backbone_config(self.backbone, self.backbone_config)
 
 
+INFERENCE_SETTINGS = ("inference", "num_seeds", "inference_steps")  # DiffRec's, see set_inference
+
+
 class SequentialRecommender(nn.Module):
     def __init__(
         self,
@@ -166,6 +169,22 @@ class SequentialRecommender(nn.Module):
             self.copy_items_to_output()
         if config.repeat_bias:
             self.repeat_bias = nn.Parameter(torch.zeros(()))
+
+    def set_inference(self, **settings: int | str) -> None:
+        """Score with other DiffRec inference settings (`inference`, `num_seeds`,
+        `inference_steps`) and the same weights: a trained model's trade-off of cost
+        against quality, chosen at evaluation or serving time without retraining."""
+        unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+        if unknown:
+            raise ValueError(f"{unknown} are not inference settings; use {INFERENCE_SETTINGS}")
+        if self.config.backbone != "diffrec":
+            raise ValueError(f"inference settings {sorted(settings)} are DiffRec's; this model's "
+                             f"backbone is {self.config.backbone}, which scores in one pass")
+        # Checked like a new config (seed limit, strided steps <= N); the weights are untouched.
+        config = replace(self.config,
+                         backbone_config={**self.config.backbone_config, **settings})
+        self.backbone.config = config.backbone_settings()
+        self.config = config
 
     def catalog_parameter_names(self) -> list[str]:
         """Parameters with one row per item of this catalog (an ID table, the generative

@@ -1,5 +1,6 @@
 """DiffRec: noise schedules, the importance sampler, seeded inference, scoring, training."""
 
+import json
 import math
 
 import pytest
@@ -185,6 +186,28 @@ def test_fixed_seeds_give_identical_recommendations(inference):
     # A user's recommendations do not depend on the rest of the batch.
     alone = recommender.query({"input_ids": batch()["input_ids"][1:2]})
     torch.testing.assert_close(alone.predicted[0], first.predicted[1])
+
+
+def test_set_inference_scores_as_a_model_built_with_those_settings():
+    """Other inference settings on trained weights: the same scores as a model configured
+    with them from the start; bad settings are refused and leave the model as it was."""
+    for settings in ({"num_seeds": 5}, {"inference": "strided", "inference_steps": 4},
+                     {"inference": "reverse", "num_seeds": 1}):
+        switched = model()
+        switched.set_inference(**settings)
+        assert switched.backbone.config == model(**settings).backbone.config
+        assert torch.equal(switched.scores(batch()), model(**settings).scores(batch()))
+        assert not torch.equal(switched.scores(batch()), model().scores(batch()))
+    recommender = model()
+    with pytest.raises(ValueError, match="--num-seeds must be in 1..256"):
+        recommender.set_inference(num_seeds=10_000)
+    with pytest.raises(ValueError, match=r"\['hidden_size'\] are not inference settings"):
+        recommender.set_inference(hidden_size=4)
+    assert recommender.config == model().config and recommender.backbone.config.num_seeds == 3
+    sasrec = SequentialRecommender(RecommenderConfig(num_items=NUM_ITEMS, backbone_config={
+        k: TINY[k] for k in ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_len")}))
+    with pytest.raises(ValueError, match="DiffRec's; this model's backbone is sasrec"):
+        sasrec.set_inference(num_seeds=2)
 
 
 def test_seed_average_equals_the_mean_of_single_seed_softmaxes():
@@ -374,7 +397,6 @@ def test_detached_noised_items_pass_no_gradient_through_the_noised_copy(layout):
 
 
 def test_a_diffrec_run_from_before_every_position_resumes(tiny_dataset_dir, tmp_path):
-    import json
 
     run = tmp_path / "run"
     argv = ["--dataset", str(tiny_dataset_dir), "--output-dir", str(run), *SMALL]
@@ -441,6 +463,29 @@ def test_training_lowers_mse_and_ce_and_the_checkpoint_round_trips(tiny_dataset_
                                trained.backbone.step_sampler.history)
     eval_batch = {"input_ids": fixed["input_ids"][:8]}
     assert torch.equal(loaded.scores(eval_batch), trained.scores(eval_batch))
+
+
+def test_evaluate_script_takes_other_inference_settings(tiny_dataset_dir, tmp_path):
+    from pretraining.cli import evaluate_parser
+    from pretraining.pipeline import evaluate_run
+
+    run = tmp_path / "run"
+    trained = pretrain(parse_args(pretrain_parser("test"), [
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), *SMALL, "--epochs", "1"]))
+
+    def evaluate(*flags: str) -> dict:
+        return evaluate_run(parse_args(evaluate_parser("test"), ["--run", str(run), "--cpu",
+                                                                 *flags]))
+
+    assert evaluate()["test"] == trained["test"]  # the run's own settings: 2 seeds
+    same = evaluate("--num-seeds", "2", "--output", str(tmp_path / "two.json"))
+    assert same["test"] == trained["test"] and same["inference"] == {"num_seeds": 2}
+    strided = evaluate("--inference", "strided", "--inference-steps", "5")
+    assert strided["inference"] == {"inference": "strided", "inference_steps": 5}
+    saved = json.loads((run / "evaluation.json").read_text())
+    assert saved["inference"] == strided["inference"] and saved["test"] == strided["test"]
+    with pytest.raises(ValueError, match=r"--inference-steps must be in 1..50 .*, got 500"):
+        evaluate("--inference", "strided", "--inference-steps", "500")
 
 
 def test_causal_strided_cosine_variant_trains_and_evaluates(tiny_dataset_dir, tmp_path):
