@@ -110,6 +110,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                            "a copy of the item vectors at start), not the item table")
     diffusion.add_argument("--mse-weight", type=float, default=1.0,
                            help="weight of the diffusion MSE next to the cross-entropy")
+    diffusion.add_argument("--init-denoiser-from", type=Path, metavar="DIR",
+                           help="start the denoiser's Transformer (and the repeat bias) from "
+                           "this SASRec run folder or its best_model/: the history is then "
+                           "encoded as SASRec encodes it (same layer sizes, --max-len at "
+                           "most the SASRec's + 1)")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

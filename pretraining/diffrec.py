@@ -240,6 +240,47 @@ class DiffRec(nn.Module):
         # log s, so that s stays positive; s = 1 at start, the model without it.
         self.log_logit_scale = nn.Parameter(torch.zeros(())) if config.logit_scale else None
 
+    @torch.no_grad()
+    def load_sasrec_transformer(self, state: dict[str, torch.Tensor],
+                                sasrec: SASRecConfig) -> None:
+        """Start the denoiser from a trained SASRec's Transformer (`state`: its backbone's
+        weights), so that the clean history is encoded exactly as SASRec encodes it.
+
+        SASRec feeds sqrt(d) e + p; this model e + p', so p' = p / sqrt(d) and every
+        residual branch (attention output, feed-forward output) is scaled by 1 / sqrt(d):
+        the whole residual stream is SASRec's divided by sqrt(d), which the pre-layer
+        norms and the final norm do not see. Positions stay right-aligned: the last
+        history position (max_len - 2) takes SASRec's last one, the target's position
+        (max_len - 1, only ever noised) reuses it too. The step embedding stays new.
+        """
+        mine = self.config
+        shapes = ("hidden_size", "num_layers", "num_heads", "ffn_size")
+        differ = [f"{name} {getattr(sasrec, name)} vs {getattr(mine, name)}" for name in shapes
+                  if getattr(sasrec, name) != getattr(mine, name)]
+        if differ:
+            raise ValueError(f"the SASRec Transformer has another shape ({', '.join(differ)}); "
+                             "pass the SASRec run's --hidden-size/--num-layers/--num-heads/"
+                             "--ffn-size")
+        if mine.max_len - 1 > sasrec.max_len:
+            raise ValueError(f"this denoiser's --max-len {mine.max_len} holds "
+                             f"{mine.max_len - 1} history positions, the SASRec run has "
+                             f"{sasrec.max_len}; pass --max-len {sasrec.max_len + 1} or less")
+        scale = mine.hidden_size ** -0.5
+        layers = {name.removeprefix("layers."): tensor for name, tensor in state.items()
+                  if name.startswith("layers.")}
+        for name, tensor in layers.items():
+            residual_output = name.split(".")[1:3] in (["attention", "o_proj"],
+                                                       ["feed_forward", "fc2"])
+            layers[name] = tensor * scale if residual_output else tensor
+        self.layers.load_state_dict(layers)
+        self.final_norm.load_state_dict({name.removeprefix("final_norm."): tensor
+                                         for name, tensor in state.items()
+                                         if name.startswith("final_norm.")})
+        history = torch.arange(mine.max_len - 1) + sasrec.max_len - mine.max_len + 1
+        source = torch.cat([history, history[-1:]])  # the target reuses the last position
+        self.position_embedding.weight.copy_(
+            state["position_embedding.weight"][source] * scale)
+
     # -- building blocks ------------------------------------------------------------------
     def scoring_vectors(self, predicted: torch.Tensor) -> torch.Tensor:
         """Predicted h^0 as the softmax reads it: times s with `logit_scale`."""

@@ -64,6 +64,11 @@ def pretrain(args: argparse.Namespace) -> dict:
         # In the model section, so that a resume from another source is refused.
         model_section["item_init"] = {"checkpoint": str(item_source.absolute()),
                                       "fingerprint": checkpoint_fingerprint(item_source)}
+    denoiser_source = None
+    if args.init_denoiser_from is not None:
+        denoiser_source = denoiser_source_checkpoint(args.init_denoiser_from)
+        model_section["denoiser_init"] = {"checkpoint": str(denoiser_source.absolute()),
+                                          "fingerprint": checkpoint_fingerprint(denoiser_source)}
     run_config = {
         "dataset": dataset_section(data, args),
         "model": model_section,
@@ -79,6 +84,8 @@ def pretrain(args: argparse.Namespace) -> dict:
             copy_item_encoder(item_source, model)
             if model.output_items is not None:  # the output table starts as the items too
                 model.copy_items_to_output()
+        if denoiser_source is not None:
+            copy_sasrec_transformer(denoiser_source, model)
         return model
 
     def load_best(checkpoint: Path) -> SequentialRecommender:
@@ -144,6 +151,32 @@ def copy_item_encoder(checkpoint: Path, model: SequentialRecommender) -> None:
     except RuntimeError as error:
         raise CheckpointError(f"--init-items-from {checkpoint}: its item encoder does not fit "
                               f"this model ({str(error).strip().splitlines()[0]})") from None
+
+
+def denoiser_source_checkpoint(source: Path) -> Path:
+    """The checkpoint of `--init-denoiser-from`: a SASRec run folder or its best_model/."""
+    checkpoint = resolve_checkpoint(source, f"--init-denoiser-from {source}")
+    origin = load_recommender_config(checkpoint)
+    if origin.backbone != "sasrec":
+        raise CheckpointError(f"--init-denoiser-from {source} is a {origin.backbone!r} run; "
+                              "the denoiser starts from a SASRec run's Transformer")
+    return checkpoint
+
+
+def copy_sasrec_transformer(checkpoint: Path, model: SequentialRecommender) -> None:
+    """Start `model`'s DiffRec denoiser (and its repeat bias, when both have one) from the
+    SASRec saved in `checkpoint` (see `DiffRec.load_sasrec_transformer`)."""
+    weights = load_file(checkpoint / WEIGHTS_NAME)
+    origin = load_recommender_config(checkpoint)
+    state = {name.removeprefix("backbone."): tensor for name, tensor in weights.items()
+             if name.startswith("backbone.")}
+    try:
+        model.backbone.load_sasrec_transformer(state, origin.backbone_settings())
+    except (ValueError, RuntimeError) as error:
+        raise CheckpointError(f"--init-denoiser-from {checkpoint}: "
+                              f"{str(error).strip().splitlines()[0]}") from None
+    if model.config.repeat_bias and "repeat_bias" in weights:
+        model.repeat_bias.data.copy_(weights["repeat_bias"])
 
 
 def model_frequencies(config: RecommenderConfig, data: SequenceData):
