@@ -244,7 +244,8 @@ class DiffRec(nn.Module):
     def load_sasrec_transformer(self, state: dict[str, torch.Tensor],
                                 sasrec: SASRecConfig) -> None:
         """Start the denoiser from a trained SASRec's Transformer (`state`: its backbone's
-        weights), so that the clean history is encoded exactly as SASRec encodes it.
+        weights), so that the clean history is encoded exactly as SASRec encodes it (with
+        `causal_denoiser`; otherwise the history also attends to the noised target).
 
         SASRec feeds sqrt(d) e + p; this model e + p', so p' = p / sqrt(d) and every
         residual branch (attention output, feed-forward output) is scaled by 1 / sqrt(d):
