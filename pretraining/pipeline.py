@@ -232,9 +232,6 @@ def train_run(
                       f"{accelerator.num_processes} process(es)\n"
                       f"{format_trainable_share(model)}")
     summary = trainer.train()
-    if summary["seconds_per_epoch"] is None and (output_dir / METRICS).is_file():
-        # Resuming a finished run trains nothing: keep the summary of the run that trained.
-        summary = json.loads((output_dir / METRICS).read_text())["training"]
     metrics = evaluate_model(load_best(output_dir / BEST_DIR), data, protocol,
                              trainer_config.eval_batch_size, accelerator)
     metrics["training"] = summary

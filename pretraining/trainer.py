@@ -102,6 +102,12 @@ class TrainerState:
     best_metric: float = -math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
+    # Totals over every epoch trained, across resumes, for the run's training summary.
+    trained_epochs: int = 0
+    trained_seconds: float = 0.0
+    trained_positions: int = 0
+    data_wait_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
 
 
 class Trainer:
@@ -178,30 +184,37 @@ class Trainer:
         if self.config.resume:
             self._load_state()
         acc.init_trackers("peftrec", config=_flat_hparams(self.config))
-        epoch_seconds, positions, data_wait = [], 0, 0.0
         state, config = self.state, self.config
         while (state.epoch < config.epochs and state.bad_epochs < config.patience
                and not self._step_limit_reached()):
             started = time.perf_counter()
             loss_sum, wait, seen = self._train_one_epoch()
             seconds = time.perf_counter() - started
-            epoch_seconds.append(seconds)
-            positions += seen
-            data_wait += wait
+            state.trained_epochs += 1
+            state.trained_seconds += seconds
+            state.trained_positions += seen
+            state.data_wait_seconds += wait
+            state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(acc.device))
             valid = evaluate(self.model, self.valid_loader, acc, self.protocol, "valid")
             self._end_epoch(valid, loss_sum, seconds, wait)
         # Not `end_training()`: it tears down the process group the final evaluation needs.
         for tracker in acc.trackers:
             tracker.finish()
-        trained_seconds = sum(epoch_seconds)
+        return self.summary()
+
+    def summary(self) -> dict:
+        """The whole run's training figures (every epoch, across resumes); the timings are
+        None until an epoch has trained."""
+        state, acc = self.state, self.accelerator
+        seconds = state.trained_seconds
         return {
-            "epochs": self.state.epoch,
-            "best_epoch": self.state.best_epoch,
-            f"best_valid_{self.config.metric}": self.state.best_metric,
-            "seconds_per_epoch": trained_seconds / len(epoch_seconds) if epoch_seconds else None,
-            "target_positions_per_second": positions / trained_seconds if trained_seconds else None,
-            "data_wait_share": data_wait / trained_seconds if trained_seconds else None,
-            "peak_memory_mb": peak_memory_mb(acc.device),
+            "epochs": state.epoch,
+            "best_epoch": state.best_epoch,
+            f"best_valid_{self.config.metric}": state.best_metric,
+            "seconds_per_epoch": seconds / state.trained_epochs if state.trained_epochs else None,
+            "target_positions_per_second": state.trained_positions / seconds if seconds else None,
+            "data_wait_share": state.data_wait_seconds / seconds if seconds else None,
+            "peak_memory_mb": state.peak_memory_mb or peak_memory_mb(acc.device),
             "num_processes": acc.num_processes,
             "torch_threads": torch.get_num_threads(),
         }

@@ -65,12 +65,26 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_dataset_dir, tmp
     state = json.loads((tmp_path / "split" / "state" / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["global_step"] == 8  # 60 users / 16 = 4 steps/epoch
     trained = json.loads((tmp_path / "split" / "metrics.json").read_text())
-    # Resuming a finished run re-evaluates it and keeps the summary of the training run.
+    # Resuming a finished run re-evaluates it; the summary is still the training run's.
     again = run_pretrain(tiny_dataset_dir, tmp_path / "split", "--epochs", "2", "--resume")
     assert again["test"] == trained["test"] and again["training"] == trained["training"]
     full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
     for name in full:
         torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
+
+
+def test_the_training_summary_covers_every_epoch_across_resumes(tiny_dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "1")
+    (run / "metrics.json").unlink()  # as if stopped after the epoch, before its evaluation
+    finished = run_pretrain(tiny_dataset_dir, run, "--epochs", "1", "--resume")["training"]
+    logged = [json.loads(line)["seconds"] for line in (run / "log.jsonl").open()]
+    assert finished["seconds_per_epoch"] == pytest.approx(logged[0])
+    assert finished["target_positions_per_second"] > 0 and finished["peak_memory_mb"] > 0
+    longer = run_pretrain(tiny_dataset_dir, run, "--epochs", "3", "--resume")["training"]
+    logged = [json.loads(line)["seconds"] for line in (run / "log.jsonl").open()]
+    assert len(logged) == 3
+    assert longer["seconds_per_epoch"] == pytest.approx(sum(logged) / 3)
 
 
 def test_resume_trains_at_the_lr_it_is_given(tiny_dataset_dir, tmp_path):
