@@ -38,6 +38,7 @@ from pretraining.recommender import (
     SequentialRecommender,
     build_backbone_config,
     checkpoint_fingerprint,
+    first_line,
     load_recommender_config,
 )
 from pretraining.trainer import BEST_DIR, Trainer, build_accelerator, check_process_count
@@ -62,13 +63,11 @@ def pretrain(args: argparse.Namespace) -> dict:
     if args.init_items_from is not None:  # checked now: a bad source fails before training
         item_source = item_source_checkpoint(args.init_items_from, config)
         # In the model section, so that a resume from another source is refused.
-        model_section["item_init"] = {"checkpoint": str(item_source.absolute()),
-                                      "fingerprint": checkpoint_fingerprint(item_source)}
+        model_section["item_init"] = source_record(item_source)
     denoiser_source = None
     if args.init_denoiser_from is not None:
         denoiser_source = denoiser_source_checkpoint(args.init_denoiser_from)
-        model_section["denoiser_init"] = {"checkpoint": str(denoiser_source.absolute()),
-                                          "fingerprint": checkpoint_fingerprint(denoiser_source)}
+        model_section["denoiser_init"] = source_record(denoiser_source)
     run_config = {
         "dataset": dataset_section(data, args),
         "model": model_section,
@@ -108,6 +107,12 @@ def resolve_checkpoint(path: str | Path, flag: str) -> Path:
         f"{flag}: no pretrained checkpoint there (expected {BEST_DIR}/{WEIGHTS_NAME} of a run "
         "folder written by a pretraining script, or such a checkpoint folder)"
     )
+
+
+def source_record(checkpoint: Path) -> dict:
+    """How config.json names a checkpoint a run started from: its path and fingerprint."""
+    return {"checkpoint": str(checkpoint.absolute()),
+            "fingerprint": checkpoint_fingerprint(checkpoint)}
 
 
 def item_source_checkpoint(source: Path, config: RecommenderConfig) -> Path:
@@ -150,7 +155,7 @@ def copy_item_encoder(checkpoint: Path, model: SequentialRecommender) -> None:
         model.item_encoder.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"--init-items-from {checkpoint}: its item encoder does not fit "
-                              f"this model ({str(error).strip().splitlines()[0]})") from None
+                              f"this model ({first_line(error)})") from None
 
 
 def denoiser_source_checkpoint(source: Path) -> Path:
@@ -174,7 +179,7 @@ def copy_sasrec_transformer(checkpoint: Path, model: SequentialRecommender) -> N
         model.backbone.load_sasrec_transformer(state, origin.backbone_settings())
     except (ValueError, RuntimeError) as error:
         raise CheckpointError(f"--init-denoiser-from {checkpoint}: "
-                              f"{str(error).strip().splitlines()[0]}") from None
+                              f"{first_line(error)}") from None
     if model.config.repeat_bias and "repeat_bias" in weights:
         model.repeat_bias.data.copy_(weights["repeat_bias"])
 

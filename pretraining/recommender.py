@@ -421,7 +421,7 @@ class SequentialRecommender(nn.Module):
             missing, unexpected = load_model(model, weights, strict=False)
         except RuntimeError as error:  # shape mismatches
             raise CheckpointError(
-                f"{directory}: weights do not fit the configured model ({_first_line(error)})"
+                f"{directory}: weights do not fit the configured model ({first_line(error)})"
             ) from None
         if missing or unexpected:
             raise CheckpointError(
@@ -461,5 +461,6 @@ def checkpoint_fingerprint(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """The first line of an error's message (PyTorch's load errors run to many)."""
     return str(error).strip().splitlines()[0]
