@@ -197,6 +197,13 @@ class Trainer:
             state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(acc.device))
             valid = evaluate(self.model, self.valid_loader, acc, self.protocol, "valid")
             self._end_epoch(valid, loss_sum, seconds, wait)
+        if state.bad_epochs >= config.patience and state.epoch < config.epochs:
+            # Also reached at once by a resume of a run that stopped early: say why it
+            # trains nothing, and how to go on.
+            acc.print(f"early stopping after epoch {state.epoch}: valid {config.metric} has not "
+                      f"passed {state.best_metric:.4f} (epoch {state.best_epoch}) for "
+                      f"{state.bad_epochs} epochs (--patience {config.patience}); to train on, "
+                      "--resume with a larger --patience")
         # Not `end_training()`: it tears down the process group the final evaluation needs.
         for tracker in acc.trackers:
             tracker.finish()

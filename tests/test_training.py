@@ -87,6 +87,21 @@ def test_the_training_summary_covers_every_epoch_across_resumes(tiny_dataset_dir
     assert longer["seconds_per_epoch"] == pytest.approx(sum(logged) / 3)
 
 
+def test_early_stopping_says_why_and_a_larger_patience_trains_on(tiny_dataset_dir, tmp_path,
+                                                                  capsys):
+    """At a rate too small to move float32 weights, validation never passes epoch 1's."""
+    run, frozen = tmp_path / "run", ("--lr", "1e-12", "--epochs", "4")
+    assert run_pretrain(tiny_dataset_dir, run, *frozen, "--patience", "1")["training"][
+        "epochs"] == 2
+    assert "early stopping after epoch 2" in capsys.readouterr().out
+    run_pretrain(tiny_dataset_dir, run, *frozen, "--patience", "1", "--resume")
+    assert "--resume with a larger --patience" in capsys.readouterr().out
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2  # trained nothing
+    assert run_pretrain(tiny_dataset_dir, run, *frozen, "--patience", "2", "--resume")[
+        "training"]["epochs"] == 3
+    assert "early stopping after epoch 3" in capsys.readouterr().out
+
+
 def test_resume_trains_at_the_lr_it_is_given(tiny_dataset_dir, tmp_path):
     """A resume restores the optimizer and scheduler, but trains at its own --lr."""
     run = tmp_path / "run"
