@@ -185,7 +185,7 @@ class Trainer:
             self._load_state()
         acc.init_trackers("peftrec", config=_flat_hparams(self.config))
         state, config = self.state, self.config
-        while (state.epoch < config.epochs and state.bad_epochs < config.patience
+        while (state.epoch < config.epochs and not self._patience_spent()
                and not self._step_limit_reached()):
             started = time.perf_counter()
             loss_sum, wait, seen = self._train_one_epoch()
@@ -197,7 +197,7 @@ class Trainer:
             state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(acc.device))
             valid = evaluate(self.model, self.valid_loader, acc, self.protocol, "valid")
             self._end_epoch(valid, loss_sum, seconds, wait)
-        if state.bad_epochs >= config.patience and state.epoch < config.epochs:
+        if self._patience_spent() and state.epoch < config.epochs:
             # Also reached at once by a resume of a run that stopped early: say why it
             # trains nothing, and how to go on.
             acc.print(f"early stopping after epoch {state.epoch}: valid {config.metric} has not "
@@ -278,6 +278,9 @@ class Trainer:
         progress.close()
         mean_loss = acc.reduce(loss_sum, "mean").item() / max(trained, 1)
         return mean_loss, wait, int(acc.reduce(positions, "sum").item())
+
+    def _patience_spent(self) -> bool:
+        return self.state.bad_epochs >= self.config.patience
 
     def _step_limit_reached(self) -> bool:
         return 0 < self.config.max_steps <= self.state.global_step
