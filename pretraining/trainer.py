@@ -337,11 +337,14 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _apply_configured_lr(self) -> None:
-        """Use this run's --lr after a restore, which brings back the saved run's: a resume
-        may lower it for the last epochs (a step decay), and must not ignore it silently."""
+        """Use this run's --lr and --scheduler after a restore, which brings back the saved
+        run's rate: a resume may lower it for the last epochs, or switch to a step decay
+        whose boundary has passed, and must not train its first step at the old rate."""
         schedule = self.scheduler.scheduler  # the LambdaLR inside accelerate's wrapper
-        for group, saved in zip(self.optimizer.param_groups, schedule.base_lrs, strict=True):
-            group["lr"] *= self.config.lr / saved  # keeps the warm-up / cosine factor
+        # The restored LambdaLR keeps this run's factor functions (its state holds none)
+        # and the saved step count, so the factor is this run's schedule at that step.
+        for group, factor in zip(self.optimizer.param_groups, schedule.lr_lambdas, strict=True):
+            group["lr"] = self.config.lr * factor(schedule.last_epoch)
             group["initial_lr"] = self.config.lr
         schedule.base_lrs = [self.config.lr] * len(schedule.base_lrs)
         schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -131,6 +131,20 @@ def test_step_schedule_equals_stopping_and_resuming_at_the_lower_rate(tiny_datas
         torch.testing.assert_close(planned[name], chained[name], rtol=0, atol=0)
 
 
+def test_a_resume_may_switch_to_a_step_schedule_whose_decay_has_passed(
+        tiny_dataset_dir, tmp_path):
+    """Constant for an epoch, then resumed with a decay after epoch 1: every step of epoch 2,
+    the first one too, trains at the decayed rate, as in the run planned that way."""
+    decay = ["--scheduler", "step", "--decay-epochs", "1", "--decay-factor", "0.5"]
+    run_pretrain(tiny_dataset_dir, tmp_path / "planned", "--epochs", "2", "--lr", "1e-2", *decay)
+    run_pretrain(tiny_dataset_dir, tmp_path / "switched", "--epochs", "1", "--lr", "1e-2")
+    run_pretrain(tiny_dataset_dir, tmp_path / "switched", "--epochs", "2", "--lr", "1e-2",
+                 *decay, "--resume")
+    planned, switched = weights(tmp_path / "planned"), weights(tmp_path / "switched")
+    for name in planned:
+        torch.testing.assert_close(planned[name], switched[name], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
