@@ -260,7 +260,7 @@ class Trainer:
                 if acc.sync_gradients and config.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                 self.optimizer.step()
-                self.epoch_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+                self.epoch_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             # Kept as tensors: no host-device sync inside the step loop.
@@ -347,7 +347,6 @@ class Trainer:
             group["lr"] = self.config.lr * factor(schedule.last_epoch)
             group["initial_lr"] = self.config.lr
         schedule.base_lrs = [self.config.lr] * len(schedule.base_lrs)
-        schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _load_state(self) -> None:
         # An interruption between the two renames of `_save_state` leaves only `state.old`.
