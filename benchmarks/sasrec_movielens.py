@@ -52,7 +52,7 @@ def summarize(run_dir: Path, args) -> dict:
     max_len = metrics_config(run_dir)["model"]["backbone_config"]["max_len"]
     train_lengths = np.asarray([len(s) for s in data.sequences["item_indices"]]) - 2
     positions = np.minimum(train_lengths[train_lengths >= 2] - 1, max_len).sum()
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=args.cpu)
     started = time.perf_counter()
     evaluate_checkpoint(run_dir / BEST_DIR, data, protocol_config(args), args.eval_batch_size,
                         accelerator)
