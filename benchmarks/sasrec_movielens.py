@@ -34,7 +34,7 @@ COLUMNS = ("dataset", "test hr@10", "test ndcg@10", "test mrr", "epochs", "best 
 
 
 def run(dataset: str, output_dir: Path, extra: list[str]) -> dict:
-    run_dir = output_dir / dataset
+    run_dir = output_dir / Path(dataset).name  # a dataset folder: its name, not its path
     args = parse_args(pretrain_parser(__doc__),
                       ["--dataset", dataset, "--output-dir", str(run_dir), *extra])
     if not (run_dir / "metrics.json").is_file():
