@@ -20,14 +20,14 @@
 # Environment: DATASET (default ml-1m); DEADLINE (seconds, default none); EXTRA (more flags
 # for every run, e.g. "--epochs 2" for a smoke run); DIFFREC_RUNS (NAME:WIDTH:LR, default
 # "d128:128:2e-3 d256:256:2e-3 d256-lr1e-3:256:1e-3"); LONG_SASREC (widths, default
-# "64 256"); PYTHON (default python3).
+# "64 256", empty for none); PYTHON (default python3).
 set -u
 ROOT=${1:-runs/gpu-width}
 DATASET=${DATASET:-ml-1m}
 DEADLINE=${DEADLINE:-0}
 EXTRA=${EXTRA:-}
 DIFFREC_RUNS=${DIFFREC_RUNS:-"d128:128:2e-3 d256:256:2e-3 d256-lr1e-3:256:1e-3"}
-LONG_SASREC=${LONG_SASREC:-"64 256"}
+LONG_SASREC=${LONG_SASREC-"64 256"}  # set but empty: none
 PY=${PYTHON:-python3}
 START=$SECONDS
 NAME=$(basename "$DATASET")
@@ -82,11 +82,16 @@ done
 for w in $LONG_SASREC; do
   dirs+=("$ROOT/sasrec-long-d$w/$NAME") flags+=("$SASREC --epochs 200 $(width_flags "$w")")
 done
+train_stage2() {  # run I of stage 2, with more flags after its own
+  local i=$1
+  shift
+  $PY scripts/pretrain_id.py --dataset "$DATASET" --output-dir "${dirs[$i]}" ${flags[$i]} \
+    $EXTRA "$@" >> "${dirs[$i]}/train.log" 2>&1
+}
 echo "== stage 2: ${dirs[*]} ($((SECONDS - START)) s)"
 for i in "${!dirs[@]}"; do
   mkdir -p "${dirs[$i]}"
-  $PY scripts/pretrain_id.py --dataset "$DATASET" --output-dir "${dirs[$i]}" ${flags[$i]} \
-    $EXTRA > "${dirs[$i]}/train.log" 2>&1 &
+  train_stage2 "$i" &
 done
 while jobs -r | grep -q .; do
   sleep 5
@@ -108,8 +113,7 @@ for i in "${!dirs[@]}"; do
   epochs=$(epochs_done "${dirs[$i]}")
   echo "${dirs[$i]}: stopped after epoch $epochs"
   [ "$epochs" -gt 0 ] || continue
-  $PY scripts/pretrain_id.py --dataset "$DATASET" --output-dir "${dirs[$i]}" ${flags[$i]} \
-    $EXTRA --resume --epochs "$epochs" >> "${dirs[$i]}/train.log" 2>&1 &
+  train_stage2 "$i" --resume --epochs "$epochs" &
 done
 wait
 
