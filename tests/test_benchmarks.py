@@ -43,3 +43,83 @@ def test_transfer_summary_reads_every_source(tmp_path, monkeypatch):
                                       str(out)])
     transfer.main()
     assert json.loads((out / "results.json").read_text()) == []
+
+
+import content_vs_id  # noqa: E402
+import results  # noqa: E402
+
+
+def row(source: str, method: str, ndcg: list[float], percent: float) -> dict:
+    return {"source": source, "method": method, "ndcg": ndcg, "percent": percent,
+            "trainable %": f"{percent:.2f}"}
+
+
+def test_transfer_targets_take_the_best_small_adapter_against_full_and_scratch():
+    rows = [row("id", "scratch", [0.05, 0.05], 100), row("id", "full fine-tuning", [0.06], 100),
+            row("id", "full fine-tuning matched", [0.07], 100),
+            row("id", "houlsby big", [0.09], 40.0),  # better, but trains too much
+            row("id", "houlsby small", [0.071, 0.069], 4.0),
+            row("id", "lora small", [0.065], 3.0),
+            row("-", "popularity", [0.01], 0.0), row("id", "zero-shot matched", [0.03], 0.0)]
+    lines = transfer.check_targets(rows)
+    assert lines[0].startswith("id: zero-shot matched 0.0300 = 3.00x popularity") and \
+        lines[0].endswith("-> met (target >= 2x)")
+    # the reference is the better full fine-tuning; 0.07 / 0.07 = 100%, 0.07 / 0.05 = 1.4x
+    assert "houlsby small (4.00%) 0.0700 = 100.0% of full fine-tuning (full fine-tuning " \
+        "matched, 0.0700) -> met" in lines[1]
+    assert lines[1].endswith("1.40x from scratch (0.0500) -> met (target >= 1.1x)")
+    rows[4]["ndcg"] = [0.05]
+    assert "NOT met (target >= 100%)" in transfer.check_targets(rows)[1]
+
+
+def test_transfer_rows_with_matched_items_run_only_with_the_fields(tmp_path, monkeypatch):
+    source = write_run(tmp_path / "id", "sasrec", "id")
+    calls = []
+    monkeypatch.setattr(transfer, "run_one", lambda script, flags, *rest: calls.append(flags)
+                        or {"test": {"ndcg@10": 0.1, "hr@10": 0.2}})
+    monkeypatch.setattr(transfer, "summarize", lambda *a: row("id", a[1], [0.1], 1.0))
+    monkeypatch.setattr(transfer, "popularity", lambda target: row("-", "popularity", [0.01], 0))
+    argv = ["transfer.py", "--source", f"id={source}", "--seeds", "0", "--output-dir",
+            str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    transfer.main()
+    assert calls and not any(transfer.MATCH in flags or "--match-items-by" in flags
+                             for flags in calls)
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", [*argv, "--match-items-by", "movie_title,release_year"])
+    transfer.main()
+    matched = [flags for flags in calls if "--match-items-by" in flags]
+    assert matched and all(flags[flags.index("--match-items-by") + 1] ==
+                           "movie_title,release_year" for flags in matched)
+
+
+def test_in_domain_targets_choose_each_family_on_validation():
+    rows = [{"model": "id", "ndcg": [0.10], "valid": [0.11]},
+            {"model": "text linear", "ndcg": [0.09], "valid": [0.08]},  # best test, not valid
+            {"model": "text moe", "ndcg": [0.084], "valid": [0.09]},
+            {"model": "text+id sum", "ndcg": [0.101], "valid": [0.12]}]
+    lines = content_vs_id.check_targets(rows)
+    assert lines[0].startswith("text: text moe (best on validation) test NDCG@10 0.0840 = "
+                               "84.0% of id") and lines[0].endswith("NOT met (target >= 85%)")
+    assert lines[1].startswith("text+id: text+id sum") and "-> met" in lines[1]
+
+
+def test_results_files_carry_provenance_and_fill_readme_blocks(tmp_path):
+    path = results.write_result("pair/table", [{"a": 1}], "| a |\n|---|\n| 1 |",
+                                {"target": "x"}, results_dir=tmp_path)
+    payload = json.loads(path.with_suffix(".json").read_text())
+    assert {"command", "commit", "versions", "device", "date"} <= set(payload)
+    assert payload["rows"] == [{"a": 1}] and payload["target"] == "x"
+    text = "intro\n<!-- results: pair/table -->\nstale 0.9999\n<!-- /results -->\nend\n"
+    rendered = results.render_readme(text, tmp_path)
+    assert "stale" not in rendered and "| 1 |" in rendered and rendered.endswith("end\n")
+    assert results.render_readme(rendered, tmp_path) == rendered
+    with pytest.raises(FileNotFoundError, match="no .*missing.md"):
+        results.render_readme("<!-- results: missing -->\n<!-- /results -->", tmp_path)
+
+
+def test_readme_results_blocks_match_their_files():
+    """Every README number in a results block comes from benchmarks/results/ (regenerate
+    with `python benchmarks/results.py`)."""
+    text = results.README.read_text()
+    assert results.render_readme(text) == text

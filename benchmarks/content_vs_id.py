@@ -1,0 +1,170 @@
+"""Content item encoders against IDs in-domain, at an equal training budget.
+
+Every row pretrains a SASRec on `--dataset` with the same settings and the same number of
+epochs (`--epochs`, the budget; the best checkpoint by validation NDCG@10 is tested), for
+each seed, each run in its own process by the repository's scripts:
+- `id`: an item table;
+- `text <head>`: the shipped MiniLM, frozen and cached, under each item head
+  (`--item-head linear|mlp|moe`);
+- `text+id <fusion>`: the text vector plus an ID vector (`--item-encoder text+id`,
+  `--fusion sum|gate`).
+The table reports mean ± sample sd over seeds of test NDCG@10 / HR@10 and validation
+NDCG@10, the parameters and the time per epoch, next to popularity, then checks the
+targets, choosing each family's row on validation only:
+- the best text-only row (by validation) reaches >= 85% of the ID row's test NDCG@10,
+- the best text+id row (by validation) reaches >= 100% of it.
+Finished runs are summarised without training again; interrupted ones resume.
+
+    python benchmarks/content_vs_id.py --dataset ml-1m --epochs 10 --seeds 0 1 2 \\
+        --output-dir runs/bench-in-domain --results in-domain/ml-1m -- --repeat-bias --lr 2e-3
+
+Extra flags after `--` go to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from results import write_result
+from tables import markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ["--encoder", "minilm"]
+# (name, script, flags); the family is the name's first word.
+ROWS = [
+    ("id", "pretrain_id", []),
+    ("text linear", "pretrain_text", [*TEXT, "--item-head", "linear"]),
+    ("text mlp", "pretrain_text", [*TEXT, "--item-head", "mlp"]),
+    ("text moe", "pretrain_text", [*TEXT, "--item-head", "moe"]),
+    ("text+id sum", "pretrain_text", [*TEXT, "--item-encoder", "text+id", "--fusion", "sum"]),
+    ("text+id gate", "pretrain_text", [*TEXT, "--item-encoder", "text+id", "--fusion", "gate"]),
+    ("text+id moe sum", "pretrain_text",
+     [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum"]),
+]
+COLUMNS = ("model", "seeds", "test ndcg@10", "test hr@10", "valid ndcg@10", "parameters",
+           "epochs", "s/epoch")
+TARGETS = {"text": 0.85, "text+id": 1.0}  # share of the ID row's test NDCG@10
+
+
+def run_one(script: str, flags: list[str], run_dir: Path, seed: int, dataset: str,
+            epochs: int, extra: list[str]) -> dict:
+    if not (run_dir / "metrics.json").is_file():
+        resume = ["--resume"] if (run_dir / "config.json").is_file() else []
+        command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--dataset", dataset,
+                   "--output-dir", str(run_dir), "--seed", str(seed), "--epochs", str(epochs),
+                   "--patience", str(epochs), "--report-to", "none", *extra, *flags, *resume]
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    epochs_logged = [row for row in log if "seconds" in row]
+    metrics["epochs"] = len(epochs_logged)
+    metrics["seconds_per_epoch"] = statistics.median(row["seconds"] for row in epochs_logged)
+    return metrics
+
+
+def spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    test = [run["test"]["ndcg@10"] for run in runs]
+    valid = [run["valid"]["ndcg@10"] for run in runs]
+    parameters = runs[0].get("parameters") or {}
+    return {
+        "model": name, "seeds": len(runs), "ndcg": test, "valid": valid,
+        "test ndcg@10": spread(test),
+        "test hr@10": spread([run["test"]["hr@10"] for run in runs]),
+        "valid ndcg@10": spread(valid),
+        "parameters": f"{parameters.get('total', 0):,}",
+        "epochs": max(run["epochs"] for run in runs),
+        "s/epoch": f"{statistics.median(run['seconds_per_epoch'] for run in runs):.0f}",
+    }
+
+
+def family(name: str) -> str:
+    return name.split()[0]
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """Each family's row chosen on validation, against the ID row's test NDCG@10."""
+    reference = next((row for row in rows if row["model"] == "id"), None)
+    if reference is None:
+        return []
+    id_ndcg = statistics.mean(reference["ndcg"])
+    lines = []
+    for kind, share in TARGETS.items():
+        candidates = [row for row in rows if family(row["model"]) == kind]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda row: statistics.mean(row["valid"]))
+        ratio = statistics.mean(best["ndcg"]) / id_ndcg
+        lines.append(f"{kind}: {best['model']} (best on validation) test NDCG@10 "
+                     f"{statistics.mean(best['ndcg']):.4f} = {ratio:.1%} of id ({id_ndcg:.4f}) "
+                     f"-> {'met' if ratio >= share else 'NOT met'} (target >= {share:.0%})")
+    return lines
+
+
+def popularity(dataset: str) -> dict:
+    from modality_movielens import popularity_row
+
+    from pretraining.evaluation import EvaluationProtocol
+    from pretraining.pipeline import load_data
+
+    row = popularity_row(load_data(dataset, None), EvaluationProtocol(), batch_size=1024)
+    return {"model": "popularity", "seeds": 1, "test ndcg@10": f"{row['test ndcg@10']:.4f}",
+            "test hr@10": f"{row['test hr@10']:.4f}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-1m")
+    parser.add_argument("--epochs", type=int, default=10, help="the budget of every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="*", default=None, help="run only these rows")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train nothing: summarise the finished runs")
+    parser.add_argument("--results", metavar="NAME",
+                        help="also write benchmarks/results/NAME.{json,md}")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-in-domain"))
+    parser.add_argument("extra", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    extra = [a for a in args.extra if a != "--"]
+    rows = []
+    for name, script, flags in ROWS:
+        if args.only is not None and name not in args.only:
+            continue
+        run_dirs = {seed: args.output_dir / name.replace(" ", "-") / f"seed{seed}"
+                    for seed in args.seeds}
+        if args.summary_only:
+            run_dirs = {seed: path for seed, path in run_dirs.items()
+                        if (path / "metrics.json").is_file()}
+            if not run_dirs:
+                continue
+        runs = [run_one(script, flags, run_dir, seed, args.dataset, args.epochs, extra)
+                for seed, run_dir in run_dirs.items()]
+        rows.append(summarize(name, runs))
+    if rows:
+        rows.append(popularity(args.dataset))
+    table = markdown(rows, COLUMNS)
+    targets = check_targets(rows)
+    report = table + "\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
+    print(report)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "results.md").write_text(report)
+    if args.results and rows:
+        write_result(args.results, rows, report,
+                     {"dataset": args.dataset, "epochs": args.epochs, "seeds": args.seeds,
+                      "extra_flags": extra, "targets": targets})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Result files of the benchmarks, and the README tables generated from them.
+
+A benchmark writes each table as `benchmarks/results/<name>.json` (its rows plus where they
+came from: command, commit, versions, device, date) and `<name>.md` (the same, as the
+Markdown shown in the README). A README block
+
+    <!-- results: transfer/ml-1m-to-ml-100k -->
+    ...
+    <!-- /results -->
+
+holds exactly the .md file's text: `python benchmarks/results.py` rewrites every block from
+its file, and the test suite fails when a block and its file disagree, so no number reaches
+the README by hand.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- /results -->)",
+                   re.DOTALL)
+
+
+def provenance(command: list[str] | None = None) -> dict:
+    """Where a result comes from: the command, the commit (and whether the tree had
+    uncommitted changes), library versions, the device and the date."""
+    import torch
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            continue
+    device = (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+              else f"CPU, {os.cpu_count()} cores")
+    return {
+        "command": " ".join(command if command is not None else [sys.executable, *sys.argv]),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "versions": versions,
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def write_result(name: str, rows: list[dict], markdown_text: str, extra: dict | None = None,
+                 results_dir: Path = RESULTS_DIR) -> Path:
+    """Write `<name>.json` and `<name>.md` under `results_dir` (atomically: a reader never
+    sees half a file) and return the .md path."""
+    meta = provenance()
+    stem = results_dir / name
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    footer = (f"\n_Written by `{meta['command']}` at commit {meta['commit']}"
+              f"{' (with uncommitted changes)' if meta['uncommitted_changes'] else ''}, "
+              f"{meta['date']}, {meta['device']}, "
+              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "._\n")
+    payload = {**meta, **(extra or {}), "rows": rows}
+    _write_atomic(stem.with_suffix(".json"), json.dumps(payload, indent=2, default=str) + "\n")
+    _write_atomic(stem.with_suffix(".md"), markdown_text.rstrip("\n") + "\n" + footer)
+    return stem.with_suffix(".md")
+
+
+def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    """`text` with every results block replaced by its file's Markdown."""
+
+    def fill(match: re.Match) -> str:
+        path = results_dir / f"{match['name']}.md"
+        if not path.is_file():
+            raise FileNotFoundError(f"README block {match['name']!r}: no {path}; run the "
+                                    "benchmark that writes it, or remove the block")
+        return match.group(1) + path.read_text() + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def main() -> None:
+    text = README.read_text()
+    rendered = render_readme(text)
+    if rendered != text:
+        _write_atomic(README, rendered)
+    names = [match["name"] for match in BLOCK.finditer(rendered)]
+    print(f"README: {len(names)} results block(s) from benchmarks/results/"
+          f"{' (rewritten)' if rendered != text else ' (already in sync)'}")
+
+
+if __name__ == "__main__":
+    main()
