@@ -1,7 +1,13 @@
 """Read, clean, split and store interaction data as peftrec dataset folders."""
 
 from .atomic import atomic_directory
-from .builtin import BUILTIN_DATASETS, locate_movielens, prepare_builtin, resolve_dataset
+from .builtin import (
+    BUILTIN_DATASETS,
+    BUILTIN_SPLITS,
+    locate_movielens,
+    prepare_builtin,
+    resolve_dataset,
+)
 from .cleaning import (
     deduplicate,
     filter_by_rating,
@@ -10,6 +16,7 @@ from .cleaning import (
     reindex,
     sort_chronologically,
 )
+from .domains import SplitRule, compute_domains, describe_split, split_domains
 from .errors import DataError
 from .folder import PrepareConfig, SequenceData, load_dataset_folder, prepare_dataset
 from .images import ImageStore, ImageStoreReport, build_image_store
@@ -26,17 +33,21 @@ from .synthetic import SyntheticConfig, generate_sequences, write_synthetic_log
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "BUILTIN_SPLITS",
     "DataError",
     "ImageStore",
     "ImageStoreReport",
     "ItemTextTemplate",
     "PrepareConfig",
     "SequenceData",
+    "SplitRule",
     "SyntheticConfig",
     "atomic_directory",
     "build_image_store",
+    "compute_domains",
     "deduplicate",
     "default_template",
+    "describe_split",
     "filter_by_rating",
     "generate_sequences",
     "k_core_filter",
@@ -54,5 +65,6 @@ __all__ = [
     "reindex",
     "resolve_dataset",
     "sort_chronologically",
+    "split_domains",
     "write_synthetic_log",
 ]

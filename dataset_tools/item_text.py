@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .builtin import SPLIT_DATASETS
 from .errors import DataError
 from .readers import _finish
 
@@ -339,6 +340,9 @@ MOVIELENS_TEMPLATES = {
     "ml-1m": ItemTextTemplate("{movie_title} ({release_year}). Genres: {genre}"),
     "ml-100k": ItemTextTemplate("{movie_title} ({release_year}). Genres: {class}"),
 }
+# A built-in domain split (ml-1m-old, ml-1m-new) keeps its parent's item table, so its text.
+MOVIELENS_TEMPLATES.update({name: MOVIELENS_TEMPLATES[split.parent]
+                            for name, split in SPLIT_DATASETS.items()})
 
 
 def default_template(dataset_name: str) -> ItemTextTemplate:

@@ -1,0 +1,73 @@
+"""Split one dataset into two item-disjoint domains (source and target dataset folders).
+
+    python scripts/split_domains.py --dataset ml-1m --field release_year --source-range ,1990 \\
+        --source-output data/ml-1m-old --target-output data/ml-1m-new
+    python scripts/split_domains.py --dataset data/mydata --field genre \\
+        --source-values Comedy,Drama --source-output data/comedy --target-output data/other
+
+Every item goes to exactly one domain: to the source when its --field value matches the
+rule, otherwise to the target. --source-values: the value, or for a multi-valued field
+(values separated by spaces, '|' or ',', e.g. ML-1M's genre "Comedy Romance") its FIRST
+value, is one of the listed values. --source-range LO,HI: LO <= value < HI, either bound
+may be empty (',1990' means < 1990, '1990,' means >= 1990); every value must be numeric.
+A user may be in both domains; each domain keeps its own interactions (same order and
+timestamps), re-indexes its items from 1, and drops users left with fewer than 3
+interactions (no k-core is re-run). The built-in pair ml-1m-old / ml-1m-new is this split
+of ml-1m by --source-range ,1990 and works as --dataset in every script.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from dataset_tools import SplitRule, describe_split, split_domains
+from pretraining.cli import parse_args, run_main
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    p.add_argument("--dataset", help="built-in name (ml-100k, ml-1m, ...) or a dataset folder")
+    p.add_argument("--cache-dir", type=Path,
+                   help="where built-in datasets are prepared (default $PEFTREC_CACHE or "
+                   "~/.cache/peftrec)")
+    p.add_argument("--field", help="item table column that decides the domain (e.g. genre)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--source-values",
+                      help="comma-separated values: an item whose value (or first value of a "
+                      "multi-valued field) is listed goes to the source")
+    rule.add_argument("--source-range",
+                      help="LO,HI: items with LO <= value < HI go to the source (',1990': "
+                      "< 1990; '1990,': >= 1990)")
+    p.add_argument("--source-output", type=Path, help="source dataset folder to write")
+    p.add_argument("--target-output", type=Path, help="target dataset folder to write")
+    p.add_argument("--source-name", help="source dataset name (default: its folder's name)")
+    p.add_argument("--target-name", help="target dataset name (default: its folder's name)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parse_args(p, argv)
+    missing = [flag for flag, value in (("--dataset", args.dataset), ("--field", args.field),
+                                        ("--source-output", args.source_output),
+                                        ("--target-output", args.target_output))
+               if value is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.source_values is None and args.source_range is None:
+        p.error("one of --source-values or --source-range is required")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    rule = (SplitRule.values(args.field, args.source_values.split(","))
+            if args.source_values is not None
+            else SplitRule.parse_range(args.field, args.source_range))
+    folders = split_domains(args.dataset, args.source_output, args.target_output, rule,
+                            source_name=args.source_name, target_name=args.target_name,
+                            cache_dir=args.cache_dir)
+    print(describe_split(*folders))
+
+
+if __name__ == "__main__":
+    run_main(main, main_process_only=True)
