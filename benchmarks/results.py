@@ -47,8 +47,12 @@ def provenance(command: list[str] | None = None) -> dict:
             continue
     device = (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available()
               else f"CPU, {os.cpu_count()} cores")
+    if command is None:  # this process's own command, its script relative to the repository
+        script = Path(sys.argv[0]).resolve()
+        shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+        command = ["python", str(shown), *sys.argv[1:]]
     return {
-        "command": " ".join(command if command is not None else [sys.executable, *sys.argv]),
+        "command": " ".join(command),
         "commit": git("rev-parse", "--short", "HEAD"),
         "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
         "versions": versions,
