@@ -43,12 +43,14 @@ def save_adapter(
     base_fingerprint: str,
     metadata: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write the trainable parameters of `model` and the adapter config, atomically.
 
     `config` None means full fine-tuning (every parameter is written). `metadata` is
     stored beside the config (e.g. how to rebuild the base for the target dataset);
-    `state_dict` is the gathered full state dict under FSDP/DeepSpeed.
+    `state_dict` is the gathered full state dict under FSDP/DeepSpeed; `extra_files`
+    (name -> text) are written into the checkpoint folder with them.
     """
     state = model.state_dict() if state_dict is None else state_dict
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
@@ -66,6 +68,8 @@ def save_adapter(
     with atomic_directory(directory) as tmp:
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
 
 def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig | None, dict]:

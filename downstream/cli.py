@@ -52,12 +52,26 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
                         help="add a learned score offset for items already in the input "
                         "sequence to a base trained without one (starts at 0: no change); "
                         "a base's own repeat bias is always kept and trained")
+    matching = parser.add_argument_group("items matched across domains (per-item parameters)")
+    matching.add_argument("--match-items-by", type=_names, metavar="FIELD[,FIELD...]",
+                          help="item fields both datasets have (e.g. movie_title,release_year): "
+                          "a target item whose values (case and whitespace ignored) are a "
+                          "source item's keeps that item's pretrained rows in every per-item "
+                          "parameter (ID table, item bias, output table); the others start "
+                          "fresh")
+    matching.add_argument("--freeze-matched-items", action="store_true",
+                          help="keep the matched items' rows as pretrained (no gradient, no "
+                          "weight decay); an adapter checkpoint then stores only the others")
+    matching.add_argument("--source-dataset",
+                          help="the dataset --pretrained was trained on, if its folder moved "
+                          "(default: the one its run's config.json records)")
     if not methods:
         baseline = parser.add_mutually_exclusive_group()
         baseline.add_argument("--from-scratch", action="store_true",
                               help="same architecture, random weights, trained on the target")
         baseline.add_argument("--zero-shot", action="store_true",
-                              help="evaluate on the target without training (content models)")
+                              help="evaluate on the target without training (content models, "
+                              "or an ID model with --match-items-by)")
         return parser
     unknown = [m for m in methods if m not in ADAPTERS]
     if unknown:

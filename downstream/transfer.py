@@ -6,7 +6,8 @@
 The item side is rebuilt for the target catalog: a content encoder (text, image) encodes
 the target's items with the pretrained encoder and projection; an ID model gets a fresh,
 trainable item table (and a generative backbone a fresh item bias), so only its backbone
-transfers. Methods:
+transfers, except for target items matched to source items (`--match-items-by`,
+`downstream.matching`): they keep their pretrained rows, trainable or frozen. Methods:
 
 - an adapter method (`houlsby`, `lora`, `prefix`, ...): adapters injected by
   `adapters.get_adapted_model`, everything else frozen except the named extras and the
@@ -15,7 +16,8 @@ transfers. Methods:
 - `full`: every parameter trained (the upper reference); a complete checkpoint;
 - `scratch`: the same architecture, randomly initialised, trained on the target only;
 - `zero_shot`: the pretrained model evaluated on the target without training (content
-  encoders only: an ID model has never seen the target's items).
+  encoders; an ID model only with its items matched: the others have never been seen,
+  and are scored as the average source item).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,6 +41,17 @@ from adapters.checkpoint import (
     save_adapter,
 )
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
+from downstream.matching import (
+    MATCHING_FILE,
+    ItemMatching,
+    carry_matched_rows,
+    freeze_matched_rows,
+    load_source_dataset,
+    match_items,
+    plain_state_dict,
+    read_matching,
+    write_matching,
+)
 from modality_encoders.content_encoder import HEAD_SITE
 from modality_encoders.transformer import (
     ADAPTER_LAYOUTS,
@@ -219,10 +233,39 @@ def load_adapted_model(
             f"({data.fingerprint[:12]}); evaluate it on its own dataset"
         )
     fingerprint = checkpoint_fingerprint(base_dir)
+    record = meta.get("item_matching")
+    matching = read_matching(directory, record) if record else None
+    model = matched_target_model(config, base_dir, data, encoder_cache_dir, adapter, matching,
+                                 frozen=bool(record and record.get("frozen")))
+    load_adapter_weights(model, directory, fingerprint)
+    return model
+
+
+def matched_target_model(
+    config: RecommenderConfig,
+    base_dir: Path | None,
+    data: SequenceData,
+    encoder_cache_dir: Path | None = None,
+    adapter: AdapterConfig | None = None,
+    matching: ItemMatching | None = None,
+    frozen: bool = False,
+    announce: bool = False,
+) -> SequentialRecommender:
+    """The target model on its base (`base_dir`; None: from scratch), its matched items'
+    rows carried from the base, adapted by `adapter`, and, if `frozen`, the matched rows
+    frozen (after the adapters, whose injection freezes whole parameters). `announce`:
+    print the matching's counts (main process)."""
     model = build_target_model(config, base_dir, data, encoder_cache_dir)
+    carried = []
+    if matching is not None:
+        carried = carry_matched_rows(model, base_dir, matching)
+        if announce and os.environ.get("RANK", "0") == "0":
+            print(f"{matching.summary()}; carried {', '.join(carried)}"
+                  f"{' (frozen)' if frozen else ''}")
     if adapter is not None:
         adapt(model, adapter)
-    load_adapter_weights(model, directory, fingerprint)
+    if matching is not None and frozen:
+        freeze_matched_rows(model, matching, carried)
     return model
 
 
@@ -252,9 +295,12 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
         raise CheckpointError(f"--backbone {args.backbone}: --pretrained {base_dir} is a "
                               f"{base.backbone} model; drop --backbone or pass a {args.backbone} "
                               "checkpoint")
-    if method == "zero_shot" and base.item_encoder == "id":
+    matching = resolve_matching(args, base_dir, base, data, method)
+    frozen = matching is not None and bool(getattr(args, "freeze_matched_items", False))
+    if method == "zero_shot" and base.item_encoder == "id" and matching is None:
         raise ValueError("zero-shot transfer needs a content item encoder (text or image): an "
-                         "ID model has never seen the target's items; fine-tune it instead")
+                         "ID model has never seen the target's items; fine-tune it instead, "
+                         "or match the items both domains share (--match-items-by FIELDS)")
     config = target_config(base, data, adapter, encoder_overrides(args), args.repeat_bias)
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{method}"
     fingerprint = checkpoint_fingerprint(base_dir)
@@ -269,27 +315,23 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
         "command": sys.argv,
         "versions": versions(),
     }
+    extra_files = {}
+    if matching is not None:
+        run_config["transfer"]["item_matching"] = matching_record(
+            matching, frozen, "source_mean" if method == "zero_shot" else "fresh")
+        extra_files[MATCHING_FILE] = matching.to_json()
     label = f"{data.name} {method}"
     if method == "zero_shot":
-        return _zero_shot(args, data, config, base_dir, output_dir, run_config, label)
+        return _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
+                          matching)
 
     def build_model() -> SequentialRecommender:
-        model = build_target_model(config, None if method == "scratch" else base_dir, data,
-                                   encoder_cache_dir)
-        return model if adapter is None else adapt(model, adapter)
+        return matched_target_model(config, None if method == "scratch" else base_dir, data,
+                                    encoder_cache_dir, adapter, matching, frozen, announce=True)
 
     def save_model(model, state_dict: dict, directory: Path) -> None:
-        if adapter is None:
-            model.save_pretrained(directory, state_dict)
-            return
-        saved = adapter
-        if getattr(adapter, "reparameterize", False):
-            # Save the prefixes the MLPs produce, not the MLPs: smaller, and what
-            # inference runs (the training model keeps its MLPs).
-            model, state_dict = fold_prefixes(copy.deepcopy(model)), None
-            saved = adapter.replace(reparameterize=False)
-        save_adapter(model, directory, saved, fingerprint, state_dict=state_dict,
-                     metadata={"pretrained": str(base_dir.absolute()), "model": asdict(config)})
+        save_target_model(model, directory, adapter, base_dir, fingerprint, matching, frozen,
+                          state_dict)
 
     def load_best(directory: Path) -> SequentialRecommender:
         if adapter is None:
@@ -297,7 +339,68 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
         return load_adapted_model(directory, data, base_dir, encoder_cache_dir)
 
     return train_run(args, data, output_dir, run_config, build_model, load_best, label,
-                     save_model)
+                     save_model, extra_files)
+
+
+def save_target_model(
+    model: SequentialRecommender,
+    directory: Path,
+    adapter: AdapterConfig | None,
+    base_dir: Path,
+    base_fingerprint: str,
+    matching: ItemMatching | None = None,
+    frozen: bool = False,
+    state_dict: dict | None = None,
+) -> None:
+    """The best checkpoint of a fine-tuning run: a complete one (`adapter` None), or the
+    adapter alone, tied to the base by its fingerprint, with the item matching (if any)
+    that rebuilds the model's carried and frozen rows on that base."""
+    if adapter is None:
+        if frozen:  # composed back into plain tensors: loadable without the matching
+            state_dict = plain_state_dict(model, state_dict)
+        model.save_pretrained(directory, state_dict)
+        return
+    saved = adapter
+    if getattr(adapter, "reparameterize", False):
+        # Save the prefixes the MLPs produce, not the MLPs: smaller, and what
+        # inference runs (the training model keeps its MLPs).
+        model, state_dict = fold_prefixes(copy.deepcopy(model)), None
+        saved = adapter.replace(reparameterize=False)
+    metadata = {"pretrained": str(base_dir.absolute()), "model": asdict(model.config)}
+    extra_files = {}
+    if matching is not None:
+        metadata["item_matching"] = matching_record(matching, frozen, "fresh")
+        extra_files[MATCHING_FILE] = matching.to_json()
+    save_adapter(model, directory, saved, base_fingerprint, state_dict=state_dict,
+                 metadata=metadata, extra_files=extra_files)
+
+
+def matching_record(matching: ItemMatching, frozen: bool, unmatched: str) -> dict:
+    """How config.json (and an adapter checkpoint) records a run's item matching."""
+    return {**matching.record(), "frozen": frozen, "unmatched": unmatched}
+
+
+def resolve_matching(args: argparse.Namespace, base_dir: Path, base: RecommenderConfig,
+                     data: SequenceData, method: str) -> ItemMatching | None:
+    """The target -> source item mapping `--match-items-by` asks for (None without it),
+    against the base's source dataset (recorded by its run, or `--source-dataset`)."""
+    requested = getattr(args, "match_items_by", None)
+    fields = requested.split(",") if isinstance(requested, str) else requested or ()
+    fields = tuple(f.strip() for f in fields if f.strip())
+    if not fields:
+        given = [flag for flag, name in (("--freeze-matched-items", "freeze_matched_items"),
+                                         ("--source-dataset", "source_dataset"))
+                 if getattr(args, name, None)]
+        if given or requested is not None:  # e.g. --match-items-by ","
+            raise ValueError(f"{', '.join(given) or '--match-items-by'}: needs item fields to "
+                             "match by, e.g. --match-items-by movie_title,release_year")
+        return None
+    if method == "scratch":
+        raise ValueError("--match-items-by carries pretrained item vectors, and --from-scratch "
+                         "uses no pretrained weights; drop one of them")
+    source = load_source_dataset(base_dir, base.dataset_fingerprint,
+                                 getattr(args, "source_dataset", None), args.cache_dir)
+    return match_items(source, data, fields)
 
 
 def encoder_overrides(args: argparse.Namespace) -> dict:
@@ -312,14 +415,21 @@ def encoder_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def _zero_shot(args, data, config, base_dir, output_dir, run_config, label) -> dict:
+def _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
+               matching: ItemMatching | None = None) -> dict:
     accelerator = build_accelerator(training_config(args, output_dir))
     model = build_target_model(config, base_dir, data, getattr(args, "encoder_cache_dir", None))
+    if matching is not None:  # unmatched items: the average source item (none is known)
+        carried = carry_matched_rows(model, base_dir, matching, unmatched="source_mean")
+        accelerator.print(f"{matching.summary()}; carried {', '.join(carried)}; the "
+                          "others scored as the average source item")
     metrics = evaluate_model(model, data, protocol_config(args), args.eval_batch_size,
                              accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+        if matching is not None:
+            write_matching(output_dir, matching)
         (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
         print(format_metrics_table({label: metrics}))
     return metrics

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from adapters import format_trainable_share, trainable_share
 from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
-from modality_encoders import build_item_content, normalize_item_encoder_config
+from modality_encoders import build_item_content
 from pretraining.cli import (
     ITEM_ENCODER_PREFIX,
     inference_overrides,
@@ -136,11 +136,11 @@ def item_source_checkpoint(source: Path, config: RecommenderConfig) -> Path:
             f"model a {config.item_encoder!r} one of width {width}; pass --hidden-size "
             f"{origin_width} (and its item encoder), or a run with this model's"
         )
-    before, now = (normalize_item_encoder_config(c.item_encoder, c.item_encoder_config)
-                   for c in (origin, config))
-    if before != now:
+    if origin.item_encoder_config != config.item_encoder_config:
         # Copied weights must be the ones the encoder's output cache was computed with.
-        changed = sorted(key for key in before | now if before.get(key) != now.get(key))
+        changed = sorted(key for key in origin.item_encoder_config | config.item_encoder_config
+                         if origin.item_encoder_config.get(key)
+                         != config.item_encoder_config.get(key))
         raise CheckpointError(f"{flag}: its item encoder settings differ ({changed}); "
                               "use the source run's encoder flags")
     return checkpoint
@@ -212,10 +212,12 @@ def train_run(
     load_best: Callable[[Path], SequentialRecommender],
     label: str,
     save_model: Callable | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> dict:
-    """The run-folder job shared by pretraining and fine-tuning: write config.json, build
-    the model (after seeding), train with the Trainer, evaluate the best checkpoint (loaded
-    by `load_best`), write metrics.json and print the table. Returns the metrics."""
+    """The run-folder job shared by pretraining and fine-tuning: write config.json (and
+    `extra_files`, name -> text, beside it), build the model (after seeding), train with the
+    Trainer, evaluate the best checkpoint (loaded by `load_best`), write metrics.json and
+    print the table. Returns the metrics."""
     _check_run_folder(output_dir, run_config, args.resume)
     trainer_config = training_config(args, output_dir)
     accelerator = build_accelerator(trainer_config)
@@ -224,6 +226,8 @@ def train_run(
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+        for name, text in (extra_files or {}).items():
+            (output_dir / name).write_text(text)
     trainable, total, percent = trainable_share(model)
     max_len = model.config.backbone_settings().max_len
     protocol = protocol_config(args)
@@ -371,9 +375,6 @@ def _with_later_settings(section: str, settings: dict) -> dict:
     if section == "model" and settings.get("backbone") in BACKBONES:
         settings["backbone_config"] = asdict(
             build_backbone_config(settings["backbone"], settings.get("backbone_config", {})))
-    if section == "model" and settings.get("item_encoder_config"):  # e.g. the item head's
-        settings["item_encoder_config"] = normalize_item_encoder_config(
-            settings.get("item_encoder", "id"), settings["item_encoder_config"])
     return settings
 
 
