@@ -113,7 +113,9 @@ class LoRAInjector:
 
 def target_paths(host: nn.Module, config: LoRAConfig) -> list[str]:
     """Module paths (under `host`) of the Linear layers LoRA adapts: those in the chosen
-    layers whose names end with one of the targets."""
+    layers whose names end with one of the targets, and every one inside a layer that a
+    target names itself (a content encoder's output head, `projection`, whichever Linear
+    layers the head holds)."""
     model_type = getattr(host, "model_type", None) or type(host).__name__
     targets = config.target_modules or getattr(host, "lora_targets", None)
     if not targets:
@@ -126,13 +128,14 @@ def target_paths(host: nn.Module, config: LoRAConfig) -> list[str]:
     for index in parse_layers(config.layers, num_layers(host)):
         prefix = layer_path(host, index)
         layer = host.get_submodule(prefix)
+        whole = any(prefix == t or prefix.endswith("." + t) for t in targets)
         for name, module in layer.named_modules():
             if not isinstance(module, nn.Linear) or _inside_adapter(layer, name):
                 continue
             # The layer itself may be the Linear (a content encoder's output head).
             path = f"{prefix}.{name}" if name else prefix
             linears.append(name or prefix)
-            if any(path == t or path.endswith("." + t) for t in targets):
+            if whole or any(path == t or path.endswith("." + t) for t in targets):
                 paths.append(path)
     if not paths:
         raise ValueError(

@@ -56,6 +56,29 @@ def resolve_item_encoder_config(name: str, config: dict) -> dict:
     return resolve(config) if resolve is not None else dict(config)
 
 
+def item_encoder_modality(name: str) -> str | None:
+    """The content an encoder reads, "text" or "image" (`text`, `text+id`, ...), or None for
+    one that reads none (`id`, or a name not registered): the one place that knows which
+    encoders are content-based."""
+    return getattr(ITEM_ENCODERS.get(name), "modality", None) or None
+
+
+def normalize_item_encoder_config(name: str, config: dict) -> dict:
+    """`config` with the settings it lacks at their defaults, so that a config recorded
+    before a setting existed compares equal to the same one recorded after."""
+    normalize = getattr(ITEM_ENCODERS.get(name), "normalize_config", None)
+    return normalize(config) if normalize is not None and config else dict(config)
+
+
+def check_item_encoder_weights(name: str, config: dict, output_dim: int,
+                               shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a checkpoint's item-encoder tensors (`shapes`: name under the encoder -> shape)
+    do not fit the encoder `config` describes, in one line; None if they do, or if the
+    encoder has no such check."""
+    check = getattr(ITEM_ENCODERS.get(name), "check_weights", None)
+    return check(config, output_dim, shapes) if check is not None else None
+
+
 def _encoder_class(name: str) -> type[nn.Module]:
     if name not in ITEM_ENCODERS:
         raise ValueError(

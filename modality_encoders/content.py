@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dataset_tools import ImageStore, ItemTextTemplate, SequenceData
-from modality_encoders.base import ITEM_ENCODERS
+from modality_encoders.base import item_encoder_modality
 
 
 @dataclass
@@ -34,7 +34,7 @@ def build_item_content(
     cache_dir: str | Path | None = None,
 ) -> ItemContent | None:
     """The content the encoder `item_encoder` needs from `data` (None for ID encoders)."""
-    modality = getattr(ITEM_ENCODERS.get(item_encoder), "modality", None)
+    modality = item_encoder_modality(item_encoder)
     if modality is None:
         return None
     items = data.items.to_pandas()

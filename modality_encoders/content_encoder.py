@@ -1,16 +1,22 @@
-"""What text and image item encoders share: a `transformers` encoder, pooling, projection.
+"""What text and image item encoders share: a `transformers` encoder, pooling, a head.
 
 Three ways to run, chosen by `freeze` and `trainable_layers`:
 - frozen (default): the catalog is encoded once (chunked, no grad) and cached on disk;
   `catalog()` = projection(cached pooled outputs). The encoder is not part of the
-  module, so checkpoints hold the projection only and refer to the encoder by path +
+  module, so checkpoints hold the head only and refer to the encoder by path +
   fingerprint. Adapters can still reach the output head: the module declares one
-  adapter site, `projection` (`HEAD_SITE`), also its LoRA target.
+  adapter site, `projection` (`HEAD_SITE`), also its LoRA target (every nn.Linear of
+  the head).
 - end-to-end (`freeze=False`, all layers): the encoder runs inside the training step on
   the items a batch needs (`encodes_on_demand`); evaluation re-encodes the catalog once
   per evaluation (memoised while in eval mode).
 - partial (`freeze=False`, `trainable_layers=k`): the hidden states below the top k
   layers are cached on disk and only the top k layers run in the step.
+
+The head, `projection`, is one of `heads.HEADS` (`head`: linear, mlp, moe). `catalog()` and
+`encode_items()` give the content vectors; an encoder that adds more to them (the content +
+ID fusion encoders, `fusion.py`) overrides those two and builds on `content_catalog()` and
+`content_vectors()`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ from torch import nn
 
 from modality_encoders.cache import cache_key, cache_path, cached
 from modality_encoders.content import ItemContent
+from modality_encoders.heads import (
+    DEFAULT_EXPERTS,
+    DEFAULT_HEAD,
+    HEAD_SETTINGS,
+    build_head,
+    check_head_settings,
+    head_shapes,
+)
 from modality_encoders.transformer import (
     POOLINGS,
     EncoderMismatchError,
@@ -32,6 +46,9 @@ from modality_encoders.transformer import (
     pool,
     resolve_encoder_path,
 )
+
+# How the content + ID encoders (`fusion.py`) combine the two vectors.
+FUSIONS = ("sum", "gate")
 
 
 @dataclass
@@ -48,6 +65,12 @@ class ContentEncoderSettings:
     template: str | None = None  # text: ItemTextTemplate
     max_text_length: int = 64  # text: tokens per item
     image_store: str | None = None  # image: LMDB store folder
+    head: str = DEFAULT_HEAD  # output head above the pooled outputs (heads.HEADS)
+    head_hidden_size: int | None = None  # mlp: hidden width (resolved: the encoder's)
+    num_experts: int | None = None  # moe: experts (resolved: DEFAULT_EXPERTS)
+    head_dropout: float = 0.0  # mlp, moe: dropout inside the head
+    moe_noise: bool = False  # moe: noisy gating in training
+    fusion: str | None = None  # content + ID encoders only: "sum" or "gate"
 
     @classmethod
     def from_dict(cls, config: dict | None) -> ContentEncoderSettings:
@@ -66,6 +89,16 @@ class ContentEncoderSettings:
                              f"{self.trainable_layers}; use --freeze-encoder for none")
         if self.encode_batch_size < 1 or self.max_text_length < 2:
             raise ValueError("encode_batch_size must be >= 1 and max_text_length >= 2")
+        if self.fusion is not None and self.fusion not in FUSIONS:
+            raise ValueError(f"unknown --fusion {self.fusion!r}; choose one of "
+                             f"{', '.join(FUSIONS)}")
+        if self.head == "moe" and self.num_experts is None:
+            self.num_experts = DEFAULT_EXPERTS
+        check_head_settings(self.head, self.head_settings())
+
+    def head_settings(self) -> dict:
+        """The head's settings (keys of `heads.HEAD_SETTINGS`)."""
+        return {name: getattr(self, name) for name in HEAD_SETTINGS}
 
 
 # The site (and LoRA target) of a frozen, cached encoder's output head.
@@ -77,11 +110,13 @@ class ContentItemEncoder(nn.Module):
 
     modality = ""  # "text" or "image"
     catalog_parameters = ()  # nothing per item: the encoder transfers to any catalog
+    fuses_ids = False  # True for the content + ID fusion encoders (`fusion` setting)
 
     def __init__(self, num_items: int, output_dim: int, config: dict | None = None,
                  content: ItemContent | None = None) -> None:
         super().__init__()
         settings = ContentEncoderSettings.from_dict(config)
+        self.check_fusion(settings)
         self.check_settings(settings)
         if content is None:
             raise ValueError(f"the {self.modality} item encoder needs the items' content; "
@@ -95,7 +130,10 @@ class ContentItemEncoder(nn.Module):
         encoder_config = load_encoder_config(self.path, settings.encoder)
         self.fingerprint = _check_encoder(settings, self.path, encoder_config.hidden_size)
         self.hidden_size = encoder_config.hidden_size
-        self.projection = nn.Linear(self.hidden_size, output_dim)
+        if settings.head == "mlp" and settings.head_hidden_size is None:
+            settings.head_hidden_size = self.hidden_size
+        self.projection = build_head(settings.head, self.hidden_size, output_dim,
+                                     settings.head_settings())
         self.prepare_inputs(encoder_config)
         self._catalog_memo: torch.Tensor | None = None
         self.encoder: TransformerStages | None = None
@@ -155,6 +193,15 @@ class ContentItemEncoder(nn.Module):
         return self.catalog()[item_indices]
 
     def catalog(self) -> torch.Tensor:
+        return self.content_catalog()
+
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        """Vectors [U, d] of item indices [U]; index 0 (padding) gives zeros."""
+        return self.content_vectors(items)
+
+    # --- the content vectors: head(pooled encoder outputs) ---------------------------------
+    def content_catalog(self) -> torch.Tensor:
+        """Content vectors of every item [num_items + 1, d], row 0 (padding) zero."""
         if self.encoder is None:
             vectors = self.projection(self.outputs)
             return torch.cat([vectors.new_zeros(1, self.output_dim), vectors])
@@ -165,9 +212,9 @@ class ContentItemEncoder(nn.Module):
                 self._catalog_memo = self._encode_catalog()
         return self._catalog_memo
 
-    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
-        """Vectors [U, d] of item indices [U]; index 0 (padding) gives zeros."""
-        out = self.projection.weight.new_zeros(len(items), self.output_dim)
+    def content_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Content vectors [U, d] of item indices [U]; index 0 (padding) gives zeros."""
+        out = self.head_parameter().new_zeros(len(items), self.output_dim)
         real = (items > 0).nonzero().squeeze(1)
         if len(real):
             out = out.index_copy(0, real, self.projection(self.encode_pooled(items[real])))
@@ -187,15 +234,19 @@ class ContentItemEncoder(nn.Module):
         states = self.encoder(inputs, self.start, hidden=hidden)
         return pool(states, mask, self.settings.pooling, skip_first=self.modality == "image")
 
+    def head_parameter(self) -> torch.Tensor:
+        """A parameter of the head (its device and dtype are the module's)."""
+        return next(self.projection.parameters())
+
     def train(self, mode: bool = True):
         self._catalog_memo = None  # parameters may change from here on
         return super().train(mode)
 
     # --- building ------------------------------------------------------------------------
     def _encode_catalog(self) -> torch.Tensor:
-        items = torch.arange(self.num_items + 1, device=self.projection.weight.device)
+        items = torch.arange(self.num_items + 1, device=self.head_parameter().device)
         size = self.settings.encode_batch_size
-        return torch.cat([self.encode_items(chunk) for chunk in items.split(size)])
+        return torch.cat([self.content_vectors(chunk) for chunk in items.split(size)])
 
     def _cached(self, kind: str, shape: tuple[int, ...], build) -> torch.Tensor:
         key = cache_key(
@@ -233,15 +284,61 @@ class ContentItemEncoder(nn.Module):
         return torch.arange(1, self.num_items + 1).split(self.settings.encode_batch_size)
 
     @classmethod
+    def check_fusion(cls, settings: ContentEncoderSettings) -> None:
+        if settings.fusion is not None and not cls.fuses_ids:
+            raise ValueError(
+                f"--fusion {settings.fusion}: only a content + ID item encoder fuses "
+                f"(--item-encoder {cls.modality or 'text'}+id); drop --fusion or choose that "
+                "encoder")
+
+    @classmethod
     def resolve_config(cls, config: dict) -> dict:
-        """Fill in the encoder's fingerprint and hidden size (recorded in checkpoints)."""
+        """Fill in the encoder's fingerprint and hidden size (recorded in checkpoints), and
+        the head's defaults that depend on it."""
         settings = ContentEncoderSettings.from_dict(config)
+        cls.check_fusion(settings)
         path = resolve_encoder_path(settings.encoder)
         if Path(settings.encoder).expanduser().is_dir():
             settings.encoder = str(path)
         settings.encoder_hidden_size = load_encoder_config(path, settings.encoder).hidden_size
         settings.encoder_fingerprint = encoder_fingerprint(path)
+        if settings.head == "mlp" and settings.head_hidden_size is None:
+            settings.head_hidden_size = settings.encoder_hidden_size
         return asdict(settings)
+
+    @classmethod
+    def normalize_config(cls, config: dict) -> dict:
+        """`config` with every setting, those it lacks at their defaults (a config recorded
+        before a setting existed compares equal to one recorded after)."""
+        return asdict(ContentEncoderSettings.from_dict(config))
+
+    @classmethod
+    def check_weights(cls, config: dict, output_dim: int,
+                      shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why a checkpoint's head tensors (`shapes`: name -> shape, names under the item
+        encoder) do not fit the head `config` describes; None when they do (or when the
+        config does not record the encoder width)."""
+        settings = ContentEncoderSettings.from_dict(config)
+        if settings.encoder_hidden_size is None:
+            return None
+        values = settings.head_settings()
+        if settings.head == "mlp" and settings.head_hidden_size is None:
+            values["head_hidden_size"] = settings.encoder_hidden_size
+        prefix = HEAD_SITE + "."
+        expected = {prefix + name: shape for name, shape in head_shapes(
+            settings.head, settings.encoder_hidden_size, output_dim, values).items()}
+        found = {name: tuple(shape) for name, shape in shapes.items() if name.startswith(prefix)}
+        if found == expected:
+            return None
+
+        def listing(tensors: dict) -> str:
+            shown = [f"{name} {list(shape)}" for name, shape in sorted(tensors.items())[:4]]
+            return ", ".join(shown) + (", ..." if len(tensors) > 4 else "") or "nothing"
+
+        return (f"its item head does not fit its weights: the config says head "
+                f"{settings.head!r} ({listing(expected)}), the weights hold {listing(found)}; "
+                "set the item head settings (head, num_experts, head_hidden_size, moe_noise) "
+                "the checkpoint was trained with")
 
 
 def _check_encoder(settings: ContentEncoderSettings, path: Path, hidden_size: int) -> str:

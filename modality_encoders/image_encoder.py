@@ -1,4 +1,4 @@
-"""Image item encoder: LMDB image -> ViT / ViTMAE -> CLS/mean pooling -> projection.
+"""Image item encoder: LMDB image -> ViT / ViTMAE -> CLS/mean pooling -> head (`projection`).
 
 ViTMAE runs with mask ratio 0 and a fixed patch order (see `transformer.py`), so item
 vectors are deterministic. Images are read from the store when needed (never all in
@@ -49,7 +49,7 @@ class ImageItemEncoder(ContentItemEncoder):
     def inputs(self, indices: torch.Tensor, trim: bool = True) -> dict[str, torch.Tensor]:
         images = [self.content.images[self.content.item_ids[i - 1]] for i in indices.tolist()]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels.to(self.projection.weight.device)}
+        return {"pixel_values": pixels.to(self.head_parameter().device)}
 
     def hidden_shape(self) -> tuple[int, int, int]:
         return (self.num_items, self.num_tokens, self.hidden_size)

@@ -1,4 +1,4 @@
-"""Text item encoder: item text -> BERT-like encoder -> CLS/mean pooling -> projection."""
+"""Text item encoder: item text -> BERT-like encoder -> CLS/mean pooling -> head (`projection`)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,12 @@ from pathlib import Path
 import yaml
 
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
-from modality_encoders import resolve_item_encoder_config
+from modality_encoders import (
+    FUSIONS,
+    HEADS,
+    item_encoder_modality,
+    resolve_item_encoder_config,
+)
 from pretraining.diffrec import INFERENCE_MODES
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
@@ -164,9 +169,12 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
-    """Flags of the content item encoders (`modality` = "text" or "image")."""
-    parser.set_defaults(item_encoder=modality)
+    """Flags of the content item encoders (`modality` = "text" or "image"), and of the
+    content + ID fusion encoder of that modality."""
     group = parser.add_argument_group(f"{modality} item encoder")
+    group.add_argument("--item-encoder", choices=[modality, f"{modality}+id"], default=modality,
+                       help=f"{modality}: the content vector; {modality}+id: plus a learned "
+                       "per-item ID vector (a table that starts at zero; see --fusion)")
     if modality == "text":
         group.add_argument("--encoder", default="minilm",
                            help="transformers encoder: a local folder, a hub name already in "
@@ -199,6 +207,20 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
                        "folder's cache/")
     group.add_argument("--encode-batch-size", type=int, default=64,
                        help="items encoded at once when building caches and catalogs")
+    group.add_argument("--item-head", choices=list(HEADS), default="linear",
+                       help="output head above the pooled encoder outputs: linear (one "
+                       "affine map), mlp (linear shortcut + a GELU MLP), moe (UniSRec's "
+                       "mixture of whitening experts)")
+    group.add_argument("--head-hidden-size", type=int,
+                       help="--item-head mlp: hidden width (unset: the encoder's hidden size)")
+    group.add_argument("--num-experts", type=int, help="--item-head moe: experts (unset: 8)")
+    group.add_argument("--head-dropout", type=float, default=0.0,
+                       help="--item-head mlp/moe: dropout inside the head")
+    group.add_argument("--moe-noise", action="store_true",
+                       help="--item-head moe: UniSRec's noisy gating in training")
+    group.add_argument("--fusion", choices=list(FUSIONS),
+                       help=f"--item-encoder {modality}+id: content + ID vector (sum; unset: "
+                       "sum), or content + a learned sigmoid gate times the ID vector (gate)")
 
 
 def pretrain_parser(description: str, modality: str | None = None) -> argparse.ArgumentParser:
@@ -300,7 +322,8 @@ def model_config(
     args: argparse.Namespace, num_items: int, fingerprint: str, data: SequenceData | None = None
 ) -> RecommenderConfig:
     item_encoder = getattr(args, "item_encoder", "id")
-    encoder_config = {} if item_encoder == "id" else item_encoder_config(args, item_encoder, data)
+    encoder_config = ({} if item_encoder_modality(item_encoder) is None
+                      else item_encoder_config(args, item_encoder, data))
     backbone_config = {
         "hidden_size": args.hidden_size, "num_layers": args.num_layers,
         "num_heads": args.num_heads, "ffn_size": args.ffn_size,
@@ -333,8 +356,11 @@ def item_encoder_config(args: argparse.Namespace, item_encoder: str, data: Seque
     """The content encoder's settings from the flags, resolved (fingerprint, hidden size)."""
     config = {"encoder": args.encoder, "pooling": args.pooling, "freeze": args.freeze_encoder,
               "trainable_layers": args.trainable_layers,
-              "encode_batch_size": args.encode_batch_size}
-    if item_encoder == "text":
+              "encode_batch_size": args.encode_batch_size, "head": args.item_head,
+              "head_hidden_size": args.head_hidden_size, "num_experts": args.num_experts,
+              "head_dropout": args.head_dropout, "moe_noise": args.moe_noise,
+              "fusion": args.fusion}
+    if item_encoder_modality(item_encoder) == "text":
         template = args.text_template
         if template is None:
             if data is None:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from adapters import format_trainable_share, trainable_share
 from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
-from modality_encoders import build_item_content
+from modality_encoders import build_item_content, normalize_item_encoder_config
 from pretraining.cli import (
     ITEM_ENCODER_PREFIX,
     inference_overrides,
@@ -136,11 +136,11 @@ def item_source_checkpoint(source: Path, config: RecommenderConfig) -> Path:
             f"model a {config.item_encoder!r} one of width {width}; pass --hidden-size "
             f"{origin_width} (and its item encoder), or a run with this model's"
         )
-    if origin.item_encoder_config != config.item_encoder_config:
+    before, now = (normalize_item_encoder_config(c.item_encoder, c.item_encoder_config)
+                   for c in (origin, config))
+    if before != now:
         # Copied weights must be the ones the encoder's output cache was computed with.
-        changed = sorted(key for key in origin.item_encoder_config | config.item_encoder_config
-                         if origin.item_encoder_config.get(key)
-                         != config.item_encoder_config.get(key))
+        changed = sorted(key for key in before | now if before.get(key) != now.get(key))
         raise CheckpointError(f"{flag}: its item encoder settings differ ({changed}); "
                               "use the source run's encoder flags")
     return checkpoint
@@ -375,6 +375,9 @@ def _with_later_settings(section: str, settings: dict) -> dict:
     if section == "model" and settings.get("backbone") in BACKBONES:
         settings["backbone_config"] = asdict(
             build_backbone_config(settings["backbone"], settings.get("backbone_config", {})))
+    if section == "model" and settings.get("item_encoder_config"):  # e.g. the item head's
+        settings["item_encoder_config"] = normalize_item_encoder_config(
+            settings.get("item_encoder", "id"), settings["item_encoder_config"])
     return settings
 
 

@@ -28,7 +28,12 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from dataset_tools import atomic_directory
-from modality_encoders import EncoderMismatchError, ItemContent, build_item_encoder
+from modality_encoders import (
+    EncoderMismatchError,
+    ItemContent,
+    build_item_encoder,
+    check_item_encoder_weights,
+)
 from pretraining.diffrec import DiffRec, DiffRecConfig, DiffusionQuery
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from pretraining.sasrec import SASRec, SASRecConfig
@@ -447,9 +452,30 @@ def load_recommender_config(directory: str | Path) -> RecommenderConfig:
             f"{directory} holds a {meta.get('architecture')!r} checkpoint, not a {ARCHITECTURE}"
         )
     try:
-        return RecommenderConfig(**meta["config"])
+        config = RecommenderConfig(**meta["config"])
+        problem = check_item_encoder_weights(
+            config.item_encoder, config.item_encoder_config,
+            config.backbone_settings().hidden_size, _item_encoder_shapes(directory))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / CONFIG_NAME}: unexpected settings ({error})") from None
+    if problem:
+        raise CheckpointError(f"{directory}: {problem}")
+    return config
+
+
+def _item_encoder_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Names (under the item encoder) and shapes of a checkpoint's item-encoder tensors,
+    read from the file's header; empty if it cannot be read (loading it reports why)."""
+    from safetensors import safe_open
+
+    prefix = "item_encoder."
+    try:
+        with safe_open(str(directory / WEIGHTS_NAME), "pt") as tensors:
+            names = tensors.keys()  # a safe_open handle is not iterable itself
+            return {name.removeprefix(prefix): tuple(tensors.get_slice(name).get_shape())
+                    for name in names if name.startswith(prefix)}
+    except Exception:  # noqa: BLE001 - a corrupt file is reported where it is loaded
+        return {}
 
 
 def checkpoint_fingerprint(directory: str | Path) -> str:

@@ -4,6 +4,8 @@
     python scripts/pretrain_image.py --dataset DIR --image-store STORE --encoder path/to/vit
     accelerate launch scripts/pretrain_image.py --dataset DIR --image-store STORE \\
         --encoder path/to/mae --train-encoder --trainable-layers 1 --loss sampled
+    python scripts/pretrain_image.py --dataset DIR --image-store STORE --encoder path/to/vit \\
+        --item-encoder image+id --item-head mlp
 
 Images are read from the LMDB store by the dataset's item ids. ViTMAE runs with mask ratio
 0 and a fixed patch order. By default the encoder is frozen and its item vectors are

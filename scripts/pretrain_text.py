@@ -4,6 +4,8 @@
     python scripts/pretrain_text.py --dataset DIR --text-template '{title}. {genre}' \\
         --encoder path/to/bert --train-encoder --trainable-layers 2 --loss sampled
     accelerate launch scripts/pretrain_text.py --dataset ml-1m --output-dir runs/ml1m-text
+    python scripts/pretrain_text.py --dataset ml-1m --item-head moe --num-experts 8
+    python scripts/pretrain_text.py --dataset ml-1m --item-encoder text+id --fusion gate
 
 By default the encoder is frozen and its item vectors are cached under
 <dataset folder>/cache (--encoder-cache-dir); --train-encoder trains it end to end.

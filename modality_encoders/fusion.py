@@ -1,0 +1,77 @@
+"""Content + ID item encoders (`text+id`, `image+id`): a content vector plus an ID vector.
+
+The item vector combines the content encoder's vector c (encoder, pooling, head: everything
+a `text` / `image` encoder does, in every mode: cached, end to end, partial) with a row e
+of a per-item embedding table (`fusion`):
+
+- `sum`:  c + e (UniSRec's transductive item vector);
+- `gate`: c + g * e with g = sigmoid(W [c; e] + b) per item and dimension: how much of its
+  ID vector each item takes, learned from both vectors. A gated residual rather than the
+  convex g * c + (1 - g) * e: with e = 0 the output is exactly c, whatever the gate.
+
+The ID table starts at zero (row 0, padding, stays zero), so at start and after a
+transfer, which restarts the table for the new catalog (`catalog_parameters`), the model
+scores exactly as its content part does: zero-shot works, and each new item starts from
+the base's content vector while the table learns a per-item correction. Every other
+tensor (head, gate; the encoder's own weights when it is trained) keeps the content
+encoder's names, so it transfers as a content model's does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modality_encoders.base import register_item_encoder
+from modality_encoders.content_encoder import ContentItemEncoder
+from modality_encoders.image_encoder import ImageItemEncoder
+from modality_encoders.text_encoder import TextItemEncoder
+
+
+class IDFusion(ContentItemEncoder):
+    """What `text+id` and `image+id` add to their content encoder (mixed in before it)."""
+
+    catalog_parameters = ("id_embedding.weight",)  # per item: restarted by transfer
+    fuses_ids = True
+
+    def __init__(self, num_items: int, output_dim: int, config: dict | None = None,
+                 content=None) -> None:
+        super().__init__(num_items, output_dim, config, content)
+        self.fusion = self.settings.fusion or "sum"
+        self.id_embedding = nn.Embedding(num_items + 1, output_dim, padding_idx=0)
+        nn.init.zeros_(self.id_embedding.weight)
+        self.fusion_gate = None
+        if self.fusion == "gate":
+            # Zero at start: g = 1/2 for every item until the ID vectors move.
+            self.fusion_gate = nn.Linear(2 * output_dim, output_dim)
+            nn.init.zeros_(self.fusion_gate.weight)
+            nn.init.zeros_(self.fusion_gate.bias)
+
+    def fuse(self, content: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The item vectors from content vectors and ID vectors (both [..., d])."""
+        if self.fusion_gate is None:
+            return content + ids
+        gate = torch.sigmoid(self.fusion_gate(torch.cat([content, ids], -1)))
+        return content + gate * ids
+
+    def catalog(self) -> torch.Tensor:
+        return self.fuse(self.content_catalog(), self.id_embedding.weight)
+
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.content_vectors(items), self.id_embedding(items))
+
+    @classmethod
+    def resolve_config(cls, config: dict) -> dict:
+        resolved = super().resolve_config(config)
+        resolved["fusion"] = resolved["fusion"] or "sum"
+        return resolved
+
+
+@register_item_encoder("text+id")
+class TextIDItemEncoder(IDFusion, TextItemEncoder):
+    """Item text vector + item ID vector."""
+
+
+@register_item_encoder("image+id")
+class ImageIDItemEncoder(IDFusion, ImageItemEncoder):
+    """Item image vector + item ID vector."""
