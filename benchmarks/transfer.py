@@ -174,7 +174,8 @@ def summarize(source: str, name: str, runs: list[dict], run_dirs: list[Path]) ->
     outside = frozen_encoder_parameters(run_dirs[0])
     inclusive = (100 * parameters["trainable"] / (parameters["total"] + outside)
                  if parameters else 0.0)
-    matching = json.loads((run_dirs[0] / "config.json").read_text()).get("matching") or {}
+    config = json.loads((run_dirs[0] / "config.json").read_text())
+    matching = config.get("transfer", {}).get("item_matching") or {}
     return {
         "source": source,
         "method": name,
