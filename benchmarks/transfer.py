@@ -86,6 +86,16 @@ GRID = [
      ["--adapt", "item_encoder", "--layers", "top:1"], ("text",)),
     ("houlsby both top:1", "adapter_houlsby", ["--adapt", "both", "--layers", "top:1"],
      ("text",)),
+    ("houlsby both top:2", "adapter_houlsby", ["--adapt", "both", "--layers", "top:2"],
+     ("text",)),
+    # End to end (Adapter4Rec): adapters in the text encoder's top K layers and the backbone,
+    # the item head trained too (benchmarks/end_to_end_gpu.sh).
+    ("houlsby both top:1 + projection b32", "adapter_houlsby",
+     ["--adapt", "both", "--layers", "top:1", "--tune", "projection", "--batch-size", "32"],
+     ("text",)),
+    ("houlsby both top:2 + projection b32", "adapter_houlsby",
+     ["--adapt", "both", "--layers", "top:2", "--tune", "projection", "--batch-size", "32"],
+     ("text",)),
     ("lora backbone all", "adapter_lora", ["--adapt", "backbone", "--layers", "all"],
      ("id", "text", "diffrec")),
     ("lora backbone all, matched frozen", "adapter_lora",
@@ -127,6 +137,11 @@ def source_kind(source: Path) -> str:
                  "--source LABEL=RUN_DIR with the output directory of a pretraining script")
     model = json.loads(config.read_text())["model"]
     return "diffrec" if model["backbone"] == "diffrec" else model["item_encoder"]
+
+
+def run_folder(name: str) -> str:
+    """The folder of a grid row's runs (under OUTPUT_DIR/LABEL/, one seedN/ per seed)."""
+    return name.replace(" ", "-").replace(":", "").replace(",", "")
 
 
 def run_one(script: str, flags: list[str], source: Path, run_dir: Path, seed: int,
@@ -333,7 +348,7 @@ def main() -> None:
             # Zero-shot is deterministic: one evaluation.
             single = name.startswith("zero-shot") or name in args.single_seed
             seeds = args.seeds[:1] if single else args.seeds
-            folder = name.replace(" ", "-").replace(":", "").replace(",", "")
+            folder = run_folder(name)
             run_dirs = {seed: args.output_dir / label / folder / f"seed{seed}" for seed in seeds}
             if args.summary_only:
                 run_dirs = {seed: path for seed, path in run_dirs.items()

@@ -27,7 +27,7 @@ from pretraining.cli import (
     base_parser,
     parse_args,
 )
-from pretraining.recommender import BACKBONES
+from pretraining.recommender import BACKBONES, LOSSES, NEGATIVE_SAMPLING
 
 PLACEMENT = {field.name for field in dataclasses.fields(AdapterConfig)}
 
@@ -48,6 +48,17 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
     encoder.add_argument("--image-store", type=Path, help="the target items' LMDB image store")
     encoder.add_argument("--encoder-cache-dir", type=Path,
                          help="where encoder outputs are cached (unset: DATASET/cache)")
+    objective = parser.add_argument_group(
+        "training objective (unset: the pretrained model's; evaluation always ranks the "
+        "whole catalog)")
+    objective.add_argument("--loss", choices=list(LOSSES),
+                           help="softmax over the whole target catalog, or sampled softmax "
+                           "(negatives shared by the batch, logQ-corrected): with a trained "
+                           "item encoder the step then encodes only the batch's items and "
+                           "the negatives")
+    objective.add_argument("--num-negatives", type=int, help="for --loss sampled")
+    objective.add_argument("--negative-sampling", choices=list(NEGATIVE_SAMPLING),
+                           help="for --loss sampled: uniform, or by target-item popularity")
     parser.add_argument("--repeat-bias", action="store_true",
                         help="add a learned score offset for items already in the input "
                         "sequence to a base trained without one (starts at 0: no change); "

@@ -95,9 +95,12 @@ def target_config(
     adapter: AdapterConfig | None = None,
     encoder_overrides: dict | None = None,
     repeat_bias: bool = False,
+    objective: dict | None = None,
 ) -> RecommenderConfig:
     """The base's architecture for the target catalog (`repeat_bias`: add one if the base
-    has none).
+    has none), trained with the base's objective unless `objective` replaces some of it
+    (`loss`, `num_negatives`, `negative_sampling`: a training setting, not architecture;
+    no weight depends on it).
 
     Adapters in the item encoder's transformer layers need the encoder inside the step: it
     is switched from frozen + cached outputs to partial caching, running only the layers
@@ -120,9 +123,26 @@ def target_config(
             lowest = parse_layers(adapter.layers, num_layers)[0]
             encoder_config.update(freeze=False,
                                   trainable_layers=-1 if lowest == 0 else num_layers - lowest)
+    objective = {name: value for name, value in (objective or {}).items() if value is not None}
+    loss = objective.get("loss", base.loss)
+    sampling = sorted(set(objective) - {"loss"})
+    if loss == "full" and sampling:
+        flags = ", ".join("--" + name.replace("_", "-") for name in sampling)
+        origin = "--loss full" if "loss" in objective else "the pretrained model's"
+        raise ValueError(f"{flags}: settings of --loss sampled, but the loss is full "
+                         f"({origin}); add --loss sampled or drop them")
     return replace(base, num_items=data.num_items, dataset_fingerprint=data.fingerprint,
                    item_encoder_config=encoder_config,
-                   repeat_bias=base.repeat_bias or repeat_bias)
+                   repeat_bias=base.repeat_bias or repeat_bias, **objective)
+
+
+OBJECTIVE = ("loss", "num_negatives", "negative_sampling")  # what a target may train with
+
+
+def objective_overrides(args: argparse.Namespace) -> dict:
+    """The training objective given to a fine-tuning script (unset: the base's)."""
+    return {name: getattr(args, name) for name in OBJECTIVE
+            if getattr(args, name, None) is not None}
 
 
 def adapts_encoder_layers(adapter: AdapterConfig, model_type: str) -> bool:
@@ -301,7 +321,8 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
         raise ValueError("zero-shot transfer needs a content item encoder (text or image): an "
                          "ID model has never seen the target's items; fine-tune it instead, "
                          "or match the items both domains share (--match-items-by FIELDS)")
-    config = target_config(base, data, adapter, encoder_overrides(args), args.repeat_bias)
+    config = target_config(base, data, adapter, encoder_overrides(args), args.repeat_bias,
+                           objective_overrides(args))
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{method}"
     fingerprint = checkpoint_fingerprint(base_dir)
     encoder_cache_dir = getattr(args, "encoder_cache_dir", None)

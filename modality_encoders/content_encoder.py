@@ -8,8 +8,9 @@ Three ways to run, chosen by `freeze` and `trainable_layers`:
   adapter site, `projection` (`HEAD_SITE`), also its LoRA target (every nn.Linear of
   the head).
 - end-to-end (`freeze=False`, all layers): the encoder runs inside the training step on
-  the items a batch needs (`encodes_on_demand`); evaluation re-encodes the catalog once
-  per evaluation (memoised while in eval mode).
+  the items a batch needs (`encodes_on_demand`), in chunks of items of similar input length
+  (`encode_pooled`); evaluation re-encodes the catalog once per evaluation (memoised while
+  in eval mode).
 - partial (`freeze=False`, `trainable_layers=k`): the hidden states below the top k
   layers are cached on disk and only the top k layers run in the step.
 
@@ -59,7 +60,7 @@ class ContentEncoderSettings:
     pooling: str = "mean"  # "cls" or "mean"
     freeze: bool = True  # frozen + cached outputs, or trained inside the step
     trainable_layers: int = -1  # with freeze=False: top k layers trainable (-1: all)
-    encode_batch_size: int = 64  # items encoded at once when building caches / catalogs
+    encode_batch_size: int = 64  # items encoded at once (caches, catalogs, a trained step)
     encoder_fingerprint: str | None = None  # recorded at build time, checked on load
     encoder_hidden_size: int | None = None
     template: str | None = None  # text: ItemTextTemplate
@@ -169,8 +170,10 @@ class ContentItemEncoder(nn.Module):
         """Tokenise the texts once / set up image preprocessing."""
         raise NotImplementedError
 
-    def inputs(self, indices: torch.Tensor, trim: bool = True) -> dict[str, torch.Tensor]:
-        """Model inputs for item indices (1..N) [B]; `trim` drops all-padding columns."""
+    def inputs(self, indices: torch.Tensor, trim: bool = True,
+               width: int | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for item indices (1..N) [B]; `trim` drops all-padding columns
+        (`width`: the longest input among them, when the caller knows it)."""
         raise NotImplementedError
 
     def hidden_shape(self) -> tuple[int, int, int]:
@@ -221,10 +224,41 @@ class ContentItemEncoder(nn.Module):
         return out
 
     def encode_pooled(self, items: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder outputs [B, H] of real items (1..N)."""
+        """Pooled encoder outputs [B, H] of real items (1..N).
+
+        The trained encoder runs on chunks of `encode_batch_size` items, in order of input
+        length (text: tokens per item) so that each chunk is padded only to its own longest
+        input: with item texts of 14 tokens on average and 33 at most (ML-100k), one padded
+        batch would run 2.4 times the tokens. Padding is masked, so every item's vector is
+        the one it gets alone (up to float rounding).
+        """
         if self.encoder is None:
             return self.outputs[items - 1]
-        inputs = self.inputs(items)
+        size = self.settings.encode_batch_size
+        if len(items) <= size:
+            return self._encode_chunk(items)
+        lengths = self.input_lengths()
+        if lengths is None:
+            order = torch.arange(len(items), device=items.device)
+            widths = [None] * -(-len(items) // size)
+        else:
+            order = lengths[items - 1].argsort(stable=True)
+            # Each chunk's longest input is its last: all widths in one read from the device.
+            last = torch.arange(size, len(items) + size, size, device=items.device)
+            widths = lengths[items[order[last.clamp(max=len(items)) - 1]] - 1].tolist()
+        pooled = torch.cat([self._encode_chunk(items[chunk], width)
+                            for chunk, width in zip(order.split(size), widths, strict=True)])
+        return pooled[order.argsort()]
+
+    def input_lengths(self) -> torch.Tensor | None:
+        """Input length of each item [N] (text: its tokens), or None when every item's input
+        has the same length (images)."""
+        return None
+
+    def _encode_chunk(self, items: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Pooled encoder outputs [B, H] of real items, in one forward pass (`width`: their
+        longest input, if known)."""
+        inputs = self.inputs(items, width=width)
         mask = inputs.get("attention_mask")
         hidden = None
         if self.start > 0:
@@ -244,9 +278,9 @@ class ContentItemEncoder(nn.Module):
 
     # --- building ------------------------------------------------------------------------
     def _encode_catalog(self) -> torch.Tensor:
-        items = torch.arange(self.num_items + 1, device=self.head_parameter().device)
-        size = self.settings.encode_batch_size
-        return torch.cat([self.content_vectors(chunk) for chunk in items.split(size)])
+        # In chunks of `encode_batch_size` items, by input length (see `encode_pooled`).
+        return self.content_vectors(torch.arange(self.num_items + 1,
+                                                 device=self.head_parameter().device))
 
     def _cached(self, kind: str, shape: tuple[int, ...], build) -> torch.Tensor:
         key = cache_key(

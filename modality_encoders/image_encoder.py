@@ -46,7 +46,8 @@ class ImageItemEncoder(ContentItemEncoder):
         patch = encoder_config.patch_size
         self.num_tokens = (self.image_size // patch) ** 2 + 1
 
-    def inputs(self, indices: torch.Tensor, trim: bool = True) -> dict[str, torch.Tensor]:
+    def inputs(self, indices: torch.Tensor, trim: bool = True,
+               width: int | None = None) -> dict[str, torch.Tensor]:
         images = [self.content.images[self.content.item_ids[i - 1]] for i in indices.tolist()]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels.to(self.head_parameter().device)}

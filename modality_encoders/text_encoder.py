@@ -38,14 +38,19 @@ class TextItemEncoder(ContentItemEncoder):
                            max_length=limit, return_tensors="pt")
         self.register_buffer("input_ids", tokens["input_ids"], persistent=False)
         self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)
+        self.register_buffer("token_counts", tokens["attention_mask"].sum(1), persistent=False)
 
-    def inputs(self, indices: torch.Tensor, trim: bool = True) -> dict[str, torch.Tensor]:
+    def inputs(self, indices: torch.Tensor, trim: bool = True,
+               width: int | None = None) -> dict[str, torch.Tensor]:
         ids = self.input_ids[indices - 1]
         mask = self.attention_mask[indices - 1]
         if trim:
-            width = int(mask.sum(1).max())
+            width = int(self.token_counts[indices - 1].max()) if width is None else width
             ids, mask = ids[:, :width], mask[:, :width]
         return {"input_ids": ids, "attention_mask": mask}
+
+    def input_lengths(self) -> torch.Tensor:
+        return self.token_counts
 
     def hidden_shape(self) -> tuple[int, int, int]:
         return (self.num_items, self.input_ids.shape[1], self.hidden_size)

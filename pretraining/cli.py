@@ -206,7 +206,8 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
                        help="where encoder outputs are cached; unset: the dataset "
                        "folder's cache/")
     group.add_argument("--encode-batch-size", type=int, default=64,
-                       help="items encoded at once when building caches and catalogs")
+                       help="items encoded at once when building caches and catalogs, and "
+                       "by a trained encoder in the step (chunks of similar text length)")
     group.add_argument("--item-head", choices=list(HEADS), default="linear",
                        help="output head above the pooled encoder outputs: linear (one "
                        "affine map), mlp (linear shortcut + a GELU MLP), moe (UniSRec's "

@@ -43,6 +43,8 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "diffrec": (DiffRecConfig, DiffRec),
 }
 
+LOSSES = ("full", "sampled")  # softmax over the catalog, or sampled softmax
+NEGATIVE_SAMPLING = ("uniform", "popularity")
 GENERATIVE_NORMALIZER_ELEMENTS = 1 << 24  # logits held at once when normalising over items
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -116,9 +118,9 @@ class RecommenderConfig:
             raise ValueError(
                 f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}"
             )
-        if self.loss not in ("full", "sampled"):
+        if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose 'full' or 'sampled'")
-        if self.negative_sampling not in ("uniform", "popularity"):
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
             raise ValueError(
                 f"unknown negative sampling {self.negative_sampling!r}; "
                 "choose 'uniform' or 'popularity'"
