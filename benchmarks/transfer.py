@@ -111,6 +111,14 @@ GRID = [
     ("lora item_encoder head r8 b32", "adapter_lora",
      ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "8", "--alpha",
       "16", "--lr", "5e-3", "--batch-size", "32"], TEXT),
+    ("lora item_encoder head r8", "adapter_lora",
+     ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "8", "--alpha",
+      "16", "--lr", "5e-3"], TEXT),
+    # A fusion model's shared items keep their pretrained ID rows, frozen; the head adapts.
+    ("lora item_encoder head r8, matched frozen", "adapter_lora",
+     ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "8", "--alpha",
+      "16", "--lr", "5e-3", "--match-items-by", MATCH, "--freeze-matched-items"],
+     ("text+id",)),
     # LoRA in every backbone Linear and on the text encoder's output head together.
     ("lora both all + head", "adapter_lora",
      ["--adapt", "both", "--target-modules", "q_proj,k_proj,v_proj,o_proj,fc1,fc2,projection",
