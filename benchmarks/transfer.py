@@ -63,6 +63,10 @@ GRID = [
     ("houlsby backbone all, matched frozen", "adapter_houlsby",
      ["--adapt", "backbone", "--layers", "all", "--match-items-by", MATCH,
       "--freeze-matched-items"], ("id", "text+id", "diffrec")),
+    # The same with the matched rows trained too: what freezing them costs.
+    ("houlsby backbone all, matched", "adapter_houlsby",
+     ["--adapt", "backbone", "--layers", "all", "--match-items-by", MATCH],
+     ("id", "diffrec")),
     ("houlsby backbone top:1", "adapter_houlsby", ["--adapt", "backbone", "--layers", "top:1"],
      ("id", "text")),
     ("houlsby backbone all + projection", "adapter_houlsby",
