@@ -30,6 +30,8 @@ DIFFREC_RUNS=${DIFFREC_RUNS:-"d128:128:2e-3 d256:256:2e-3 d256-lr1e-3:256:1e-3"}
 LONG_SASREC=${LONG_SASREC-"64 256"}  # set but empty: none
 PY=${PYTHON:-python3}
 START=$SECONDS
+# epochs_done, last_epoch, wait_for_runs, finish_stopped_runs
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 NAME=$(basename "$DATASET")
 
 width_flags() { echo "--hidden-size $1 --ffn-size $(($1 * 4))"; }
@@ -47,20 +49,6 @@ diffrec_flags() {  # NAME:WIDTH:LR -> the training flags of that run
   IFS=: read -r name w lr <<< "$1"
   echo "$RECIPE $(width_flags "$w") --lr $lr --init-items-from $ROOT/sasrec-d$w/$NAME"
 }
-epochs_done() {  # epochs a run folder has completed (0 before its first)
-  local state="$1/state/trainer_state.json"
-  if [ -f "$state" ]; then
-    $PY -c "import json, sys; print(json.load(open(sys.argv[1]))['epoch'])" "$state"
-  else
-    echo 0
-  fi
-}
-last_epoch() {  # a run's last epoch in one line (log.jsonl)
-  [ -f "$1/log.jsonl" ] && tail -n 1 "$1/log.jsonl" | $PY -c "import json, sys
-row = json.loads(sys.stdin.read())
-print(f\"epoch {row['epoch']} valid ndcg@10 {row['valid']['ndcg@10']:.4f} {row['seconds']:.1f} s\")"
-}
-
 widths=$(for run in $DIFFREC_RUNS; do echo "$run" | cut -d: -f2; done | sort -un)
 echo "== stage 1: SASRec at d = $(echo $widths) ($((SECONDS - START)) s)"
 for w in $widths; do
@@ -93,29 +81,8 @@ for i in "${!dirs[@]}"; do
   mkdir -p "${dirs[$i]}"
   train_stage2 "$i" &
 done
-while jobs -r | grep -q .; do
-  sleep 5
-  elapsed=$((SECONDS - START))
-  if [ "$DEADLINE" -gt 0 ] && [ "$elapsed" -ge "$DEADLINE" ]; then
-    echo "deadline: stopping the runs still training ($elapsed s)"
-    kill -TERM $(jobs -pr) 2>/dev/null
-    break
-  fi
-  if [ $((elapsed % 60)) -lt 5 ]; then  # about once a minute
-    for dir in "${dirs[@]}"; do echo "$elapsed s $dir: $(last_epoch "$dir")"; done
-  fi
-done
-wait
-
-echo "== finishing stopped runs ($((SECONDS - START)) s)"
-for i in "${!dirs[@]}"; do
-  [ -f "${dirs[$i]}/metrics.json" ] && continue
-  epochs=$(epochs_done "${dirs[$i]}")
-  echo "${dirs[$i]}: stopped after epoch $epochs"
-  [ "$epochs" -gt 0 ] || continue
-  train_stage2 "$i" --resume --epochs "$epochs" &
-done
-wait
+wait_for_runs
+finish_stopped_runs train_stage2
 
 echo "== summaries ($((SECONDS - START)) s)"
 for w in $LONG_SASREC; do

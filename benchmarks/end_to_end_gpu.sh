@@ -62,6 +62,8 @@ PY=${PYTHON:-python3}
 export OMP_NUM_THREADS=${THREADS:-1} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 [ -f benchmarks/transfer.py ] || { echo "run from the repository root"; exit 2; }
 START=$SECONDS
+# epochs_done, last_epoch, wait_for_runs, finish_stopped_runs
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 LABEL=text  # the source's name in the table
 COMMON="--report-to none --repeat-bias --patience $PATIENCE --epochs $EPOCHS \
 --mixed-precision $PRECISION --eval-batch-size 1024"  # one line: it is eval'ed
@@ -102,22 +104,6 @@ train() {  # run I, with more flags after its own
   # exec: the job is the training process itself, so the deadline's kill reaches it.
   eval "exec $PY ${commands[$i]} \"\$@\"" >> "${dirs[$i]}/train.log" 2>&1
 }
-epochs_done() {  # epochs a run folder has completed (0 before its first)
-  local state
-  for state in "$1/state/trainer_state.json" "$1/state.old/trainer_state.json"; do
-    if [ -f "$state" ]; then
-      $PY -c "import json, sys; print(json.load(open(sys.argv[1]))['epoch'])" "$state"
-      return
-    fi
-  done
-  echo 0
-}
-last_epoch() {  # a run's last epoch in one line (log.jsonl)
-  [ -f "$1/log.jsonl" ] && tail -n 1 "$1/log.jsonl" | $PY -c "import json, sys
-row = json.loads(sys.stdin.read())
-print(f\"epoch {row['epoch']} valid ndcg@10 {row['valid']['ndcg@10']:.4f} {row['seconds']:.1f} s\")"
-}
-
 echo "== training ${#dirs[@]} runs: ${names[*]} x seeds $SEEDS ($((SECONDS - START)) s)"
 for i in "${!dirs[@]}"; do
   if [ -f "${dirs[$i]}/metrics.json" ]; then continue; fi
@@ -125,29 +111,8 @@ for i in "${!dirs[@]}"; do
   [ -f "${dirs[$i]}/config.json" ] && resume=(--resume)
   train "$i" "${resume[@]}" &
 done
-while jobs -r | grep -q .; do
-  sleep 5
-  elapsed=$((SECONDS - START))
-  if [ "$DEADLINE" -gt 0 ] && [ "$elapsed" -ge "$DEADLINE" ]; then
-    echo "deadline: stopping the runs still training ($elapsed s)"
-    kill -TERM $(jobs -pr) 2>/dev/null
-    break
-  fi
-  if [ $((elapsed % 60)) -lt 5 ]; then  # about once a minute
-    for dir in "${dirs[@]}"; do echo "$elapsed s $dir: $(last_epoch "$dir")"; done
-  fi
-done
-wait
-
-echo "== finishing stopped runs ($((SECONDS - START)) s)"
-for i in "${!dirs[@]}"; do
-  [ -f "${dirs[$i]}/metrics.json" ] && continue
-  epochs=$(epochs_done "${dirs[$i]}")
-  echo "${dirs[$i]}: stopped after epoch $epochs"
-  [ "$epochs" -gt 0 ] || continue
-  train "$i" --resume --epochs "$epochs" &
-done
-wait
+wait_for_runs
+finish_stopped_runs train
 for dir in "${dirs[@]}"; do
   [ -f "$dir/metrics.json" ] || echo "$dir: no result (see its train.log)"
 done

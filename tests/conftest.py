@@ -12,6 +12,10 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+# Flags of the small models and CPU training runs the transfer tests pretrain and fine-tune.
+MODEL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20"]
+TRAIN = ["--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
+
 
 def write_synthetic_interactions(path: Path, num_users: int = 60, num_items: int = 40,
                                  seed: int = 0) -> Path:
@@ -86,6 +90,15 @@ def load_script(name: str):
     return module
 
 
+def finetune(methods, *argv: str) -> dict:
+    """A fine-tuning run (TRAIN, then `argv`) with the adapter `methods` (none: the
+    baselines' parser); its metrics."""
+    from downstream.cli import finetune_parser, run_finetune
+    from pretraining.cli import parse_args
+
+    return run_finetune(parse_args(finetune_parser("t", methods), [*TRAIN, *argv]))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared dataset folder (k_core=2) built from ``write_synthetic_interactions``."""
@@ -99,3 +112,36 @@ def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         items_path=items, user_col="user_id", item_col="item_id", time_col="timestamp",
         rating_col="rating",
     )
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A target domain with another catalog (30 items, other users) than the source."""
+    from dataset_tools import PrepareConfig, prepare_dataset
+
+    raw = tmp_path_factory.mktemp("target_raw")
+    inter = write_synthetic_interactions(raw / "inter.csv", num_users=40, num_items=30, seed=7)
+    items = write_synthetic_items(raw / "items.csv", num_items=30)
+    return prepare_dataset(
+        inter, "csv", tmp_path_factory.mktemp("target") / "target", PrepareConfig(k_core=2),
+        items_path=items, user_col="user_id", item_col="item_id", time_col="timestamp",
+    )
+
+
+@pytest.fixture(scope="module")
+def text_base(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, Path]:
+    """A text SASRec (tiny BERT without dropout, frozen + cached) pretrained on
+    `tiny_dataset_dir` with the full softmax; (run, encoder cache)."""
+    from pretraining.cli import parse_args, pretrain_parser
+    from pretraining.pipeline import pretrain
+    from tests.test_modality_encoders import save_bert
+
+    root = tmp_path_factory.mktemp("text_base")
+    encoder = save_bert(root / "bert", dropout=0.0)
+    run = root / "run"
+    pretrain(parse_args(pretrain_parser("t", modality="text"), [
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
+        "--encoder", str(encoder), "--text-template", "{title} ({genre})",
+        "--encoder-cache-dir", str(root / "cache"), *MODEL, *TRAIN]))
+    return run, root / "cache"

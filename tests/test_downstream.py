@@ -16,31 +16,16 @@ from safetensors.torch import load_file
 
 from adapters import HoulsbyConfig, LoRAConfig, PfeifferConfig, PrefixConfig, PromptConfig
 from adapters.checkpoint import AdapterCheckpointError
-from dataset_tools import PrepareConfig, load_dataset_folder, prepare_dataset
+from dataset_tools import load_dataset_folder
 from downstream import evaluate_any_run, load_adapted_model
-from downstream.cli import finetune_parser, run_finetune
 from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
 from pretraining.data import LeaveOneOutDataset, collate_left_padded
 from pretraining.pipeline import pretrain
 from pretraining.recommender import CheckpointError
-from tests.conftest import write_synthetic_interactions, write_synthetic_items
+from tests.conftest import MODEL, TRAIN, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20"]
-TRAIN = ["--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
 HOULSBY = ("houlsby", "pfeiffer")
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory) -> Path:
-    """A target domain with another catalog (30 items, other users) than the source."""
-    raw = tmp_path_factory.mktemp("target_raw")
-    inter = write_synthetic_interactions(raw / "inter.csv", num_users=40, num_items=30, seed=7)
-    items = write_synthetic_items(raw / "items.csv", num_items=30)
-    return prepare_dataset(
-        inter, "csv", tmp_path_factory.mktemp("target") / "target", PrepareConfig(k_core=2),
-        items_path=items, user_col="user_id", item_col="item_id", time_col="timestamp",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +35,6 @@ def id_base(tiny_dataset_dir, tmp_path_factory) -> Path:
                                                "--output-dir", str(run), "--epochs", "2",
                                                *MODEL, *TRAIN]))
     return run
-
-
-def finetune(methods, *argv: str) -> dict:
-    return run_finetune(parse_args(finetune_parser("t", methods), [*TRAIN, *argv]))
 
 
 def scores_on(model, data) -> torch.Tensor:
@@ -215,21 +196,6 @@ def test_adapter_script_reports_an_unknown_method_in_one_line(id_base, target_di
     )
     assert result.returncode == 2
     assert "invalid choice: 'lora'" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.fixture(scope="module")
-def text_base(tiny_dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """A text SASRec (tiny BERT, frozen + cached) pretrained on the source; (run, encoder)."""
-    from tests.test_modality_encoders import save_bert
-
-    root = tmp_path_factory.mktemp("text_base")
-    encoder = save_bert(root / "bert", dropout=0.0)
-    run = root / "run"
-    pretrain(parse_args(pretrain_parser("t", modality="text"), [
-        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
-        "--encoder", str(encoder), "--text-template", "{title} ({genre})",
-        "--encoder-cache-dir", str(root / "cache"), *MODEL, *TRAIN]))
-    return run, root / "cache"
 
 
 def test_text_transfer_adapts_the_item_encoder_top_layer_and_the_backbone(text_base, target_dir,

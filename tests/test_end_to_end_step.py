@@ -12,52 +12,19 @@ import pytest
 import torch
 
 from adapters import HoulsbyConfig
-from dataset_tools import PrepareConfig, load_dataset_folder, prepare_dataset
+from dataset_tools import load_dataset_folder
 from downstream import evaluate_any_run
-from downstream.cli import finetune_parser, run_finetune
 from downstream.transfer import matched_target_model, target_config
 from modality_encoders.content_encoder import ContentItemEncoder
 from modality_encoders.transformer import TransformerStages
-from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
-from pretraining.pipeline import pretrain
+from pretraining.cli import evaluate_parser, parse_args
 from pretraining.recommender import RecommenderConfig, load_recommender_config
-from tests.conftest import perturb_adapters, write_synthetic_interactions, write_synthetic_items
+from tests.conftest import finetune, perturb_adapters
 from tests.test_modality_encoders import save_bert, text_content, text_encoder
 
-MODEL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20"]
-TRAIN = ["--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
 HOULSBY = ("houlsby", "pfeiffer")
 # Item texts of 1 to 13 words: chunks sorted by length are padded far less than one batch.
 TEXTS = [" ".join(["word"] * n) for n in (7, 1, 13, 2, 9, 3, 11, 4, 1, 6)]
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory) -> Path:
-    raw = tmp_path_factory.mktemp("target_raw")
-    inter = write_synthetic_interactions(raw / "inter.csv", num_users=40, num_items=30, seed=7)
-    items = write_synthetic_items(raw / "items.csv", num_items=30)
-    return prepare_dataset(
-        inter, "csv", tmp_path_factory.mktemp("target") / "target", PrepareConfig(k_core=2),
-        items_path=items, user_col="user_id", item_col="item_id", time_col="timestamp",
-    )
-
-
-@pytest.fixture(scope="module")
-def text_base(tiny_dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """A text SASRec (tiny BERT without dropout, frozen + cached) trained with the full
-    softmax; (run, encoder cache)."""
-    root = tmp_path_factory.mktemp("text_base")
-    encoder = save_bert(root / "bert", dropout=0.0)
-    run = root / "run"
-    pretrain(parse_args(pretrain_parser("t", modality="text"), [
-        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
-        "--encoder", str(encoder), "--text-template", "{title} ({genre})",
-        "--encoder-cache-dir", str(root / "cache"), *MODEL, *TRAIN]))
-    return run, root / "cache"
-
-
-def finetune(methods, *argv: str) -> dict:
-    return run_finetune(parse_args(finetune_parser("t", methods), [*TRAIN, *argv]))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adapters import HoulsbyConfig, LoRAConfig, get_adapted_model
-from dataset_tools import PrepareConfig, build_image_store, load_dataset_folder, prepare_dataset
+from dataset_tools import build_image_store, load_dataset_folder
 from downstream import adapt, build_target_model, evaluate_any_run, target_config
 from modality_encoders import (
     HEADS,
@@ -35,12 +35,12 @@ from pretraining.recommender import (
     load_recommender_config,
 )
 from tests.conftest import (
+    MODEL,
+    TRAIN,
+    finetune,
     load_script,
     random_item_batch,
-    write_synthetic_interactions,
-    write_synthetic_items,
 )
-from tests.test_downstream import MODEL, TRAIN, finetune
 from tests.test_modality_encoders import TEXTS, save_bert, save_vision, text_content
 
 BACKBONE = {"hidden_size": 8, "num_heads": 2, "ffn_size": 16, "max_len": 8, "dropout": 0.0}
@@ -51,18 +51,6 @@ HEAD_CASES = [("mlp", {}), ("mlp", {"head_hidden_size": 5, "head_dropout": 0.1})
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> Path:
     return save_bert(tmp_path_factory.mktemp("heads") / "bert", dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory) -> Path:
-    """A target domain with another catalog (30 items, other users) than the source."""
-    raw = tmp_path_factory.mktemp("target_raw")
-    inter = write_synthetic_interactions(raw / "inter.csv", num_users=40, num_items=30, seed=7)
-    items = write_synthetic_items(raw / "items.csv", num_items=30)
-    return prepare_dataset(
-        inter, "csv", tmp_path_factory.mktemp("target") / "target", PrepareConfig(k_core=2),
-        items_path=items, user_col="user_id", item_col="item_id", time_col="timestamp",
-    )
 
 
 def text_model(bert: Path, tmp_path: Path, item_encoder: str = "text", **settings):
