@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from results import write_result
-from tables import markdown
+from tables import markdown, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ["--encoder", "minilm"]
@@ -67,11 +67,6 @@ def run_one(script: str, flags: list[str], run_dir: Path, seed: int, dataset: st
     metrics["epochs"] = len(epochs_logged)
     metrics["seconds_per_epoch"] = statistics.median(row["seconds"] for row in epochs_logged)
     return metrics
-
-
-def spread(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
 def summarize(name: str, runs: list[dict]) -> dict:

@@ -3,6 +3,7 @@ which puts this folder on the import path)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 
 
@@ -21,3 +22,10 @@ def markdown(rows: Sequence[dict], columns: Sequence[str],
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(c, row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def spread(values: Sequence[float]) -> str:
+    """Mean ± sample standard deviation over seeds (the value alone for one seed)."""
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"

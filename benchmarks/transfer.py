@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 from results import write_result
-from tables import markdown
+from tables import markdown, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 MATCH = "{match}"  # stands for --match-items-by's fields: rows holding it run only when given
@@ -186,10 +186,6 @@ def frozen_encoder_parameters(run_dir: Path) -> int:
 
 
 def summarize(source: str, name: str, runs: list[dict], run_dirs: list[Path]) -> dict:
-    def spread(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-
     seconds = []
     for run_dir in run_dirs:
         log = run_dir / "log.jsonl"
