@@ -296,7 +296,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         sd = statistics.stdev(row["ndcg"]) if len(row["ndcg"]) > 1 else 0.0
         if row["percent"] <= 0:  # zero-shot, popularity: nothing trained
             axis.axhline(value, linestyle=":", color="grey", linewidth=1)
-            axis.annotate(f"{row['source']} {row['method']}", (0.01, value),
+            label = row["method"] if row["source"] == "-" else f"{row['source']} {row['method']}"
+            axis.annotate(label, (0.01, value),
                           xycoords=("axes fraction", "data"), fontsize=7, color="grey",
                           va="bottom")
             continue
