@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results import write_result
+from results import add_run_arguments, write_result
 from tables import markdown, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,14 +123,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--epochs", type=int, default=10, help="the budget of every run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="*", default=None, help="run only these rows")
-    parser.add_argument("--summary-only", action="store_true",
-                        help="train nothing: summarise the finished runs")
-    parser.add_argument("--results", metavar="NAME",
-                        help="also write benchmarks/results/NAME.{json,md}")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-in-domain"))
-    parser.add_argument("extra", nargs=argparse.REMAINDER)
+    add_run_arguments(parser, "runs/bench-in-domain")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     rows = []

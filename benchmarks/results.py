@@ -15,6 +15,7 @@ the README by hand.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -59,6 +60,21 @@ def provenance(command: list[str] | None = None) -> dict:
         "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """The flags every benchmark driver shares: the seeds, a subset of its rows, summarising
+    the finished runs only, the results file, the run folder, and (after `--`) flags for
+    every run."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="*", default=None, help="run only the rows so named")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train nothing: summarise the finished runs (rows without one "
+                        "are left out)")
+    parser.add_argument("--results", metavar="NAME",
+                        help="also write benchmarks/results/NAME.{json,md} (+ .png where drawn)")
+    parser.add_argument("--output-dir", type=Path, default=Path(output_dir))
+    parser.add_argument("extra", nargs=argparse.REMAINDER)
 
 
 def write_result(name: str, rows: list[dict], markdown_text: str, extra: dict | None = None,

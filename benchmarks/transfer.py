@@ -39,7 +39,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results import write_result
+from results import add_run_arguments, write_result
 from tables import markdown, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,18 +328,9 @@ def main() -> None:
     parser.add_argument("--match-items-by", metavar="FIELDS",
                         help="item fields shared by source and target (e.g. "
                         "movie_title,release_year): adds the rows that carry matched items")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="run only the grid rows with these names")
     parser.add_argument("--single-seed", nargs="*", default=[],
                         help="grid rows run with the first seed only (expensive ones)")
-    parser.add_argument("--summary-only", action="store_true",
-                        help="train nothing: summarise the finished runs (rows without one "
-                        "are left out)")
-    parser.add_argument("--results", metavar="NAME",
-                        help="also write benchmarks/results/NAME.{json,md,png}")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-transfer"))
-    parser.add_argument("extra", nargs=argparse.REMAINDER)
+    add_run_arguments(parser, "runs/bench-transfer")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     sources = dict(item.split("=", 1) for item in args.source)
