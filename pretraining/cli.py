@@ -49,7 +49,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dataset", default="ml-100k",
-                        help="built-in name (ml-100k, ml-1m) or a folder written by "
+                        help="built-in name (ml-100k, ml-1m, or its domain split ml-1m-old / "
+                        "ml-1m-new) or a folder written by "
                         "scripts/prepare_data.py")
     parser.add_argument("--cache-dir", type=Path,
                         help="where built-in datasets are prepared "
