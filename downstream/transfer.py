@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -58,7 +57,7 @@ from modality_encoders.transformer import (
     load_encoder_config,
     resolve_encoder_path,
 )
-from pretraining.cli import protocol_config, training_config
+from pretraining.cli import is_main_process, protocol_config, training_config
 from pretraining.pipeline import (
     METRICS,
     RUN_CONFIG,
@@ -279,7 +278,7 @@ def matched_target_model(
     carried = []
     if matching is not None:
         carried = carry_matched_rows(model, base_dir, matching)
-        if announce and os.environ.get("RANK", "0") == "0":
+        if announce and is_main_process():
             print(f"{matching.summary()}; carried {', '.join(carried)}"
                   f"{' (frozen)' if frozen else ''}")
     if adapter is not None:

@@ -402,6 +402,11 @@ def protocol_config(args: argparse.Namespace) -> EvaluationProtocol:
     )
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launch (or a plain run), read before any Accelerator exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_main(
     main: Callable[[Sequence[str] | None], object],
     argv: Sequence[str] | None = None,
@@ -412,7 +417,7 @@ def run_main(
     `main_process_only`: for scripts that write one dataset, under `accelerate launch` only
     rank 0 runs (the others would write the same folder concurrently).
     """
-    if main_process_only and int(os.environ.get("RANK", "0")) != 0:
+    if main_process_only and not is_main_process():
         return
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
