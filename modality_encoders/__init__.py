@@ -23,11 +23,13 @@ from modality_encoders.id_encoder import IDEncoder
 from modality_encoders.image_encoder import ImageItemEncoder
 from modality_encoders.text_encoder import TextItemEncoder
 from modality_encoders.transformer import EncoderMismatchError
+from modality_encoders.whitening import WHITENINGS, whiten
 
 __all__ = [
     "FUSIONS",
     "HEADS",
     "ITEM_ENCODERS",
+    "WHITENINGS",
     "ContentEncoderSettings",
     "ContentItemEncoder",
     "EncoderMismatchError",
@@ -47,4 +49,5 @@ __all__ = [
     "normalize_item_encoder_config",
     "register_item_encoder",
     "resolve_item_encoder_config",
+    "whiten",
 ]

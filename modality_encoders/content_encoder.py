@@ -4,7 +4,8 @@ Three ways to run, chosen by `freeze` and `trainable_layers`:
 - frozen (default): the catalog is encoded once (chunked, no grad) and cached on disk;
   `catalog()` = projection(cached pooled outputs). The encoder is not part of the
   module, so checkpoints hold the head only and refer to the encoder by path +
-  fingerprint. Adapters can still reach the output head: the module declares one
+  fingerprint. `whitening` (whitening.py) whitens the cached outputs with the catalog's
+  own statistics. Adapters can still reach the output head: the module declares one
   adapter site, `projection` (`HEAD_SITE`), also its LoRA target (every nn.Linear of
   the head).
 - end-to-end (`freeze=False`, all layers): the encoder runs inside the training step on
@@ -47,6 +48,7 @@ from modality_encoders.transformer import (
     pool,
     resolve_encoder_path,
 )
+from modality_encoders.whitening import WHITENINGS, whiten
 
 # How the content + ID encoders (`fusion.py`) combine the two vectors.
 FUSIONS = ("sum", "gate")
@@ -72,6 +74,7 @@ class ContentEncoderSettings:
     head_dropout: float = 0.0  # mlp, moe: dropout inside the head
     moe_noise: bool = False  # moe: noisy gating in training
     fusion: str | None = None  # content + ID encoders only: "sum" or "gate"
+    whitening: str = "none"  # frozen: whiten the cached outputs per catalog (WHITENINGS)
 
     @classmethod
     def from_dict(cls, config: dict | None) -> ContentEncoderSettings:
@@ -93,6 +96,12 @@ class ContentEncoderSettings:
         if self.fusion is not None and self.fusion not in FUSIONS:
             raise ValueError(f"unknown --fusion {self.fusion!r}; choose one of "
                              f"{', '.join(FUSIONS)}")
+        if self.whitening not in WHITENINGS:
+            raise ValueError(f"unknown --whitening {self.whitening!r}; choose one of "
+                             f"{', '.join(WHITENINGS)}")
+        if self.whitening != "none" and not self.freeze:
+            raise ValueError(f"--whitening {self.whitening} whitens the cached outputs of a "
+                             "frozen encoder; drop it or drop --train-encoder")
         if self.head == "moe" and self.num_experts is None:
             self.num_experts = DEFAULT_EXPERTS
         check_head_settings(self.head, self.head_settings())
@@ -141,6 +150,9 @@ class ContentItemEncoder(nn.Module):
         self.start = 0  # first layer run in the step (end-to-end / partial modes)
         if settings.freeze:
             outputs = self._cached("pooled", (num_items, self.hidden_size), self._build_pooled)
+            # Whitened with this catalog's statistics, recomputed on every build: a model
+            # moved to another catalog sees that catalog whitened (whitening.py).
+            outputs = whiten(outputs, settings.whitening)
             self.register_buffer("outputs", outputs, persistent=False)
             # An adapter host of one layer: the head above the cache (so adapting it keeps
             # the cache). In the other modes the encoder's transformer is the host.

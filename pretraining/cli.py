@@ -18,6 +18,7 @@ from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_tem
 from modality_encoders import (
     FUSIONS,
     HEADS,
+    WHITENINGS,
     item_encoder_modality,
     resolve_item_encoder_config,
 )
@@ -220,6 +221,11 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
                        help="--item-head mlp/moe: dropout inside the head")
     group.add_argument("--moe-noise", action="store_true",
                        help="--item-head moe: UniSRec's noisy gating in training")
+    group.add_argument("--whitening", choices=list(WHITENINGS), default="none",
+                       help="frozen encoder: whiten its cached outputs with the catalog's own "
+                       "statistics before the head (center: subtract the mean; zca: mean and "
+                       "covariance); recomputed on each dataset, so a transferred model sees "
+                       "the target's catalog whitened")
     group.add_argument("--fusion", choices=list(FUSIONS),
                        help=f"--item-encoder {modality}+id: content + ID vector (sum; unset: "
                        "sum), or content + a learned sigmoid gate times the ID vector (gate)")
@@ -361,7 +367,7 @@ def item_encoder_config(args: argparse.Namespace, item_encoder: str, data: Seque
               "encode_batch_size": args.encode_batch_size, "head": args.item_head,
               "head_hidden_size": args.head_hidden_size, "num_experts": args.num_experts,
               "head_dropout": args.head_dropout, "moe_noise": args.moe_noise,
-              "fusion": args.fusion}
+              "fusion": args.fusion, "whitening": args.whitening}
     if item_encoder_modality(item_encoder) == "text":
         template = args.text_template
         if template is None:
