@@ -62,6 +62,7 @@ from pretraining.pipeline import (
     METRICS,
     RUN_CONFIG,
     build_recommender,
+    check_run_folder,
     dataset_section,
     evaluate_model,
     evaluate_run,
@@ -437,6 +438,8 @@ def encoder_overrides(args: argparse.Namespace) -> dict:
 
 def _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
                matching: ItemMatching | None = None) -> dict:
+    # Checked before evaluating: metrics.json must not silently replace another run's.
+    check_run_folder(output_dir, run_config, args.resume)
     accelerator = build_accelerator(training_config(args, output_dir))
     model = build_target_model(config, base_dir, data, getattr(args, "encoder_cache_dir", None))
     if matching is not None:  # unmatched items: the average source item (none is known)

@@ -218,7 +218,7 @@ def train_run(
     `extra_files`, name -> text, beside it), build the model (after seeding), train with the
     Trainer, evaluate the best checkpoint (loaded by `load_best`), write metrics.json and
     print the table. Returns the metrics."""
-    _check_run_folder(output_dir, run_config, args.resume)
+    check_run_folder(output_dir, run_config, args.resume)
     trainer_config = training_config(args, output_dir)
     accelerator = build_accelerator(trainer_config)
     set_seed(args.seed)  # before the model exists: its initial weights depend on the seed
@@ -381,7 +381,7 @@ def _with_later_settings(section: str, settings: dict) -> dict:
     return settings
 
 
-def _check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
+def check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
     """Refuse to overwrite a run, or to resume one with another model or dataset."""
     existing = output_dir / RUN_CONFIG
     if not existing.is_file():

@@ -240,6 +240,20 @@ def test_zero_shot_and_lora_through_peft_on_the_text_encoder(text_base, target_d
         p.numel() for p in again.parameters() if p.requires_grad)
 
 
+def test_zero_shot_refuses_an_existing_run_folder_unless_resumed(text_base, target_dir,
+                                                                 tmp_path):
+    run_dir, cache = text_base
+    run = tmp_path / "zero"
+    argv = ["--pretrained", str(run_dir), "--dataset", str(target_dir), "--output-dir",
+            str(run), "--zero-shot", "--encoder-cache-dir", str(cache)]
+    first = finetune((), *argv)
+    written = {name: (run / name).read_bytes() for name in ("config.json", "metrics.json")}
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        finetune((), *argv, "--eval-users", "5")
+    assert {name: (run / name).read_bytes() for name in written} == written
+    assert finetune((), *argv, "--resume")["test"] == first["test"]
+
+
 def test_reparameterised_prefix_is_saved_folded_and_reloads_to_the_same_metrics(
         id_base, target_dir, tmp_path):
     run = tmp_path / "prefix"
