@@ -1,7 +1,7 @@
 """The argument vocabulary every script shares, `--config FILE.yaml`, and error reporting.
 
-Flags given on the command line override values from `--config`; unknown keys in
-the YAML file are an error, like unknown flags.
+Flags given on the command line override values from `--config`, which may also give the
+required ones; unknown keys in the YAML file are an error, like unknown flags.
 """
 
 from __future__ import annotations
@@ -267,11 +267,30 @@ def inference_overrides(args: argparse.Namespace) -> dict:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
-    """Parse flags on top of the `--config` YAML file's values."""
+    """Parse flags on top of the `--config` YAML file's values.
+
+    A required flag may come from the file (argparse's own error names those given by
+    neither), and a flag of a mutually exclusive group given on the command line replaces
+    the file's choice in that group (`--input` on the command line, `dataset:` in the file).
+    """
     defaults = {action.dest: action.default for action in _diffusion_actions(parser)}
-    first, _ = parser.parse_known_args(argv)
-    if first.config is not None:
-        parser.set_defaults(**_read_config(first.config, parser))
+    given = _command_line_settings(parser, argv)
+    if given.get("config") is not None:
+        path = given["config"]
+        values = _read_config(path, parser)
+        for group in parser._mutually_exclusive_groups:
+            members = {action.dest for action in group._group_actions}
+            if members & given.keys():
+                values = {dest: value for dest, value in values.items()
+                          if dest not in members - given.keys()}
+            chosen = sorted(members & values.keys())
+            if len(chosen) > 1:
+                raise CommandLineError(f"--config {path}: {', '.join(chosen)} exclude each "
+                                       "other; keep one")
+            group.required = group.required and not chosen
+        for action in parser._actions:
+            action.required = action.required and action.dest not in values
+        parser.set_defaults(**values)
     args = parser.parse_args(argv)
     backbone = getattr(args, "backbone", "diffrec")
     if backbone != "diffrec":
@@ -282,6 +301,25 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                                    f"with --backbone {backbone}; drop them or use --backbone "
                                    "diffrec")
     return args
+
+
+def _command_line_settings(parser: argparse.ArgumentParser,
+                           argv: Sequence[str] | None) -> dict:
+    """The settings `argv` itself gives, defaults left out; required flags are not checked
+    yet (the `--config` file may give them)."""
+    # argparse fills in a default only where the namespace has no value: None marks unset
+    # (no flag stores None; append and count actions start from it).
+    namespace = argparse.Namespace(**{action.dest: None for action in parser._actions})
+    required = [item for item in [*parser._actions, *parser._mutually_exclusive_groups]
+                if item.required]
+    for item in required:
+        item.required = False
+    try:
+        parser.parse_known_args(argv, namespace)
+    finally:
+        for item in required:
+            item.required = True
+    return {dest: value for dest, value in vars(namespace).items() if value is not None}
 
 
 def _diffusion_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:

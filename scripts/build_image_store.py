@@ -16,13 +16,14 @@ from pathlib import Path
 
 from dataset_tools import load_dataset_folder, read_items
 from dataset_tools.images import IMAGE_FORMATS, build_image_store
-from pretraining.cli import run_main
+from pretraining.cli import parse_args, run_main
 
 _ITEM_TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".item": "recbole"}  # else tsv
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     p.add_argument("--source", type=Path, required=True,
                    help="folder or zip of <item_id>.<ext> images, or CSV item_id,path")
     p.add_argument("--output-dir", type=Path, required=True,
@@ -36,7 +37,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="store the readable images and list the missing/unreadable ones "
                    "(default: refuse to build)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 def read_item_ids(path: Path, item_col: str) -> list[str]:

@@ -29,33 +29,28 @@ from pretraining.cli import parse_args, run_main
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
-    p.add_argument("--dataset", help="built-in name (ml-100k, ml-1m, ...) or a dataset folder")
+    p.add_argument("--dataset", required=True,
+                   help="built-in name (ml-100k, ml-1m, ...) or a dataset folder")
     p.add_argument("--cache-dir", type=Path,
                    help="where built-in datasets are prepared (default $PEFTREC_CACHE or "
                    "~/.cache/peftrec)")
-    p.add_argument("--field", help="item table column that decides the domain (e.g. genre)")
-    rule = p.add_mutually_exclusive_group()
+    p.add_argument("--field", required=True,
+                   help="item table column that decides the domain (e.g. genre)")
+    rule = p.add_mutually_exclusive_group(required=True)
     rule.add_argument("--source-values",
                       help="comma-separated values: an item whose value (or first value of a "
                       "multi-valued field) is listed goes to the source")
     rule.add_argument("--source-range",
                       help="LO,HI: items with LO <= value < HI go to the source (',1990': "
                       "< 1990; '1990,': >= 1990)")
-    p.add_argument("--source-output", type=Path, help="source dataset folder to write")
-    p.add_argument("--target-output", type=Path, help="target dataset folder to write")
+    p.add_argument("--source-output", type=Path, required=True,
+                   help="source dataset folder to write")
+    p.add_argument("--target-output", type=Path, required=True,
+                   help="target dataset folder to write")
     p.add_argument("--source-name", help="source dataset name (default: its folder's name)")
     p.add_argument("--target-name", help="target dataset name (default: its folder's name)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parse_args(p, argv)
-    missing = [flag for flag, value in (("--dataset", args.dataset), ("--field", args.field),
-                                        ("--source-output", args.source_output),
-                                        ("--target-output", args.target_output))
-               if value is None]
-    if missing:
-        p.error(f"the following arguments are required: {', '.join(missing)}")
-    if args.source_values is None and args.source_range is None:
-        p.error("one of --source-values or --source-range is required")
-    return args
+    return parse_args(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

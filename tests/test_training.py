@@ -16,6 +16,7 @@ from pretraining import Trainer
 from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
 from pretraining.pipeline import evaluate_run, pretrain
 from pretraining.trainer import TrainingConfig
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20",
@@ -288,6 +289,67 @@ def test_config_file_values_are_overridden_by_flags(tiny_dataset_dir, tmp_path):
     config.write_text("epochs: 5\nhidden-size: 16\nlr: 0.01\n")
     args = parse_args(pretrain_parser("t"), ["--config", str(config), "--epochs", "1"])
     assert (args.epochs, args.hidden_size, args.lr) == (1, 16, 0.01)
+
+
+def parser_of(script: str):
+    """A script's `parse_arguments`, or the parser behind one of the shared vocabularies."""
+    if script == "finetune":
+        from downstream.cli import finetune_parser
+
+        return lambda argv: parse_args(finetune_parser("t"), argv)
+    if script == "evaluate":
+        return lambda argv: parse_args(evaluate_parser("t"), argv)
+    if script == "pretrain_image":
+        return lambda argv: parse_args(pretrain_parser("t", "image"), argv)
+    return load_script(script).parse_arguments
+
+
+# script, the YAML file (it gives every required flag), the settings it must set
+REQUIRED_FROM_CONFIG = [
+    ("finetune", "pretrained: runs/base\n", {"pretrained": Path("runs/base")}),
+    ("evaluate", "run: runs/base\n", {"run": Path("runs/base")}),
+    ("pretrain_image", "encoder: vit\nimage-store: data/images\n",
+     {"encoder": "vit", "image_store": Path("data/images")}),
+    ("prepare_data", "dataset: ml-1m\noutput: data/ml-1m\n",
+     {"dataset": "ml-1m", "output": Path("data/ml-1m")}),
+    ("prepare_data", "input: log.csv\nformat: csv\noutput: data/x\n",
+     {"input": Path("log.csv"), "output": Path("data/x")}),
+    ("build_image_store", "source: images\noutput_dir: data/images\n",
+     {"source": Path("images"), "output_dir": Path("data/images")}),
+    ("split_domains", "dataset: ml-1m\nfield: genre\nsource-values: Comedy\n"
+     "source-output: a\ntarget-output: b\n", {"field": "genre", "source_values": "Comedy"}),
+]
+
+
+@pytest.mark.parametrize("script, text, expected", REQUIRED_FROM_CONFIG,
+                         ids=[f"{case[0]}-{i}" for i, case in enumerate(REQUIRED_FROM_CONFIG)])
+def test_required_flags_may_come_from_the_config_file(script, text, expected, tmp_path,
+                                                      capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    args = parser_of(script)(["--config", str(config)])
+    assert {name: getattr(args, name) for name in expected} == expected
+    # One required setting left out of the file: argparse's own error names it.
+    first = text.splitlines()[0]
+    config.write_text(text.replace(first + "\n", ""))
+    with pytest.raises(SystemExit) as exit_info:
+        parser_of(script)(["--config", str(config)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "required" in error and first.split(":")[0] in error, error
+
+
+def test_a_flag_of_an_exclusive_group_replaces_the_config_files_choice(tmp_path):
+    from pretraining.cli import CommandLineError
+
+    parse_arguments = load_script("prepare_data").parse_arguments
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: ml-1m\noutput: data/x\n")
+    args = parse_arguments(["--config", str(config), "--input", "log.csv", "--format", "csv"])
+    assert (args.input, args.dataset) == (Path("log.csv"), None)
+    config.write_text("dataset: ml-1m\ninput: log.csv\noutput: data/x\n")
+    with pytest.raises(CommandLineError, match="dataset, input exclude each other"):
+        parse_arguments(["--config", str(config)])
 
 
 def free_port() -> int:
