@@ -163,7 +163,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation protocol")
     group.add_argument("--mask-history", action="store_true",
-                       help="exclude items already in the user's input from the ranking")
+                       help="exclude every item the user has seen before the target (the "
+                       "whole history, not only the --max-len inputs) from the ranking, as "
+                       "RecBole does")
     group.add_argument("--item-chunk-size", type=int, default=100_000,
                        help="items scored at once (bounds memory; metrics do not depend on it)")
     group.add_argument("--eval-users", type=int,

@@ -8,6 +8,8 @@ so a log far bigger than memory trains the same way.
   whole training part, so every training item is a target exactly once per epoch;
 - validation: inputs = training part, target = second to last item;
 - test: inputs = training part + validation target, target = last item.
+Evaluation inputs are the last `max_len` of those items; `full_history` adds them all
+(`history_ids`, for masking every item the user has seen, not only the inputs).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class LeaveOneOutDataset(Dataset):
         max_users: int | None = None,  # evaluation splits only
         seed: int = 0,
         windows: str = "last",  # training split only
+        full_history: bool = False,  # evaluation splits only: also every item before the target
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -43,6 +46,7 @@ class LeaveOneOutDataset(Dataset):
             raise ValueError(f"unknown --train-windows {windows!r}; choose one of {TRAIN_WINDOWS}")
         self.split = split
         self.max_len = max_len
+        self.full_history = full_history
         self.sequences = data.sequences.select_columns(["item_indices"]).with_format("numpy")
         column = data.sequences.data.column("item_indices")
         lengths = pc.list_value_length(column).to_numpy()
@@ -71,20 +75,23 @@ class LeaveOneOutDataset(Dataset):
         if self.split == "train":
             window = items[max(0, end - self.max_len - 1) : end]
             return {"input_ids": window[:-1], "target_ids": window[1:]}
-        history = items[:end][-self.max_len :]
-        return {"input_ids": history, "target_ids": int(items[end]), "user": user}
+        example = {"input_ids": items[:end][-self.max_len :], "target_ids": int(items[end]),
+                   "user": user}
+        if self.full_history:
+            example["history_ids"] = items[:end]
+        return example
 
 
 def collate_left_padded(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Left-pad `input_ids` (and sequence targets) with 0 to the longest sequence in the batch."""
-    length = max(len(example["input_ids"]) for example in examples)
+    """Left-pad each sequence field (`input_ids`, sequence targets, `history_ids`) with 0 to
+    its longest sequence in the batch."""
     batch = {}
     for key in examples[0]:
         values = [example[key] for example in examples]
         if np.ndim(values[0]) == 0:
             batch[key] = torch.as_tensor(np.asarray(values, dtype=np.int64))
             continue
-        padded = np.zeros((len(values), length), dtype=np.int64)
+        padded = np.zeros((len(values), max(len(value) for value in values)), dtype=np.int64)
         for row, value in enumerate(values):
             if len(value):
                 padded[row, -len(value) :] = value

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 @dataclass(frozen=True)
 class EvaluationProtocol:
     ranking: str = "full"  # every item in the catalog is a candidate
-    mask_history: bool = False  # exclude items already in the input sequence
+    # Exclude every item the user has seen before the target, the whole history as RecBole
+    # does, not only the model's last max_len inputs (the batches need `history_ids`).
+    mask_history: bool = False
     ks: tuple[int, ...] = (5, 10, 20)
     ties: str = "pessimistic"
     item_chunk_size: int = 100_000  # candidates scored at once; results do not depend on it
@@ -35,8 +37,10 @@ class EvaluationProtocol:
             raise ValueError(f"--eval-users must be >= 1, got {self.max_users}")
 
     def describe(self, num_users: int, num_processes: int) -> dict:
-        return {**asdict(self), "ks": list(self.ks), "num_users": num_users,
-                "num_processes": num_processes}
+        # "masked_items" tells these metrics from those of runs that masked the inputs only.
+        return {**asdict(self), "ks": list(self.ks),
+                "masked_items": "whole_history" if self.mask_history else "none",
+                "num_users": num_users, "num_processes": num_processes}
 
 
 def item_chunks(num_items: int, chunk_size: int, device: torch.device):
@@ -150,7 +154,12 @@ def evaluate(
     all_ranks = []
     for batch in tqdm(dataloader, desc=description, leave=False,
                       disable=not accelerator.is_local_main_process):
-        history = batch["input_ids"] if protocol.mask_history else None
+        history = None
+        if protocol.mask_history:
+            if "history_ids" not in batch:
+                raise ValueError("mask_history needs each user's whole history in the batch: "
+                                 "build the dataset with full_history=True")
+            history = batch["history_ids"]
         ranks = chunked_target_ranks(scorer, scorer.query(batch), batch["target_ids"],
                                      protocol.item_chunk_size, history)
         all_ranks.append(accelerator.gather_for_metrics(ranks))

@@ -315,7 +315,8 @@ def evaluate_model(
 def evaluation_dataset(
     data: SequenceData, split: str, max_len: int, protocol: EvaluationProtocol
 ) -> LeaveOneOutDataset:
-    return LeaveOneOutDataset(data, split, max_len, protocol.max_users, protocol.user_sample_seed)
+    return LeaveOneOutDataset(data, split, max_len, protocol.max_users, protocol.user_sample_seed,
+                              full_history=protocol.mask_history)
 
 
 def evaluate_run(

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from pretraining.evaluation import chunked_target_ranks, ranking_metrics, target_ranks, top_k_items
+from pretraining.evaluation import (
+    EvaluationProtocol,
+    chunked_target_ranks,
+    evaluate,
+    ranking_metrics,
+    target_ranks,
+    top_k_items,
+)
 
 
 def test_metrics_match_hand_computed_values():
@@ -61,6 +68,42 @@ class DotScorer(torch.nn.Module):
 
     def score_items(self, query, item_ids):
         return query @ self.catalog[item_ids].T
+
+
+class LastItemScorer(DotScorer):
+    """Scores the catalog against the vector of the batch's last input item."""
+
+    def query(self, batch):
+        return self.catalog[batch["input_ids"][:, -1]]
+
+
+def test_mask_history_masks_the_whole_history_not_only_the_inputs(tiny_dataset_dir):
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from dataset_tools import load_dataset_folder
+    from pretraining.data import LeaveOneOutDataset, collate_left_padded
+    from pretraining.pipeline import evaluation_dataset
+
+    data = load_dataset_folder(tiny_dataset_dir)
+    torch.manual_seed(0)
+    scorer = LastItemScorer(torch.randn(data.num_items + 1, 8))
+    protocol = EvaluationProtocol(mask_history=True)
+    dataset = evaluation_dataset(data, "test", 3, protocol)  # histories of 7-24 items
+    everyone = collate_left_padded([dataset[i] for i in range(len(dataset))])
+    scores = scorer.query(everyone) @ scorer.catalog.T
+    whole = target_ranks(scores, everyone["target_ids"], everyone["history_ids"])
+    assert not torch.equal(whole, target_ranks(scores, everyone["target_ids"],
+                                               everyone["input_ids"]))  # the test can tell
+    accelerator = Accelerator(cpu=True)
+    metrics = evaluate(scorer, DataLoader(dataset, batch_size=16, collate_fn=collate_left_padded),
+                       accelerator, protocol)
+    assert metrics.pop("protocol")["masked_items"] == "whole_history"
+    assert metrics == ranking_metrics(whole)
+    inputs_only = LeaveOneOutDataset(data, "test", 3)  # no history_ids: refused, not guessed
+    with pytest.raises(ValueError, match="whole history"):
+        evaluate(scorer, DataLoader(inputs_only, batch_size=16, collate_fn=collate_left_padded),
+                 accelerator, protocol)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 50, 64, 1000])
