@@ -15,7 +15,8 @@ scale / shift map start at zero, so a freshly injected adapter is the identity.
 The bottleneck wraps each site's output projection (its last nn.Linear, whose output is
 the site's output) rather than the site: DiffRec's history-caching inference calls the
 attention's projections directly, and so runs through the adapter too. The layers read
-z_n from the backbone's `step_context` (see `pretraining.diffrec.StepContext`).
+z_n from the backbone's `step_context` (see `pretraining.diffrec.StepContext`), and refuse
+to run outside the denoiser's forward pass, where it holds no step.
 
 `step_mlp_only` instead tunes the backbone's step-embedding MLP (`step_mlp`) alone.
 """
@@ -80,6 +81,11 @@ class StepModulatedBottleneck(Bottleneck):
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.context.active:  # an empty context would silently drop the modulation
+            raise RuntimeError(
+                "a diffusion_step adapter ran outside the denoiser's forward pass, with no "
+                "diffusion step to read (e.g. a recompute by activation checkpointing); run "
+                "the denoiser through DiffRec's methods, without activation checkpointing")
         h = self.activation(self.down(x))
         noised = self.context.noised
         if noised:

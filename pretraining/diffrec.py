@@ -36,7 +36,7 @@ itself), so the inference code is unchanged.
 
 While the denoiser's layers run, `step_context` holds the step embedding of the rows
 being denoised, so that layers conditioned on the step (`diffusion_step` adapters) can
-read it without a change to the blocks' call signature.
+read it without a change to the blocks' call signature; outside, they refuse to run.
 """
 
 from __future__ import annotations
@@ -190,21 +190,24 @@ class StepContext:
     """The step embedding [B, 1, d], or [B, noised, d] with a step per position
     (`step_mlp` output), of the rows the layers are denoising.
 
-    Set only while the denoiser runs on noised positions, which are the last `noised`
-    positions of the layers' input; the history cache (`_encode_history`), whose
-    positions carry no step, runs with it empty.
+    `active` only while the denoiser's layers run: on noised positions, the last `noised`
+    positions of the layers' input, or on the history cache (`_encode_history`), whose
+    positions carry no step (no embedding, `noised` 0). Outside, a layer conditioned on the
+    step has none to read: e.g. a recompute by activation checkpointing in the backward
+    pass, after the forward pass cleared the context.
     """
 
     embedding: torch.Tensor | None = None
     noised: int = 0
+    active: bool = False
 
     @contextmanager
-    def use(self, embedding: torch.Tensor, noised: int) -> Iterator[None]:
-        self.embedding, self.noised = embedding, noised
+    def use(self, embedding: torch.Tensor | None, noised: int) -> Iterator[None]:
+        self.embedding, self.noised, self.active = embedding, noised, True
         try:
             yield
         finally:  # do not keep the tensor (and its graph) alive past the forward pass
-            self.embedding, self.noised = None, 0
+            self.embedding, self.noised, self.active = None, 0, False
 
 
 def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -497,9 +500,10 @@ class DiffRec(nn.Module):
         cache = []
         keep = history_mask.unsqueeze(-1).to(x.dtype)
         attn_mask = self._mask(history.shape[1], history_mask)
-        for layer in self.layers:
-            cache.append(_self_attention(layer).key_values(layer.attn_norm(x)))
-            x = layer(x, attn_mask) * keep
+        with self.step_context.use(None, 0):  # the history positions carry no step
+            for layer in self.layers:
+                cache.append(_self_attention(layer).key_values(layer.attn_norm(x)))
+                x = layer(x, attn_mask) * keep
         return cache
 
     def _denoise_tail(self, cache, tail, history_mask, tail_mask, steps) -> torch.Tensor:

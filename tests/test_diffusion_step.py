@@ -111,6 +111,21 @@ def test_with_a_step_per_position_each_noised_position_gets_its_own():
         torch.testing.assert_close(adapter(x), both_early)
 
 
+def test_an_adapter_run_outside_the_denoisers_step_refuses_instead_of_ignoring_it():
+    backbone, adapter = perturbed_ffn_adapter()
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match="outside the denoiser's forward pass"):
+        adapter(x)
+    # Activation checkpointing recomputes the layer in the backward pass, after the forward
+    # pass cleared the context: refused too, not run as an unmodulated bottleneck.
+    layer, mask = backbone.layers[0], torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    with backbone.step_context.use(backbone.step_embedding(torch.tensor([3, 17])), 1):
+        out = torch.utils.checkpoint.checkpoint(layer, x.requires_grad_(), mask,
+                                                use_reentrant=False)
+    with pytest.raises(RuntimeError, match="outside the denoiser's forward pass"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize(
     "inference, noised, sites",
     [("one_step", 1, ("attn", "ffn")), ("strided", 2, ("attn", "ffn")),
