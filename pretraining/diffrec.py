@@ -169,13 +169,13 @@ class DiffusionQuery:
 
     `predicted` [B, S, d]: each seed's predicted h^0, as scored (`DiffRec.scoring_vectors`);
     `log_normalizer` [B, S]: each seed's logsumexp of the logits over the whole catalog
-    (items 1..N); `seen` [B, N + 1]: which items each row's input holds, for the repeat
-    bias (None without one).
+    (items 1..N); `input_ids` [B, L]: the rows' inputs, whose items get the repeat bias
+    (None without one).
     """
 
     predicted: torch.Tensor
     log_normalizer: torch.Tensor
-    seen: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.predicted)

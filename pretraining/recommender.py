@@ -67,10 +67,11 @@ def build_backbone_config(backbone: str, settings: dict):
 @dataclass
 class HistoryQuery:
     """What a scorer with a repeat bias scores candidates against: the last state [B, d]
-    and `seen` [B, N + 1], whether each item is among the row's inputs."""
+    and the inputs [B, L], whose items get the bias (looked up per batch of candidates by
+    `seen_items`, so memory follows the candidates, not the catalog)."""
 
     state: torch.Tensor
-    seen: torch.Tensor
+    input_ids: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.state)
@@ -90,6 +91,19 @@ def history_indicator(input_ids: torch.Tensor, num_columns: int, causal: bool) -
         input_ids = torch.where(upto, input_ids[..., None, :], 0)  # [B, L(t), L(s)]: s <= t
     seen = input_ids.new_zeros((*input_ids.shape[:-1], num_columns), dtype=torch.bool)
     return seen.scatter_(-1, input_ids, True)
+
+
+def seen_items(input_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """Whether each row's inputs [B, L] hold each candidate of `item_ids` [C] (repeats
+    allowed): [B, C], the columns `item_ids` of `history_indicator(input_ids, N + 1, False)`
+    (padding marks item 0 alike) without building its [B, N + 1] table."""
+    candidates, columns = torch.unique(item_ids, return_inverse=True)  # sorted
+    position = torch.searchsorted(candidates, input_ids).clamp_max(len(candidates) - 1)
+    found = candidates[position] == input_ids
+    # Inputs that are no candidate all mark one spare column, left out at the end.
+    seen = input_ids.new_zeros((len(input_ids), len(candidates) + 1), dtype=torch.bool)
+    seen.scatter_(1, torch.where(found, position, len(candidates)), True)
+    return seen[:, columns]
 
 
 class CheckpointError(ValueError):
@@ -329,37 +343,32 @@ class SequentialRecommender(nn.Module):
         if self.config.is_generative:
             return self._generative_query(input_ids)
         state = self.encode(input_ids)[:, -1]
-        if self.config.repeat_bias:
-            seen = history_indicator(input_ids, self.config.num_items + 1, causal=False)
-            return HistoryQuery(state, seen)
-        return state
+        return HistoryQuery(state, input_ids) if self.config.repeat_bias else state
 
     def _generative_query(self, input_ids: torch.Tensor) -> DiffusionQuery:
         catalog = self.item_encoder.catalog()
         predicted = self.backbone.sample_predictions(catalog[input_ids], input_ids > 0)
         catalog = self.output_catalog(catalog)  # what the softmax scores against
         predicted = self.backbone.scoring_vectors(predicted)
-        seen = None
-        if self.config.repeat_bias:
-            seen = history_indicator(input_ids, self.config.num_items + 1, causal=False)
+        history = input_ids if self.config.repeat_bias else None
         rows = predicted.shape[0] * predicted.shape[1]
         chunk = max(1, GENERATIVE_NORMALIZER_ELEMENTS // max(rows, 1))
         log_normalizer = torch.full(predicted.shape[:2], float("-inf"), device=predicted.device)
         for start in range(1, self.config.num_items + 1, chunk):
             items = torch.arange(start, min(start + chunk, self.config.num_items + 1),
                                  device=predicted.device)
-            logits = self._generative_logits(predicted, seen, catalog, items)
+            logits = self._generative_logits(predicted, history, catalog, items)
             log_normalizer = torch.logaddexp(log_normalizer, logits.logsumexp(-1))
-        return DiffusionQuery(predicted, log_normalizer, seen)
+        return DiffusionQuery(predicted, log_normalizer, history)
 
-    def _generative_logits(self, predicted: torch.Tensor, seen: torch.Tensor | None,
+    def _generative_logits(self, predicted: torch.Tensor, history: torch.Tensor | None,
                            catalog: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """Each seed's logits [B, S, C] (float32) of the candidates `item_ids` [C], from
-        the seeds' predictions [B, S, d] and, with a repeat bias, which items each row has
-        seen [B, N + 1]."""
+        the seeds' predictions [B, S, d] and, with a repeat bias, the rows' inputs
+        `history` [B, L]."""
         logits = predicted @ catalog[item_ids].T + self.item_bias[item_ids]
-        if seen is not None:
-            logits = logits + self.repeat_bias * seen[:, None, item_ids]
+        if history is not None:
+            logits = logits + self.repeat_bias * seen_items(history, item_ids)[:, None]
         return logits.float()
 
     def score_items(self, query, item_ids: torch.Tensor) -> torch.Tensor:
@@ -370,13 +379,14 @@ class SequentialRecommender(nn.Module):
         the seed-averaged probability (Algorithm 3) without underflow to 0.
         """
         if isinstance(query, DiffusionQuery):
-            logits = self._generative_logits(query.predicted, query.seen,
+            logits = self._generative_logits(query.predicted, query.input_ids,
                                              self.output_catalog(), item_ids)
             log_probs = logits - query.log_normalizer[..., None]  # [B, S, C]
             return log_probs.logsumexp(1) - math.log(log_probs.shape[1])
         catalog = self.item_encoder.catalog()
         if isinstance(query, HistoryQuery):
-            return query.state @ catalog[item_ids].T + self.repeat_bias * query.seen[:, item_ids]
+            return (query.state @ catalog[item_ids].T
+                    + self.repeat_bias * seen_items(query.input_ids, item_ids))
         return query @ catalog[item_ids].T
 
     def scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

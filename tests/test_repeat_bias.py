@@ -3,13 +3,15 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import pretraining.recommender as recommender_module
 from pretraining import RecommenderConfig, SequentialRecommender
 from pretraining.cli import parse_args, pretrain_parser
-from pretraining.evaluation import chunked_target_ranks, target_ranks, top_k_items
+from pretraining.evaluation import chunked_target_ranks, item_chunks, target_ranks, top_k_items
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from pretraining.pipeline import pretrain
-from pretraining.recommender import HistoryQuery, history_indicator
+from pretraining.recommender import HistoryQuery, history_indicator, seen_items
 
 NUM_ITEMS = 30
 BACKBONE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,
@@ -162,3 +164,62 @@ def test_diffrec_adds_the_bias_to_every_seed_softmax_and_its_normaliser():
     targets = torch.tensor([7, 1])
     full = target_ranks(recommender.scores(batch), targets)
     assert torch.equal(chunked_target_ranks(recommender, query, targets, 4), full)
+
+
+def test_seen_items_are_the_history_indicators_columns():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, NUM_ITEMS + 1, (6, 9), generator=generator)
+    input_ids[0, :4] = 0  # padding marks item 0, as in the indicator
+    dense = history_indicator(input_ids, NUM_ITEMS + 1, causal=False)
+    for item_ids in (torch.arange(NUM_ITEMS + 1), torch.arange(8, 15),
+                     torch.tensor([5, 0, 5, 30, 2, 5])):  # unsorted, with repeats (targets)
+        assert torch.equal(seen_items(input_ids, item_ids), dense[:, item_ids])
+
+
+class CatalogWideTensors(TorchDispatchMode):
+    """Records every tensor an op returns whose non-leading dims span the catalog (the
+    catalog itself, [N + 1, d], is leading): a [batch, catalog] table would be one."""
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        self.sizes, self.found = {num_items, num_items + 1}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(tensor, torch.Tensor) and self.sizes & set(tensor.shape[1:]):
+                self.found.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "diffrec"])
+def test_chunked_repeat_bias_scores_equal_the_dense_ones_without_a_catalog_wide_table(
+        backbone, monkeypatch):
+    if backbone == "sasrec":
+        model = model_with_bias(-1.0)
+    else:
+        torch.manual_seed(0)
+        model = SequentialRecommender(RecommenderConfig(
+            num_items=NUM_ITEMS, backbone="diffrec", backbone_config=DIFFREC,
+            repeat_bias=True)).eval()
+        with torch.no_grad():
+            model.repeat_bias.fill_(-1.0)
+        # DiffRec's normaliser over the catalog runs in chunks of its own: make them small.
+        monkeypatch.setattr(recommender_module, "GENERATIVE_NORMALIZER_ELEMENTS", 2 * 3 * 7)
+    batch = {"input_ids": BATCH["input_ids"]}
+    targets = torch.tensor([3, 9])
+    with torch.no_grad(), CatalogWideTensors(NUM_ITEMS) as recorder:
+        query = model.query(batch)
+        chunks = [model.score_items(query, items) for items in item_chunks(NUM_ITEMS, 7, "cpu")]
+        ranks = chunked_target_ranks(model, query, targets, chunk_size=7)
+    assert not recorder.found, recorder.found
+    with torch.no_grad():
+        everything = model.scores(batch)
+        assert torch.equal(ranks, target_ranks(everything, targets))
+        seen = history_indicator(batch["input_ids"], NUM_ITEMS + 1, causal=False)
+        for items, scores in zip(item_chunks(NUM_ITEMS, 7, "cpu"), chunks, strict=True):
+            if backbone == "sasrec":  # the dense formula the chunked one replaces, exactly
+                dense = (query.state @ model.item_encoder.catalog()[items].T
+                         + model.repeat_bias * seen[:, items])
+                assert torch.equal(scores, dense)
+            torch.testing.assert_close(scores, everything[:, items])
