@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# tcmalloc cuts CPU step time by about a third (see README, Speed); used when installed.
+# tcmalloc cuts CPU step time by about a third (see docs/user-guide.md, Big catalogs); used when installed.
 TCMALLOC := $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
 RUN := HF_HUB_OFFLINE=1 $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC))
 

@@ -3,10 +3,10 @@
 #
 #   bash benchmarks/diffrec_width_gpu.sh [OUTPUT_ROOT]        # default runs/gpu-width
 #
-# Stage 1 trains a SASRec at each width: the README's SASRec command (28 epochs) with the
+# Stage 1 trains a SASRec at each width: the SASRec command of docs/results-history.md (28 epochs) with the
 # width changed (ffn = 4 d); its items start the DiffRec of that width. Stage 2 trains, all
 # at once on the one GPU:
-#   - the batch-128 DiffRec recipe (README "Batch 128, the planned schedule halved") at
+#   - the batch-128 DiffRec recipe (docs/results-history.md, "Batch 128, the planned schedule halved") at
 #     each width and rate of DIFFREC_RUNS, its item table copied from stage 1's SASRec;
 #   - SASRec at each width of LONG_SASREC without the 28-epoch cap (early stopping alone,
 #     up to 200 epochs): the reference trained to convergence.

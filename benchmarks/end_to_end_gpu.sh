@@ -9,7 +9,7 @@
 #   top-2   - "houlsby both top:2 + projection b32": the same in MiniLM's top 2 layers and
 #             both backbone layers.
 # Rows are benchmarks/transfer.py's GRID rows (ROWS), with their own flags; every run adds
-# COMMON (--repeat-bias --patience 20 --mixed-precision bf16 ...: the README's best CPU recipe
+# COMMON (--repeat-bias --patience 20 --mixed-precision bf16 ...: the best CPU recipe of docs/results-history.md
 # for the first two rows, in bf16 for all) and EXTRA. All ROWS x SEEDS runs train at once on
 # the one GPU, each a process on one CPU thread, in the run folders benchmarks/transfer.py
 # uses (OUTPUT_ROOT/text/ROW/seedN), so its --summary-only writes the table and the PNG.

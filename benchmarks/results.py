@@ -1,16 +1,17 @@
-"""Result files of the benchmarks, and the README tables generated from them.
+"""Result files of the benchmarks, and the README and docs tables generated from them.
 
 A benchmark writes each table as `benchmarks/results/<name>.json` (its rows plus where they
 came from: command, commit, versions, device, date) and `<name>.md` (the same, as the
-Markdown shown in the README). A README block
+Markdown shown in the README and docs/). A block in README.md or any docs/*.md
 
     <!-- results: transfer/ml-1m-to-ml-100k -->
     ...
     <!-- /results -->
 
-holds exactly the .md file's text: `python benchmarks/results.py` rewrites every block from
-its file, and the test suite fails when a block and its file disagree, so no number reaches
-the README by hand.
+holds exactly the .md file's text: `python benchmarks/results.py` rewrites every block of
+every such file from its results file (`--check` only reports the stale ones), and the test
+suite fails when a block and its file disagree, so no number reaches the README or the docs
+by hand.
 """
 
 from __future__ import annotations
@@ -94,17 +95,46 @@ def write_result(name: str, rows: list[dict], markdown_text: str, extra: dict | 
     return stem.with_suffix(".md")
 
 
-def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:
+def render_blocks(text: str, results_dir: Path = RESULTS_DIR) -> str:
     """`text` with every results block replaced by its file's Markdown."""
 
     def fill(match: re.Match) -> str:
         path = results_dir / f"{match['name']}.md"
         if not path.is_file():
-            raise FileNotFoundError(f"README block {match['name']!r}: no {path}; run the "
+            raise FileNotFoundError(f"results block {match['name']!r}: no {path}; run the "
                                     "benchmark that writes it, or remove the block")
         return match.group(1) + path.read_text() + match.group(4)
 
     return BLOCK.sub(fill, text)
+
+
+def block_files(root: Path = ROOT) -> list[Path]:
+    """The files whose results blocks are generated: README.md and every Markdown file
+    under docs/ (those without a block are left alone)."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def sync(root: Path = ROOT, results_dir: Path = RESULTS_DIR, check: bool = False
+         ) -> dict[Path, tuple[int, bool]]:
+    """Render the blocks of every file of `block_files(root)`, then (unless `check`)
+    rewrite the stale files; a block without its results file stops it before anything is
+    written. Returns, per file with blocks, (its number of blocks, whether it was stale)."""
+    rendered = {}
+    for path in block_files(root):
+        text = path.read_text()
+        count = sum(1 for _ in BLOCK.finditer(text))
+        if not count:
+            continue
+        try:
+            rendered[path] = (text, render_blocks(text, results_dir), count)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{path.relative_to(root)}: {error}") from None
+    report = {}
+    for path, (text, new, count) in rendered.items():
+        if new != text and not check:
+            _write_atomic(path, new)
+        report[path] = (count, new != text)
+    return report
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -113,15 +143,27 @@ def _write_atomic(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def main() -> None:
-    text = README.read_text()
-    rendered = render_readme(text)
-    if rendered != text:
-        _write_atomic(README, rendered)
-    names = [match["name"] for match in BLOCK.finditer(rendered)]
-    print(f"README: {len(names)} results block(s) from benchmarks/results/"
-          f"{' (rewritten)' if rendered != text else ' (already in sync)'}")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Rewrite the results blocks of README.md and docs/*.md from "
+        "benchmarks/results/.")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if any block differs from its file")
+    args = parser.parse_args(argv)
+    try:
+        report = sync(check=args.check)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path, (count, stale) in report.items():
+        state = ("STALE" if args.check else "rewritten") if stale else "already in sync"
+        print(f"{path.relative_to(ROOT)}: {count} results block(s) from benchmarks/results/ "
+              f"({state})")
+    if args.check and any(stale for _, stale in report.values()):
+        print("run `python benchmarks/results.py` to rewrite them", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -111,15 +111,54 @@ def test_results_files_carry_provenance_and_fill_readme_blocks(tmp_path):
     assert {"command", "commit", "versions", "device", "date"} <= set(payload)
     assert payload["rows"] == [{"a": 1}] and payload["target"] == "x"
     text = "intro\n<!-- results: pair/table -->\nstale 0.9999\n<!-- /results -->\nend\n"
-    rendered = results.render_readme(text, tmp_path)
+    rendered = results.render_blocks(text, tmp_path)
     assert "stale" not in rendered and "| 1 |" in rendered and rendered.endswith("end\n")
-    assert results.render_readme(rendered, tmp_path) == rendered
+    assert results.render_blocks(rendered, tmp_path) == rendered
     with pytest.raises(FileNotFoundError, match="no .*missing.md"):
-        results.render_readme("<!-- results: missing -->\n<!-- /results -->", tmp_path)
+        results.render_blocks("<!-- results: missing -->\n<!-- /results -->", tmp_path)
 
 
-def test_readme_results_blocks_match_their_files():
-    """Every README number in a results block comes from benchmarks/results/ (regenerate
-    with `python benchmarks/results.py`)."""
-    text = results.README.read_text()
-    assert results.render_readme(text) == text
+def test_results_sync_rewrites_readme_and_docs_blocks(tmp_path):
+    """One call renders README.md and every docs/*.md: `check` reports the stale files
+    and writes nothing, then a sync rewrites them; a missing results file stops it before
+    any file is written."""
+    results_dir = tmp_path / "results"
+    results.write_result("pair/table", [{"a": 1}], "| a |\n|---|\n| 1 |", results_dir=results_dir)
+    stale = "<!-- results: pair/table -->\nstale 0.9999\n<!-- /results -->\n"
+    (tmp_path / "docs" / "deep").mkdir(parents=True)
+    files = {"README.md": stale, "docs/results.md": "# R\n" + stale,
+             "docs/deep/more.md": stale, "docs/plain.md": "no blocks\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    report = results.sync(tmp_path, results_dir, check=True)
+    assert {p.relative_to(tmp_path).as_posix(): v for p, v in report.items()} == {
+        "README.md": (1, True), "docs/results.md": (1, True), "docs/deep/more.md": (1, True)}
+    assert (tmp_path / "docs/results.md").read_text() == "# R\n" + stale
+    assert all(was_stale for _, was_stale in results.sync(tmp_path, results_dir).values())
+    assert not any(was_stale for _, was_stale in results.sync(tmp_path, results_dir).values())
+    assert "| 1 |" in (tmp_path / "docs/deep/more.md").read_text()
+    assert (tmp_path / "docs/plain.md").read_text() == "no blocks\n"
+    (tmp_path / "README.md").write_text(stale)
+    (tmp_path / "docs/results.md").write_text("<!-- results: gone -->\n<!-- /results -->\n")
+    with pytest.raises(FileNotFoundError, match="docs/results.md: .*no .*gone.md"):
+        results.sync(tmp_path, results_dir)
+    assert (tmp_path / "README.md").read_text() == stale
+
+
+def test_docs_hold_results_blocks():
+    """The tables the README no longer shows are generated into docs/ (so the sync test
+    below covers them), not copied by hand."""
+    docs_blocks = [m["name"] for path in results.block_files() if path.parent.name == "docs"
+                   for m in results.BLOCK.finditer(path.read_text())]
+    assert "transfer/ml-1m-old-to-ml-1m-new" in docs_blocks
+
+
+@pytest.mark.parametrize("path", results.block_files(),
+                         ids=lambda p: str(p.relative_to(results.ROOT)))
+def test_results_blocks_match_their_files(path):
+    """Every number in a results block of README.md or docs/*.md comes from
+    benchmarks/results/ (regenerate with `python benchmarks/results.py`)."""
+    text = path.read_text()
+    assert results.render_blocks(text) == text, (
+        f"{path.relative_to(results.ROOT)} has a stale results block: run "
+        "`python benchmarks/results.py`")
