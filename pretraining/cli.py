@@ -26,7 +26,7 @@ from pretraining.diffrec import INFERENCE_MODES
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
 from pretraining.schedules import SCHEDULES
-from pretraining.trainer import SCHEDULERS, TrainingConfig
+from pretraining.trainer import ON_NAN, SCHEDULERS, TrainingConfig
 
 ITEM_ENCODER_PREFIX = "item_encoder."  # SequentialRecommender's item encoder parameters
 
@@ -145,6 +145,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grad-accum", type=int, default=1)
     group.add_argument("--max-grad-norm", type=float, default=5.0)
     group.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    group.add_argument("--on-nan", choices=ON_NAN, default="stop",
+                       help="a NaN or inf training loss: stop with an error naming the step, "
+                       "the batch's users and the last saved state, or skip that optimizer "
+                       "step (counted as skipped_steps in log.jsonl and metrics.json)")
     group.add_argument("--patience", type=int, default=10,
                        help="epochs without better validation NDCG@10 before stopping")
     group.add_argument("--num-workers", type=int, default=0)
@@ -436,7 +440,7 @@ def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfi
         max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
         patience=args.patience, num_workers=args.num_workers, seed=args.seed,
         save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,
-        compile=args.compile,
+        compile=args.compile, on_nan=args.on_nan,
         freeze_prefixes=(ITEM_ENCODER_PREFIX,) if freeze_items else (), freeze_epochs=freeze_items,
     )
 

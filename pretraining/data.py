@@ -48,6 +48,7 @@ class LeaveOneOutDataset(Dataset):
         self.max_len = max_len
         self.full_history = full_history
         self.sequences = data.sequences.select_columns(["item_indices"]).with_format("numpy")
+        self.user_ids = data.sequences.select_columns(["user_id"])  # read only by user_names
         column = data.sequences.data.column("item_indices")
         lengths = pc.list_value_length(column).to_numpy()
         if split == "train":
@@ -74,12 +75,16 @@ class LeaveOneOutDataset(Dataset):
         items = self.sequences[user]["item_indices"]
         if self.split == "train":
             window = items[max(0, end - self.max_len - 1) : end]
-            return {"input_ids": window[:-1], "target_ids": window[1:]}
+            return {"input_ids": window[:-1], "target_ids": window[1:], "user": user}
         example = {"input_ids": items[:end][-self.max_len :], "target_ids": int(items[end]),
                    "user": user}
         if self.full_history:
             example["history_ids"] = items[:end]
         return example
+
+    def user_names(self, users: list[int]) -> list[str]:
+        """The dataset's own ids of users given by index (as examples' `user` holds them)."""
+        return [str(self.user_ids[int(user)]["user_id"]) for user in users]
 
 
 def collate_left_padded(examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -4,11 +4,16 @@ Run folder layout (DESIGN.md, command-line contract):
     best_model/    best checkpoint by validation metric (config.json + model.safetensors)
     state/         `accelerator.save_state` + trainer_state.json, rewritten atomically
     log.jsonl      one JSON object per epoch (main process only)
+
+A NaN or inf training loss (`on_nan`) stops the run with an error that names the step, the
+batch's users and the last saved state, or skips that optimizer step ("skip"), counted in
+log.jsonl, the training summary and trainer_state.json.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -28,9 +33,18 @@ from transformers import get_scheduler
 from pretraining.evaluation import EvaluationProtocol, evaluate
 
 SCHEDULERS = ("constant", "cosine", "step")
+ON_NAN = ("stop", "skip")
 STATE_DIR = "state"
 BEST_DIR = "best_model"
 TRAINER_STATE = "trainer_state.json"
+SHOWN_USERS = 32  # users a non-finite loss report lists by name; the rest are counted
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(ValueError):
+    """A NaN or inf training loss under `on_nan="stop"` (a ValueError: scripts print it as
+    one line and exit 2)."""
 
 
 @dataclass
@@ -63,6 +77,9 @@ class TrainingConfig:
     # `freeze_epochs` (e.g. pretrained item embeddings kept while the backbone warms up).
     freeze_prefixes: tuple[str, ...] = ()
     freeze_epochs: int = 0
+    # A NaN or inf training loss: "stop" the run (an error naming the step, the batch's
+    # users and the last saved state), or "skip" that optimizer step and count it.
+    on_nan: str = "stop"
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "patience")
@@ -88,6 +105,8 @@ class TrainingConfig:
             raise ValueError(
                 f"unknown --mixed-precision {self.mixed_precision!r}; use 'no', 'fp16' or 'bf16'"
             )
+        if self.on_nan not in ON_NAN:
+            raise ValueError(f"unknown --on-nan {self.on_nan!r}; use one of {ON_NAN}")
 
 
 @dataclass
@@ -108,6 +127,7 @@ class TrainerState:
     trained_positions: int = 0
     data_wait_seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (--on-nan skip)
 
 
 class Trainer:
@@ -134,6 +154,11 @@ class Trainer:
         if not trainable:
             raise ValueError("the model has no trainable parameters; unfreeze something first")
         self.early_frozen = self._early_frozen_parameters(model)
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if config.on_nan == "skip" and deepspeed:
+            raise ValueError("--on-nan skip decides before the optimizer step, which DeepSpeed "
+                             "takes inside backward; use --on-nan stop, or DDP/FSDP")
+        self.train_dataset = train_dataset  # names the users of a batch with a non-finite loss
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                       **fused_if_supported(trainable))
         train_loader = self._loader(train_dataset, config.batch_size, collate_fn, shuffle=True)
@@ -224,6 +249,7 @@ class Trainer:
             "peak_memory_mb": state.peak_memory_mb or peak_memory_mb(acc.device),
             "num_processes": acc.num_processes,
             "torch_threads": torch.get_num_threads(),
+            "skipped_steps": state.skipped_steps,  # non-finite losses (--on-nan skip)
         }
 
     def _train_one_epoch(self) -> tuple[float, float, int]:
@@ -235,49 +261,127 @@ class Trainer:
         if done_here:  # resuming in the middle of an epoch
             loader = acc.skip_first_batches(loader, done_here)
         loss_sum = torch.zeros((), device=acc.device)
+        counted = torch.zeros((), dtype=torch.long, device=acc.device)  # finite losses summed
         positions = torch.zeros((), dtype=torch.long, device=acc.device)
-        wait, trained = 0.0, 0
+        wait = 0.0
+        # The micro-batches of the optimizer step in progress: (loss is finite, users).
+        window: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         # A function of the epoch counter, so a resumed run freezes exactly as before.
         frozen_now = self.state.epoch < config.freeze_epochs
-        progress = tqdm(total=len(self.train_loader), initial=done_here,
-                        desc=f"epoch {self.state.epoch + 1}", leave=False,
-                        disable=not acc.is_local_main_process)
-        iterator = iter(loader)
-        while True:
-            fetch_started = time.perf_counter()
-            batch = next(iterator, None)
-            wait += time.perf_counter() - fetch_started
-            if batch is None:
-                break
-            with acc.accumulate(self.model):
-                loss = self.model(batch)["loss"]
-                acc.backward(loss)
-                if acc.sync_gradients and frozen_now:
-                    # No gradient: AdamW skips them (no moment update, no weight decay).
-                    # Gradients are already all-reduced, so every process drops the same.
-                    for parameter in self.early_frozen:
-                        parameter.grad = None
-                if acc.sync_gradients and config.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                self.optimizer.step()
-                self.epoch_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            # Kept as tensors: no host-device sync inside the step loop.
-            loss_sum += loss.detach()
-            positions += (batch["target_ids"] > 0).sum()
-            self.state.batches_in_epoch += acc.num_processes
-            trained += 1
-            progress.update()
-            if acc.sync_gradients:
-                self.state.global_step += 1
-                if config.save_steps and self.state.global_step % config.save_steps == 0:
-                    self._save_state()
-                if self._step_limit_reached():
+        # Closed (the bar cleared) also when a NaN stops the run: the error gets its own line.
+        with tqdm(total=len(self.train_loader), initial=done_here,
+                  desc=f"epoch {self.state.epoch + 1}", leave=False,
+                  disable=not acc.is_local_main_process) as progress:
+            iterator = iter(loader)
+            while True:
+                fetch_started = time.perf_counter()
+                batch = next(iterator, None)
+                wait += time.perf_counter() - fetch_started
+                if batch is None:
                     break
-        progress.close()
-        mean_loss = acc.reduce(loss_sum, "mean").item() / max(trained, 1)
+                loss, finite, skip = self._train_step(batch, window, frozen_now)
+                # Kept as tensors: no host-device sync per batch.
+                loss_sum += torch.where(finite, loss.detach(), 0.0)
+                counted += finite
+                positions += (batch["target_ids"] > 0).sum()
+                self.state.batches_in_epoch += acc.num_processes
+                progress.update()
+                if acc.sync_gradients:
+                    window = []
+                    if skip:
+                        self.state.skipped_steps += 1
+                        continue
+                    self.state.global_step += 1
+                    if config.save_steps and self.state.global_step % config.save_steps == 0:
+                        self._save_state()
+                    if self._step_limit_reached():
+                        break
+        # The mean of the finite losses (a skipped step's NaN would hide the others').
+        mean_loss = acc.reduce(loss_sum, "sum").item() / max(acc.reduce(counted, "sum").item(), 1)
         return mean_loss, wait, int(acc.reduce(positions, "sum").item())
+
+    def _train_step(self, batch: dict, window: list, frozen_now: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Forward and backward on one micro-batch, then, at the end of its accumulation
+        window, the optimizer step, or none if a loss of the window was not finite (then
+        returns skip=True); (loss, whether it is finite, skip)."""
+        acc, config = self.accelerator, self.config
+        with acc.accumulate(self.model):
+            loss = self.model(batch)["loss"]
+            finite = torch.isfinite(loss.detach())
+            window.append((finite, batch.get("user")))
+            acc.backward(loss)
+            # Every micro-step's loss is checked, once per optimizer step (one host sync):
+            # a NaN in any of them has reached the accumulated gradients.
+            if acc.sync_gradients and self._non_finite_step(window):
+                self.optimizer.zero_grad(set_to_none=True)  # no optimizer, scheduler step
+                return loss, finite, True
+            if acc.sync_gradients and frozen_now:
+                # No gradient: AdamW skips them (no moment update, no weight decay).
+                # Gradients are already all-reduced, so every process drops the same.
+                for parameter in self.early_frozen:
+                    parameter.grad = None
+            if acc.sync_gradients and config.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.epoch_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, finite, False
+
+    def _non_finite_step(self, window: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+        """Whether a micro-batch of the optimizer step now due had a NaN or inf loss on any
+        process: the same answer on every process (all of them call this, at each step).
+        Stops the run (`on_nan="stop"`) or warns and returns True (`"skip"`)."""
+        acc, state = self.accelerator, self.state
+        bad_here = torch.stack([~finite for finite, _ in window]).any().long()
+        if not acc.reduce(bad_here, "sum").item():  # a no-op on one process
+            return False
+        users = self._batch_users(window)
+        step, epoch = state.global_step + 1, state.epoch + 1
+        where = f"step {step} (epoch {epoch}, batch of users {users})"
+        if self.config.on_nan == "skip":
+            if acc.is_main_process:
+                logger.warning("non-finite (NaN or inf) training loss in %s: skipped that "
+                               "optimizer step (--on-nan skip)", where)
+            return True
+        raise NonFiniteLossError(
+            f"non-finite (NaN or inf) training loss in {where}; last good checkpoint: "
+            f"{self._last_checkpoint()}. Lower --lr (or check the data), or pass --on-nan skip "
+            "to skip such steps"
+        )
+
+    def _batch_users(self, window: list[tuple[torch.Tensor, torch.Tensor | None]]) -> str:
+        """The users of the micro-batches with a non-finite loss, gathered from every process
+        (a collective): their original ids where the training set knows them, else their
+        internal indices; "unknown" where batches carry no `user`."""
+        acc = self.accelerator
+        if any(users is None for _, users in window):  # the same on every process
+            return "unknown"
+        local = [users.flatten() for finite, users in window if not finite]
+        here = (torch.cat(local) if local
+                else torch.zeros(0, dtype=torch.long, device=acc.device))
+        gathered = acc.gather(acc.pad_across_processes(here, pad_index=-1))
+        indices = [int(index) for index in gathered.tolist() if index >= 0]
+        names = getattr(self.train_dataset, "user_names", None)
+        shown = names(indices[:SHOWN_USERS]) if names else indices[:SHOWN_USERS]
+        text = ", ".join(str(name) for name in shown)
+        more = len(indices) - len(shown)
+        return f"{text} and {more} more" if more > 0 else text
+
+    def _last_checkpoint(self) -> str:
+        """The saved training state a resume would continue from, or "none"."""
+        found = self._saved_state()
+        if found is None:
+            return f"none (no training state saved in {self.output_dir} yet)"
+        saved = json.loads((found / TRAINER_STATE).read_text())
+        return (f"{found} (epoch {saved['epoch']}, step {saved['global_step']}; --resume "
+                "continues from it)")
+
+    def _saved_state(self) -> Path | None:
+        # An interruption between the two renames of `_save_state` leaves only `state.old`.
+        candidates = [self.output_dir / STATE_DIR, self.output_dir / f"{STATE_DIR}.old"]
+        return next((c for c in candidates if (c / TRAINER_STATE).is_file()), None)
 
     def _patience_spent(self) -> bool:
         return self.state.bad_epochs >= self.config.patience
@@ -307,6 +411,7 @@ class Trainer:
             "seconds": seconds,
             "data_wait_share": wait / seconds if seconds else 0.0,
             "lr": self.epoch_lr,  # the rate of the epoch's last step
+            "skipped_steps": state.skipped_steps,  # in the whole run so far (--on-nan skip)
         }
         if acc.is_main_process:
             with open(self.output_dir / "log.jsonl", "a") as log:
@@ -349,9 +454,7 @@ class Trainer:
         schedule.base_lrs = [self.config.lr] * len(schedule.base_lrs)
 
     def _load_state(self) -> None:
-        # An interruption between the two renames of `_save_state` leaves only `state.old`.
-        candidates = [self.output_dir / STATE_DIR, self.output_dir / f"{STATE_DIR}.old"]
-        found = next((c for c in candidates if (c / TRAINER_STATE).is_file()), None)
+        found = self._saved_state()
         if found is None:
             self.accelerator.print(f"--resume: no saved state in {self.output_dir}; starting fresh")
             return
@@ -452,7 +555,8 @@ def _trackers(report_to: str) -> list[str]:
 def _tracker_metrics(row: dict) -> dict[str, float]:
     # MLflow rejects '@' in metric names: ndcg@10 -> valid/ndcg_at_10.
     metrics = {f"valid/{k.replace('@', '_at_')}": v for k, v in row["valid"].items()}
-    return {**metrics, "train/loss": row["train_loss"], "train/lr": row["lr"]}
+    return {**metrics, "train/loss": row["train_loss"], "train/lr": row["lr"],
+            "train/skipped_steps": row["skipped_steps"]}
 
 
 def _flat_hparams(config: TrainingConfig) -> dict:
