@@ -5,9 +5,12 @@
 `downstream.transfer` rebuilds the item side for the target catalog, injects adapters
 (or trains everything, or trains from scratch, or evaluates zero-shot), fine-tunes with
 `pretraining.Trainer` and evaluates by the same full-ranking protocol; `downstream.cli`
-holds the scripts' flags.
+holds the scripts' flags. `downstream.serving` recommends from any run folder:
+
+    load_run("runs/ml-100k-sasrec").recommend([["50", "172"]], k=10)
 """
 
+from downstream.serving import RunRecommender, load_run
 from downstream.transfer import (
     BASELINES,
     adapt,
@@ -22,12 +25,14 @@ from downstream.transfer import (
 
 __all__ = [
     "BASELINES",
+    "RunRecommender",
     "adapt",
     "build_target_model",
     "evaluate_any_run",
     "finetune",
     "load_adapted_model",
     "load_any_checkpoint",
+    "load_run",
     "target_config",
     "transfer_weights",
 ]

@@ -15,7 +15,7 @@ from modality_encoders.base import (
     register_item_encoder,
     resolve_item_encoder_config,
 )
-from modality_encoders.content import ItemContent, build_item_content
+from modality_encoders.content import ItemContent, build_item_content, item_table_content
 from modality_encoders.content_encoder import FUSIONS, ContentEncoderSettings, ContentItemEncoder
 from modality_encoders.fusion import ImageIDItemEncoder, TextIDItemEncoder
 from modality_encoders.heads import HEADS, MoEHead, build_head
@@ -46,6 +46,7 @@ __all__ = [
     "build_item_encoder",
     "check_item_encoder_weights",
     "item_encoder_modality",
+    "item_table_content",
     "normalize_item_encoder_config",
     "register_item_encoder",
     "resolve_item_encoder_config",

@@ -1,7 +1,7 @@
 """Item content handed to content encoders: texts and/or an image store, plus identity.
 
-Built from a dataset folder by `build_item_content`; row i - 1 of every list is item
-index i (0 = padding has no content).
+Built from a dataset folder by `build_item_content` (or from any item table by
+`item_table_content`); row i - 1 of every list is item index i (0 = padding has no content).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from dataset_tools import ImageStore, ItemTextTemplate, SequenceData
 from modality_encoders.base import item_encoder_modality
@@ -34,14 +36,27 @@ def build_item_content(
     cache_dir: str | Path | None = None,
 ) -> ItemContent | None:
     """The content the encoder `item_encoder` needs from `data` (None for ID encoders)."""
+    if item_encoder_modality(item_encoder) is None:
+        return None
+    return item_table_content(data.items.to_pandas(), data.fingerprint,
+                              Path(cache_dir) if cache_dir else Path(data.path) / "cache",
+                              item_encoder, item_encoder_config)
+
+
+def item_table_content(
+    items: pd.DataFrame, fingerprint: str, cache_dir: str | Path, item_encoder: str,
+    item_encoder_config: dict,
+) -> ItemContent | None:
+    """The content the encoder `item_encoder` needs from an item table (`item_id` plus the
+    fields its text template names; row i = item index i + 1): a dataset's, or a catalog the
+    model never trained on, identified by `fingerprint`. None for ID encoders."""
     modality = item_encoder_modality(item_encoder)
     if modality is None:
         return None
-    items = data.items.to_pandas()
     content = ItemContent(
         item_ids=items["item_id"].astype(str).tolist(),
-        dataset_fingerprint=data.fingerprint,
-        cache_dir=Path(cache_dir) if cache_dir else Path(data.path) / "cache",
+        dataset_fingerprint=fingerprint,
+        cache_dir=Path(cache_dir),
     )
     if modality == "text":
         template = ItemTextTemplate(item_encoder_config["template"])

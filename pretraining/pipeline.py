@@ -260,8 +260,11 @@ def load_checkpoint(
     frequencies=None,
     encoder_cache_dir: Path | None = None,
 ) -> SequentialRecommender:
-    """A saved recommender, checked to belong to `data`."""
+    """A saved recommender, checked to belong to `data` (`frequencies`: default the data's,
+    when the model samples negatives by popularity)."""
     config = load_recommender_config(checkpoint)
+    if frequencies is None:
+        frequencies = model_frequencies(config, data)
     content = build_item_content(data, config.item_encoder, config.item_encoder_config,
                                  encoder_cache_dir)
     model = SequentialRecommender.from_pretrained(checkpoint, frequencies, content)
@@ -319,6 +322,17 @@ def evaluation_dataset(
                               full_history=protocol.mask_history)
 
 
+def run_dataset(run_dir: Path, dataset: str | None = None,
+                cache_dir: Path | None = None) -> SequenceData:
+    """The dataset of a run folder: `dataset` (a name or folder) if given, else the one its
+    config.json records."""
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no {RUN_CONFIG}); pass --run DIR "
+                              "of a finished or interrupted training run")
+    run_config = json.loads((run_dir / RUN_CONFIG).read_text())
+    return load_data(dataset or run_config["dataset"]["path"], cache_dir)
+
+
 def evaluate_run(
     args: argparse.Namespace,
     load_model: Callable[[Path, SequenceData], SequentialRecommender] | None = None,
@@ -328,12 +342,7 @@ def evaluate_run(
     `load_model(checkpoint, data)` loads the checkpoint (default: a full checkpoint;
     the downstream package passes one that also reads adapter checkpoints)."""
     run_dir = Path(args.run)
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder (no {RUN_CONFIG}); pass --run DIR "
-                              "of a finished or interrupted training run")
-    run_config = json.loads((run_dir / RUN_CONFIG).read_text())
-    dataset = args.dataset or run_config["dataset"]["path"]
-    data = load_data(dataset, args.cache_dir)
+    data = run_dataset(run_dir, args.dataset, args.cache_dir)
     accelerator = Accelerator(cpu=args.cpu)
     check_process_count(accelerator)
     model = (load_model or load_checkpoint)(run_dir / BEST_DIR, data)
