@@ -131,7 +131,9 @@ class TransformerStages(nn.Module):
         if config.model_type == "vit_mae":
             config.mask_ratio = 0.0  # item vectors always see every patch
         try:
-            model = AutoModel.from_pretrained(str(path), config=config, local_files_only=True)
+            # weights_only: a pytorch_model.bin (no safetensors) loads without unpickling code.
+            model = AutoModel.from_pretrained(str(path), config=config, local_files_only=True,
+                                              weights_only=True)
         except (OSError, ValueError) as error:
             raise ValueError(f"item encoder {name!r}: cannot load its weights ({error})") from None
         text_like = hasattr(model, "encoder") and hasattr(model.encoder, "layer")

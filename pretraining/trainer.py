@@ -431,7 +431,7 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        acc.save_state(str(tmp), safe_serialization=True)  # see `_load_state` on what loads it
         if acc.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
             shutil.rmtree(old, ignore_errors=True)
@@ -458,7 +458,16 @@ class Trainer:
         if found is None:
             self.accelerator.print(f"--resume: no saved state in {self.output_dir}; starting fresh")
             return
-        self.accelerator.load_state(str(found))
+        # What Accelerate (1.16) reads back, and how: the model from model.safetensors
+        # (`safe_serialization=True`; FSDP's full state dict from a .bin via torch.load with
+        # weights_only=True); optimizer.bin, scheduler.bin, the sampler, the GradScaler and
+        # random_states_<rank>.pkl through `accelerate.utils.load`, a torch.load with
+        # weights_only=True (numpy's RNG state allowed by name); trainer_state.json is ours.
+        # Only objects registered with `register_for_checkpointing` (we register none) load
+        # with weights_only=False, and FSDP's sharded DCP checkpoints (not our
+        # fsdp.yaml's FULL_STATE_DICT) read their metadata with pickle. `load_kwargs` pins
+        # weights_only for the files that take it, whatever a later default.
+        self.accelerator.load_state(str(found), load_kwargs={"weights_only": True})
         self._apply_configured_lr()
         self.state = TrainerState(**json.loads((found / TRAINER_STATE).read_text()))
         self.accelerator.print(
