@@ -10,7 +10,9 @@ any backbone. Candidates are ranked as evaluation ranks them, by one code path: 
 `query` once per batch of histories, then `score_items` over the catalog one chunk of
 `item_chunk_size` items at a time, merged into a running top-k
 (`pretraining.evaluation.top_k_items`): memory is bounded by batch x (chunk + k), never
-by batch x catalog, and the result does not depend on the chunk size.
+by batch x catalog, and the result does not depend on the chunk size. Histories are batched
+by length (less padding); a history's recommendations do not depend on its batch (up to
+float rounding: the backbones mask padding and count positions from the right).
 
 - A history is a list of original item ids (the `item_id` column of the item table), oldest
   first; the model reads its last `max_len` items. An id the catalog lacks is an error that
@@ -123,9 +125,14 @@ class RunRecommender:
             f"history {number + 1}" for number in range(len(histories))]
         rows = [self._item_indices(history, label)
                 for history, label in zip(histories, labels, strict=True)]
-        results = []
-        for start in range(0, len(rows), self.batch_size):
-            results += self._top_k(rows[start:start + self.batch_size], k, exclude_history)
+        # Batches of similar length: less padding to run through the backbone.
+        order = sorted(range(len(rows)), key=lambda row: min(len(rows[row]), self.max_len))
+        results: list[list[dict]] = [[] for _ in rows]
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            top = self._top_k([rows[row] for row in batch], k, exclude_history)
+            for row, items in zip(batch, top, strict=True):
+                results[row] = items
         return results
 
     def _item_indices(self, history: Sequence[str], label: str) -> list[int]:

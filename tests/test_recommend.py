@@ -79,6 +79,9 @@ def test_the_top_k_is_the_top_of_the_models_full_score_vector_in_original_ids(ru
     # One chunk for the whole catalog gives the same recommendations (scores up to the
     # rounding of a product over another number of items).
     assert_same(loaded(runs, name).recommend(histories, k=5), recommendations)
+    # A history alone (no padding, a batch of one) gets what it gets among the others.
+    assert_same([runner.recommend([history], k=5)[0] for history in histories],
+                recommendations)
 
 
 def assert_same(recommendations: list[list[dict]], others: list[list[dict]]) -> None:
@@ -220,3 +223,24 @@ def test_a_run_that_sampled_negatives_by_popularity_loads_for_evaluation_and_ser
         "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
     assert again["test"] == metrics["test"]
     assert len(load_run(run, device="cpu").recommend([["i1", "i2"]], k=3)[0]) == 3
+
+
+def test_the_speed_benchmark_times_batches_and_single_users(runs, capsys):
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import recommend_speed
+
+    run, _ = runs["diffrec"]
+    recommend_speed.main(["--runs", str(run), "--repeats", "1", "--latency-users", "6",
+                          "--batch-sizes", "4", "16", "--k", "5", "--exclude-history"])
+    table = capsys.readouterr().out
+    assert "| diffrec | tiny | diffrec |" in table
+    assert table.splitlines()[0].endswith(
+        "| users/s (batch 4) | users/s (batch 16) | latency ms (median) | latency ms (p90) |")
+    row = recommend_speed.measure(run, argparse.Namespace(
+        item_chunk_size=7, batch_sizes=[16], max_users=10, k=5, exclude_history=False,
+        repeats=1, latency_users=3))
+    assert row["users"] == 10 and row["users/s (batch 16)"] > 0
+    assert row["latency ms (median)"] > 0
