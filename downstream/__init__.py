@@ -7,7 +7,7 @@
 `pretraining.Trainer` and evaluates by the same full-ranking protocol; `downstream.cli`
 holds the scripts' flags. `downstream.serving` recommends from any run folder:
 
-    load_run("runs/ml-100k-sasrec").recommend([["50", "172"]], k=10)
+    load_run("runs/ml-100k-sasrec").recommend([["Star Wars (1977)", "Fargo (1996)"]], k=10)
 """
 
 from downstream.serving import RunRecommender, load_run

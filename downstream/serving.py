@@ -1,8 +1,8 @@
 """Recommendations from a run folder: `load_run(DIR).recommend(histories, k)`.
 
     runner = load_run("runs/ml-100k-sasrec")
-    runner.recommend([["50", "172", "133"]], k=3)   # original item ids in, out
-    # [[{"item_id": "181", "score": 7.13, "title": "Return of the Jedi"}, ...]]
+    runner.recommend([["Star Wars (1977)", "Fargo (1996)"]], k=10)  # original ids in, out
+    # [[{"item_id": "Pulp Fiction (1994)", "score": 0.70, "title": "Pulp Fiction"}, ...]]
 
 Any run folder loads, the way `scripts/evaluate.py` loads it (a pretraining run, a full
 fine-tuning run, an adapter run rebuilt on its base), on the dataset it was trained on, with
@@ -257,6 +257,8 @@ def model_on_catalog(model: SequentialRecommender, checkpoint: Path,
         raise CheckpointError(f"{checkpoint}: its model does not fit a new catalog (missing "
                               f"{sorted(set(missing) - per_item)[:3]}, unexpected "
                               f"{sorted(unexpected)[:3]})")
+    if moved.output_items is not None:  # the new items' vectors, from the trained encoder
+        moved.copy_items_to_output()
     return moved.requires_grad_(False)
 
 

@@ -1,8 +1,8 @@
 """Recommend the top-k items of a run folder for known users or for given histories.
 
-    python scripts/recommend.py --run runs/ml-100k-sasrec --users 1 2 3 --k 10 \
+    python scripts/recommend.py --run runs/ml-100k-sasrec --users 100k_1 100k_2 --k 10 \\
         --exclude-history --output recs.jsonl
-    python scripts/recommend.py --run runs/ml-100k-text --histories histories.jsonl \
+    python scripts/recommend.py --run runs/ml-100k-text --histories histories.jsonl \\
         --items new_items.csv --output recs.jsonl
 
 --histories FILE: one JSON object per line, {"user": optional, "items": [original item

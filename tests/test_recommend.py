@@ -244,3 +244,28 @@ def test_the_speed_benchmark_times_batches_and_single_users(runs, capsys):
         repeats=1, latency_users=3))
     assert row["users"] == 10 and row["users/s (batch 16)"] > 0
     assert row["latency ms (median)"] > 0
+
+
+def test_a_new_catalogs_per_item_parameters_start_fresh_from_the_trained_encoder(
+        tiny_dataset_dir, text_base, tmp_path):
+    """A text DiffRec with an untied output table on a new catalog: the table is the new
+    items' content vectors from the trained head, the item bias zero."""
+    from tests.test_modality_encoders import save_bert
+
+    _, cache = text_base
+    run = tmp_path / "text_diffrec"
+    pretrain(parse_args(pretrain_parser("t", modality="text"), [
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
+        "--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",
+        "--untied-output", "--encoder", str(save_bert(tmp_path / "bert", dropout=0.0)),
+        "--text-template", "{title} ({genre})", "--encoder-cache-dir", str(cache),
+        *MODEL, *TRAIN]))
+    items = write_items(tmp_path / "items.csv", [
+        {"item_id": f"n{i}", "title": f"Item {i} of group {i // 8}", "genre": f"group{i // 8}"}
+        for i in range(12)])
+    runner = load_run(run, encoder_cache_dir=cache, items=items, device="cpu")
+    model = runner.model
+    assert model.config.num_items == 12 and not model.item_bias.any()
+    torch.testing.assert_close(model.output_items[1:], model.item_encoder.catalog()[1:])
+    top = runner.recommend([["n1", "n2"]], k=12, exclude_history=True)[0]
+    assert sorted(e["item_id"] for e in top) == sorted(f"n{i}" for i in range(12) if i not in (1, 2))
