@@ -21,7 +21,7 @@ from adapters import (
 )
 from adapters.base import adapter_parameter_ids
 from pretraining import RecommenderConfig, SequentialRecommender
-from tests.conftest import perturb_adapters, random_item_batch
+from tests.helpers import perturb_adapters, random_item_batch
 
 
 def tiny_model(num_items=30):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import load_script, write_synthetic_interactions
 
 import dataset_tools.folder as folder_module
 from dataset_tools import (
@@ -31,6 +30,7 @@ from dataset_tools import (
     sort_chronologically,
 )
 from dataset_tools.cleaning import k_core_rounds
+from tests.helpers import load_script, write_synthetic_interactions
 
 CSV_COLS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"}
 

@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_item_init import initial_weights  # noqa: F401 (a fixture)
-from test_training import run_pretrain
 
 from pretraining.cli import CommandLineError
 from pretraining.diffrec import DiffRec, DiffRecConfig
 from pretraining.recommender import CheckpointError
 from pretraining.sasrec import SASRec, SASRecConfig
+from tests.helpers import run_pretrain
 
 SHAPE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "dropout": 0.0}
 DIFFREC = ["--backbone", "diffrec", "--causal-denoiser", "--diffusion-steps", "20",
@@ -89,7 +88,7 @@ def sasrec_run(tiny_dataset_dir, tmp_path_factory) -> Path:
 
 
 def test_a_run_starts_its_denoiser_and_repeat_bias_from_the_sasrec_run_and_records_it(
-    tiny_dataset_dir, sasrec_run, initial_weights, tmp_path  # noqa: F811
+    tiny_dataset_dir, sasrec_run, initial_weights, tmp_path
 ):
     run = tmp_path / "run"
     run_pretrain(tiny_dataset_dir, run, *DIFFREC, "--repeat-bias", "--max-len", "21",

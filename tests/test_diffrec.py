@@ -20,10 +20,10 @@ from pretraining.schedules import (
     SqrtSchedule,
     build_schedule,
 )
+from tests.helpers import DIFFREC_NUM_ITEMS, DIFFREC_TINY
 
-TINY = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_len": 6,
-        "dropout": 0.0, "num_steps": 20, "num_seeds": 3}
-NUM_ITEMS = 11
+TINY = DIFFREC_TINY
+NUM_ITEMS = DIFFREC_NUM_ITEMS
 
 
 def model(**overrides) -> SequentialRecommender:

@@ -14,11 +14,10 @@ from adapters import (
 from adapters.base import adapter_config_from_dict, adapter_parameter_ids
 from pretraining import RecommenderConfig, SequentialRecommender
 from pretraining.sasrec import CausalSelfAttention, FeedForward
-from tests import test_diffrec
-from tests.conftest import perturb_adapters
+from tests.helpers import DIFFREC_NUM_ITEMS, DIFFREC_TINY, perturb_adapters
 
-TINY = {**test_diffrec.TINY, "num_layers": 2}  # two layers, for placement
-NUM_ITEMS = test_diffrec.NUM_ITEMS
+TINY = {**DIFFREC_TINY, "num_layers": 2}  # two layers, for placement
+NUM_ITEMS = DIFFREC_NUM_ITEMS
 
 
 def model(**overrides) -> SequentialRecommender:

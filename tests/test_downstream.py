@@ -22,7 +22,7 @@ from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
 from pretraining.data import LeaveOneOutDataset, collate_left_padded
 from pretraining.pipeline import pretrain
 from pretraining.recommender import CheckpointError
-from tests.conftest import MODEL, TRAIN, finetune
+from tests.helpers import MODEL, TRAIN, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 HOULSBY = ("houlsby", "pfeiffer")
@@ -321,7 +321,7 @@ def test_target_text_template_falls_back_to_the_targets_default():
 def test_transfer_demo_prints_the_three_runs_and_reuses_them(tiny_dataset_dir, target_dir,
                                                              tmp_path, capsys):
     from downstream.demo import transfer_demo
-    from tests.test_modality_encoders import save_bert
+    from tests.helpers import save_bert
 
     encoder = save_bert(tmp_path / "bert")
     kwargs = dict(source=str(tiny_dataset_dir), target=str(target_dir),
@@ -349,7 +349,7 @@ def test_adapter_only_checkpoint_reproduces_the_trained_models_scores(id_base, t
     from adapters.checkpoint import save_adapter
     from downstream import adapt, build_target_model, target_config
     from pretraining.recommender import checkpoint_fingerprint, load_recommender_config
-    from tests.conftest import perturb_adapters
+    from tests.helpers import perturb_adapters
 
     base_dir = id_base / "best_model"
     target = load_dataset_folder(target_dir)

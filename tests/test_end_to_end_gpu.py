@@ -27,7 +27,7 @@ ROWS = "full fine-tuning b32|houlsby both top:1 + projection b32"
 @pytest.fixture(scope="module")
 def text_source(tiny_dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
     """A text SASRec on a tiny BERT (frozen, cached); (run, encoder cache)."""
-    from tests.test_modality_encoders import save_bert
+    from tests.helpers import save_bert
 
     root = tmp_path_factory.mktemp("e2e_source")
     encoder = save_bert(root / "bert", dropout=0.0)

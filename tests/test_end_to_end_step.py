@@ -19,8 +19,7 @@ from modality_encoders.content_encoder import ContentItemEncoder
 from modality_encoders.transformer import TransformerStages
 from pretraining.cli import evaluate_parser, parse_args
 from pretraining.recommender import RecommenderConfig, load_recommender_config
-from tests.conftest import finetune, perturb_adapters
-from tests.test_modality_encoders import save_bert, text_content, text_encoder
+from tests.helpers import finetune, perturb_adapters, save_bert, text_content, text_encoder
 
 HOULSBY = ("houlsby", "pfeiffer")
 # Item texts of 1 to 13 words: chunks sorted by length are padded far less than one batch.

@@ -14,7 +14,6 @@ import lmdb
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import load_script
 from PIL import Image
 
 from dataset_tools import DataError, images, load_dataset_folder, resolve_dataset
@@ -28,6 +27,7 @@ from dataset_tools.item_text import (
     read_mind_behaviors,
     read_mind_news,
 )
+from tests.helpers import load_script
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 210)}
 

@@ -34,14 +34,17 @@ from pretraining.recommender import (
     SequentialRecommender,
     load_recommender_config,
 )
-from tests.conftest import (
+from tests.helpers import (
     MODEL,
+    TEXTS,
     TRAIN,
     finetune,
     load_script,
     random_item_batch,
+    save_bert,
+    save_vision,
+    text_content,
 )
-from tests.test_modality_encoders import TEXTS, save_bert, save_vision, text_content
 
 BACKBONE = {"hidden_size": 8, "num_heads": 2, "ffn_size": 16, "max_len": 8, "dropout": 0.0}
 HEAD_CASES = [("mlp", {}), ("mlp", {"head_hidden_size": 5, "head_dropout": 0.1}),

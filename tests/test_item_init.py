@@ -5,11 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import run_pretrain, weights
 
-from pretraining import Trainer
 from pretraining.recommender import CheckpointError
 from pretraining.trainer import TrainingConfig
+from tests.helpers import run_pretrain, weights, write_synthetic_interactions
 
 TABLE = "item_encoder.embedding.weight"
 DIFFREC = ["--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",
@@ -22,20 +21,6 @@ def source_run(tiny_dataset_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("source") / "sasrec"
     run_pretrain(tiny_dataset_dir, run, "--epochs", "1")
     return run
-
-
-@pytest.fixture
-def initial_weights(monkeypatch) -> dict[str, torch.Tensor]:
-    """The weights of the model the Trainer is given (filled when a run starts)."""
-    captured = {}
-    original = Trainer.__init__
-
-    def capture(self, model, *args, **kwargs):
-        captured.update({name: t.detach().clone() for name, t in model.state_dict().items()})
-        original(self, model, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "__init__", capture)
-    return captured
 
 
 def source_table(source_run: Path) -> torch.Tensor:
@@ -94,8 +79,6 @@ def test_a_resume_with_another_source_is_refused(tiny_dataset_dir, source_run, t
 def test_a_source_of_another_dataset_or_width_fails_before_training(
     tiny_dataset_dir, source_run, tmp_path
 ):
-    from conftest import write_synthetic_interactions
-
     from dataset_tools import PrepareConfig, prepare_dataset
 
     raw = write_synthetic_interactions(tmp_path / "other.csv", seed=1)

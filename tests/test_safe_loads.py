@@ -128,7 +128,7 @@ def test_resume_state_is_safetensors_and_loads_weights_only(tiny_dataset_dir, tm
     weights_only=True (Accelerate's `load`), our own state in JSON."""
     import torch
 
-    from tests.test_training import run_pretrain
+    from tests.helpers import run_pretrain
 
     run = tmp_path / "run"
     run_pretrain(tiny_dataset_dir, run, "--epochs", "1")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_script
 
 from dataset_tools import (
     DataError,
@@ -22,6 +21,7 @@ from dataset_tools import (
     resolve_dataset,
     split_domains,
 )
+from tests.helpers import load_script
 
 # item: (title, release_year, genre); genre is multi-valued (spaces or '|').
 ITEMS = {

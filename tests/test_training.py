@@ -3,33 +3,28 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pretraining import Trainer
 from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
-from pretraining.pipeline import evaluate_run, pretrain
+from pretraining.pipeline import evaluate_run
 from pretraining.trainer import TrainingConfig
-from tests.conftest import load_script
+from tests.helpers import (
+    SMALL,
+    failure_report,
+    free_port,
+    load_script,
+    run_pretrain,
+    weights,
+    write_synthetic_interactions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20",
-         "--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
-
-
-def run_pretrain(dataset: Path, output_dir: Path, *extra: str) -> dict:
-    argv = ["--dataset", str(dataset), "--output-dir", str(output_dir), *SMALL, *extra]
-    return pretrain(parse_args(pretrain_parser("test"), argv))
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "state" / "model.safetensors")
 
 
 def test_one_epoch_writes_the_run_folder_contract(tiny_dataset_dir, tmp_path):
@@ -234,8 +229,6 @@ def test_a_run_with_a_setting_this_version_lacks_is_refused_by_name(tiny_dataset
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_dataset(tiny_dataset_dir, tmp_path):
-    from conftest import write_synthetic_interactions
-
     from dataset_tools import PrepareConfig, prepare_dataset
 
     run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "1")
@@ -252,13 +245,6 @@ def script(name: str, *args: str, launcher: list[str] | None = None) -> subproce
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [*(launcher or [sys.executable]), str(ROOT / "scripts" / name), *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-
-
-def failure_report(result: subprocess.CompletedProcess) -> str:
-    """Every error line of a failed script (each rank's, when launched), then stderr's end:
-    progress bars would push a rank's error out of the tail alone."""
-    errors = [line for line in result.stderr.splitlines() if "rror" in line or "ignal" in line]
-    return "\n".join([*errors[:40], "--- end of stderr:", result.stderr[-1500:]])
 
 
 @pytest.mark.parametrize(
@@ -350,13 +336,6 @@ def test_a_flag_of_an_exclusive_group_replaces_the_config_files_choice(tmp_path)
     config.write_text("dataset: ml-1m\ninput: log.csv\noutput: data/x\n")
     with pytest.raises(CommandLineError, match="dataset, input exclude each other"):
         parse_arguments(["--config", str(config)])
-
-
-def free_port() -> int:
-    """A port no one listens on now: the default rendezvous port may be taken by another run."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from downstream import build_target_model, target_config
 from modality_encoders import build_item_content, whiten
 from pretraining.cli import run_main
 from pretraining.recommender import SequentialRecommender, load_recommender_config
-from tests.conftest import MODEL, TRAIN, finetune, load_script
+from tests.helpers import MODEL, TRAIN, finetune, load_script
 
 
 def anisotropic(n: int = 400, dim: int = 6, seed: int = 0) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_an_unknown_whitening_is_named():
 @pytest.fixture(scope="module")
 def whitened_base(tiny_dataset_dir, tmp_path_factory):
     """A text SASRec pretrained with --whitening zca; (run, encoder, encoder cache)."""
-    from tests.test_modality_encoders import save_bert
+    from tests.helpers import save_bert
 
     root = tmp_path_factory.mktemp("whitened")
     encoder = save_bert(root / "bert", dropout=0.0)
