@@ -49,9 +49,10 @@ TEXT = ("text", "text+id")  # source kinds with a text encoder (a fusion one inc
 GRID = [
     ("scratch", "finetune_full", ["--from-scratch"], ("id", *TEXT, "diffrec")),
     ("zero-shot", "finetune_full", ["--zero-shot"], TEXT),
-    # An ID model scores the target's items it shares with the source by their pretrained
-    # vectors, without training (the others start fresh).
-    ("zero-shot matched", "finetune_full", ["--zero-shot", "--match-items-by", MATCH], ("id",)),
+    # An ID (or text+id) model scores the target's items it shares with the source by their
+    # pretrained vectors, without training (the others start fresh).
+    ("zero-shot matched", "finetune_full", ["--zero-shot", "--match-items-by", MATCH],
+     ("id", "text+id")),
     ("full fine-tuning", "finetune_full", [], ("id", *TEXT, "diffrec")),
     ("full fine-tuning matched", "finetune_full", ["--match-items-by", MATCH],
      ("id", "text+id", "diffrec")),
@@ -118,6 +119,14 @@ GRID = [
     ("lora item_encoder head r8", "adapter_lora",
      ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "8", "--alpha",
       "16", "--lr", "5e-3"], TEXT),
+    # The head LoRA plus the layer norms (the output norm scales every score): +0.6k.
+    ("lora item_encoder head r8 + layernorm", "adapter_lora",
+     ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "8", "--alpha",
+      "16", "--lr", "5e-3", "--tune", "layernorm"], TEXT),
+    # LoRA on the backbone's attention queries and values and on the text head (~3%).
+    ("lora both q,v + head r4", "adapter_lora",
+     ["--adapt", "both", "--target-modules", "q_proj,v_proj,projection", "--rank", "4",
+      "--alpha", "8", "--lr", "5e-3"], TEXT),
     # A fusion model's shared items keep their pretrained ID rows, frozen; the head adapts.
     ("lora item_encoder head r8, matched frozen", "adapter_lora",
      ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "8", "--alpha",

@@ -94,13 +94,15 @@ def test_transfer_rows_with_matched_items_run_only_with_the_fields(tmp_path, mon
 
 
 def test_in_domain_targets_choose_each_family_on_validation():
-    rows = [{"model": "id", "ndcg": [0.10], "valid": [0.11]},
+    rows = [{"model": "id lr 2e-3", "ndcg": [0.10], "valid": [0.11]},
+            {"model": "id lr 5e-3", "ndcg": [0.12], "valid": [0.105]},  # worse on validation
             {"model": "text linear", "ndcg": [0.09], "valid": [0.08]},  # best test, not valid
             {"model": "text moe", "ndcg": [0.084], "valid": [0.09]},
             {"model": "text+id sum", "ndcg": [0.101], "valid": [0.12]}]
     lines = content_vs_id.check_targets(rows)
     assert lines[0].startswith("text: text moe (best on validation) test NDCG@10 0.0840 = "
-                               "84.0% of id") and lines[0].endswith("NOT met (target >= 85%)")
+                               "84.0% of id lr 2e-3 (0.1000)")
+    assert lines[0].endswith("NOT met (target >= 85%)")
     assert lines[1].startswith("text+id: text+id sum") and "-> met" in lines[1]
 
 
