@@ -525,7 +525,7 @@ def check_process_count(accelerator: Accelerator) -> None:
             f"the launcher started {launched} processes but Accelerate sees "
             f"{accelerator.num_processes}: each would train its own copy. On CPU, launch with "
             "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... "
-            "(see README, Several processes)"
+            "(see docs/user-guide.md, Several processes, GPUs and machines)"
         )
 
 
