@@ -203,3 +203,12 @@ def text_encoder(path: Path, content: ItemContent, **settings):
     config = resolve_item_encoder_config("text", {"encoder": str(path), "template": "{title}",
                                                   **settings})
     return build_item_encoder("text", content.num_items, 8, config, content)
+
+
+def write_items(path: Path, rows: list[dict]) -> Path:
+    """An item table as CSV, columns from the first row."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -4,7 +4,6 @@ adapter checkpoint rebuilds it on its base; bad input stops before anything is w
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -31,24 +30,21 @@ from pretraining.evaluation import EvaluationProtocol
 from pretraining.pipeline import build_accelerator, evaluate_model, pretrain
 from pretraining.recommender import checkpoint_fingerprint, load_recommender_config
 from pretraining.trainer import TrainingConfig
-from tests.helpers import load_script, perturb_adapters, write_synthetic_interactions
+from tests.helpers import (
+    MODEL,
+    TRAIN,
+    load_script,
+    perturb_adapters,
+    write_items,
+    write_synthetic_interactions,
+)
 
-MODEL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20"]
-TRAIN = ["--batch-size", "16", "--eval-batch-size", "16", "--report-to", "none", "--cpu"]
 DIFFREC = ["--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",
            "--untied-output"]
 HOULSBY = ("houlsby", "pfeiffer")
 BY = ["--match-items-by", "title,year"]
 SCRIPTS = ("finetune_full", "adapter_houlsby", "adapter_lora", "adapter_prefix",
            "adapter_diffusion_step")
-
-
-def write_items(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def prepare(root: Path, name: str, items: list[dict], **log) -> Path:

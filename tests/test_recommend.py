@@ -4,7 +4,6 @@ scripts/recommend.py, for ID, text, adapter and DiffRec runs; a text model on a 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from downstream import load_run
 from pretraining.cli import parse_args, pretrain_parser, run_main
 from pretraining.pipeline import pretrain
-from tests.helpers import MODEL, TRAIN, finetune, load_script
+from tests.helpers import MODEL, TRAIN, finetune, load_script, write_items
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +111,6 @@ def test_exclude_history_never_recommends_a_history_item(runs, name):
     # Without it, the history's items are candidates like any other.
     kept = runner.recommend(histories, k=everything)
     assert all(len(items) == everything for items in kept)
-
-
-def write_items(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.mark.parametrize("name", ["text", "adapter"])
