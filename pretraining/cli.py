@@ -136,8 +136,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight-decay", type=float, default=0.0)
     group.add_argument("--scheduler", choices=SCHEDULERS, default="constant",
                        help="the rate after warm-up: constant, cosine to 0 over --epochs, or "
-                       "step (multiplied by --decay-factor after each of --decay-epochs)")
-    group.add_argument("--warmup-steps", type=int, default=0)
+                       "step (multiplied by --decay-factor after each of --decay-epochs); or "
+                       "one_cycle (torch's OneCycleLR: from --lr/25 up to --lr over "
+                       "--warmup-steps, default 30%% of the run's steps, then down to "
+                       "--lr/25e4; the run is --epochs, or --max-steps if fewer)")
+    group.add_argument("--warmup-steps", type=int, default=0,
+                       help="steps of linear warm-up to --lr (one_cycle: of its rise)")
     group.add_argument("--decay-epochs", type=int, nargs="+", default=[],
                        help="--scheduler step: the epochs after which the rate drops")
     group.add_argument("--decay-factor", type=float, default=0.1,

@@ -32,7 +32,10 @@ from transformers import get_scheduler
 
 from pretraining.evaluation import EvaluationProtocol, evaluate
 
-SCHEDULERS = ("constant", "cosine", "step")
+SCHEDULERS = ("constant", "cosine", "step", "one_cycle")
+# torch.optim.lr_scheduler.OneCycleLR's defaults: the rate starts at --lr / ONE_CYCLE_DIV,
+# peaks at --lr after ONE_CYCLE_RISE of the run and ends at --lr / ONE_CYCLE_DIV / 1e4.
+ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV, ONE_CYCLE_RISE = 25.0, 1e4, 0.3
 ON_NAN = ("stop", "skip")
 STATE_DIR = "state"
 BEST_DIR = "best_model"
@@ -56,7 +59,9 @@ class TrainingConfig:
     eval_batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    scheduler: str = "constant"  # "constant", "cosine" or "step", all after `warmup_steps`
+    # "constant", "cosine" or "step", all after `warmup_steps`; or "one_cycle" (OneCycleLR:
+    # up to `lr` over `warmup_steps`, default 30% of the run, then down, both cosine).
+    scheduler: str = "constant"
     warmup_steps: int = 0
     # "step": the rate is multiplied by `decay_factor` after each of these epochs.
     decay_epochs: tuple[int, ...] = ()
@@ -481,6 +486,12 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig,
     """The rate's schedule in scheduler steps: `prepare` steps it once per process per
     optimizer step, so every length is counted in `num_processes` units."""
     warmup = config.warmup_steps * num_processes
+    if config.scheduler == "one_cycle":
+        steps = steps_per_epoch * config.epochs
+        if config.max_steps:
+            steps = min(steps, config.max_steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, one_cycle_factor(steps * num_processes, warmup or None))
     if config.scheduler != "step":
         return get_scheduler(
             "cosine" if config.scheduler == "cosine" else "constant_with_warmup", optimizer,
@@ -496,6 +507,27 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig,
         return warm * config.decay_factor ** sum(step >= b for b in boundaries)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def one_cycle_factor(total_steps: int, rise_steps: int | None = None) -> Callable[[int], float]:
+    """torch.optim.lr_scheduler.OneCycleLR's rate (cosine annealing, default divisors, no
+    momentum cycling) as a factor of the peak rate, for a LambdaLR: a function of the step
+    alone, so a resume applies this run's --lr and length at the saved step (see
+    `Trainer._apply_configured_lr`), as for the other schedules. `rise_steps` (default 30% of
+    `total_steps`) is where the rate peaks; past `total_steps` it stays at its end."""
+    total = max(total_steps, 2)
+    peak = float(rise_steps if rise_steps else ONE_CYCLE_RISE * total) - 1
+    peak = min(max(peak, 1e-9), total - 1 - 1e-9)  # both phases have a length
+    start, end = 1 / ONE_CYCLE_DIV, 1 / ONE_CYCLE_DIV / ONE_CYCLE_FINAL_DIV
+
+    def factor(step: int) -> float:
+        if step <= peak:
+            low, high, share = start, 1.0, step / peak
+        else:
+            low, high, share = 1.0, end, min((step - peak) / (total - 1 - peak), 1.0)
+        return high + (low - high) / 2 * (math.cos(math.pi * share) + 1)
+
+    return factor
 
 
 def _save_pretrained(model: torch.nn.Module, state_dict: dict, directory: Path) -> None:

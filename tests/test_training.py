@@ -13,7 +13,7 @@ import torch
 from pretraining import Trainer
 from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
 from pretraining.pipeline import evaluate_run
-from pretraining.trainer import TrainingConfig
+from pretraining.trainer import TrainingConfig, one_cycle_factor
 from tests.helpers import (
     SMALL,
     failure_report,
@@ -381,3 +381,65 @@ def test_shipped_accelerate_configs_load(name):
     assert config.num_processes >= 1 and config.mixed_precision in ("no", "bf16")
     if name == "fsdp":
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "SASRecBlock"
+
+
+@pytest.mark.parametrize(("total", "rise"), [(10, None), (37, None), (100, None), (20, 8)])
+def test_one_cycle_factor_is_torchs_one_cycle_lr(total, rise):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=0.01, total_steps=total, cycle_momentum=False,
+        pct_start=rise / total if rise else 0.3)
+    expected = []
+    for step in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if step < total - 1:
+            schedule.step()
+    factor = one_cycle_factor(total, rise)
+    assert [0.01 * factor(step) for step in range(total)] == pytest.approx(expected, rel=1e-12)
+
+
+def _record_step_lrs(monkeypatch) -> list[float]:
+    """The rate of every optimizer step the Trainer takes from now on."""
+    rates, original = [], Trainer._train_step
+
+    def recorded(self, batch, window, frozen_now):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        return original(self, batch, window, frozen_now)
+
+    monkeypatch.setattr(Trainer, "_train_step", recorded)
+    return rates
+
+
+def test_one_cycle_rises_to_lr_then_falls_and_a_resume_continues_it_exactly(
+        tiny_dataset_dir, tmp_path, monkeypatch):
+    """5 epochs of 4 steps: the rate peaks at --lr on step 6 (30% of 20), and a run killed
+    after epoch 2 and resumed takes the same rates and ends with the same weights."""
+    cycle = ["--epochs", "5", "--lr", "1e-2", "--scheduler", "one_cycle", "--patience", "9"]
+    rates = _record_step_lrs(monkeypatch)
+    run_pretrain(tiny_dataset_dir, tmp_path / "full", *cycle)
+    assert len(rates) == 20
+    peak = rates.index(max(rates))
+    assert peak == 5 and rates[peak] == pytest.approx(1e-2)
+    assert rates[0] == pytest.approx(1e-2 / 25)
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1], strict=True))
+    assert all(a > b for a, b in zip(rates[peak:-1], rates[peak + 1:], strict=True))
+    full_rates = list(rates)
+
+    rates.clear()
+    original = Trainer._save_state
+
+    def save_then_crash(self):
+        original(self)
+        if self.state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tiny_dataset_dir, tmp_path / "split", *cycle)
+    monkeypatch.setattr(Trainer, "_save_state", original)
+    run_pretrain(tiny_dataset_dir, tmp_path / "split", *cycle, "--resume")
+    assert rates == pytest.approx(full_rates, rel=1e-12)
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
