@@ -48,8 +48,9 @@ def filter_by_rating(df: pd.DataFrame, min_rating: float | None) -> pd.DataFrame
 def k_core_rounds(df: pd.DataFrame, k: int) -> tuple[pd.DataFrame, int]:
     """``k_core_filter`` that also returns how many removal rounds were needed."""
     rounds = 0
-    if k <= 1:
+    if k <= 1 or df.empty:
         return df, rounds
+    k = min(k, len(df) + 1)  # any larger k removes everything too; keeps counts comparable
     while True:
         user_counts = df["user"].map(df["user"].value_counts())
         item_counts = df["item"].map(df["item"].value_counts())
@@ -76,7 +77,7 @@ def sort_chronologically(df: pd.DataFrame) -> pd.DataFrame:
 
 def keep_last(df: pd.DataFrame, max_history: int | None) -> pd.DataFrame:
     """Keep each user's ``max_history`` most recent interactions (input must be sorted)."""
-    if max_history is None:
+    if max_history is None or max_history >= len(df):
         return df
     from_end = df.groupby("user", sort=False).cumcount(ascending=False)
     return df[(from_end < max_history).to_numpy()].reset_index(drop=True)

@@ -26,6 +26,8 @@ _UITEM_GENRES = (
     "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
 _PANDAS_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+# Timestamps are stored as int64 seconds; larger magnitudes would wrap around silently.
+_MAX_TIMESTAMP = 2.0**63
 
 
 def _check_file(path: Path) -> None:
@@ -56,7 +58,9 @@ def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
     except pd.errors.EmptyDataError as e:
         raise DataError(f"{path.name}: the file is empty; pass a file with interactions") from e
     except UnicodeDecodeError as e:
-        raise DataError(f"{path.name}: not valid {encoding} text ({e.reason})") from e
+        raise DataError(
+            f"{path.name}: not valid {encoding} text ({e.reason}); save the file as {encoding}"
+        ) from e
     df["line"] = np.arange(len(df), dtype=np.int64) + (2 if header else 1)
     blank = (df.drop(columns="line") == "").all(axis=1)
     return df[~blank].reset_index(drop=True)
@@ -64,24 +68,31 @@ def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path.name} line {number}: not valid JSON ({e.msg}); "
-                    "each line must hold one JSON object"
-                ) from e
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f"{path.name} line {number}: expected a JSON object, "
-                    f"found {type(obj).__name__}"
-                )
-            rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
-            lines.append(number)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path.name} line {line}: not valid utf-8 text ({e.reason}); save the file as utf-8"
+        ) from e
+    for number, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path.name} line {number}: not valid JSON ({e.msg}); "
+                "each line must hold one JSON object"
+            ) from e
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"{path.name} line {number}: expected a JSON object, "
+                f"found {type(obj).__name__}"
+            )
+        rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
+        lines.append(number)
     if not rows:
         raise DataError(f"{path.name}: the file is empty; pass a file with interactions")
     df = pd.DataFrame(rows, dtype=str).fillna("")
@@ -89,14 +100,26 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return df
 
 
-def _strip_recbole_types(df: pd.DataFrame) -> pd.DataFrame:
-    """RecBole headers are ``name:type``; keep the name."""
+def _strip_recbole_types(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """RecBole headers are ``name:type``; keep the name (each name once)."""
+    names = [c.split(":", 1)[0] for c in df.columns if c != "line"]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(
+            f"{path.name}: column {repeated[0]!r} appears more than once in the header; "
+            "rename or remove the extra one"
+        )
     return df.rename(columns={c: c.split(":", 1)[0] for c in df.columns if c != "line"})
 
 
 def _require_columns(df: pd.DataFrame, path: Path, wanted: dict[str, str | None]) -> None:
     available = ", ".join(c for c in df.columns if c != "line")
     for flag, name in wanted.items():
+        if name == "line":
+            raise DataError(
+                f"{path.name}: {flag} line: the column name 'line' is reserved for source "
+                "line numbers; rename that column in the file"
+            )
         if name is None:
             raise DataError(
                 f"{path.name}: {flag} is required for this format; "
@@ -128,6 +151,13 @@ def _to_number(df: pd.DataFrame, path: Path, column: str, what: str, hint: str) 
         line = int(df["line"].iloc[i])
         problem = f"empty {what} field" if raw == "" else f"{what} {raw!r} is not a number"
         raise DataError(f"{path.name} line {line}: {problem}; {hint}")
+    huge = np.abs(values.to_numpy(dtype=np.float64)) >= _MAX_TIMESTAMP
+    if what == "timestamp" and huge.any():
+        i = int(huge.argmax())
+        raise DataError(
+            f"{path.name} line {int(df['line'].iloc[i])}: timestamp {df[column].iloc[i]!r} is "
+            f"out of range (|t| < 2**63); {hint}"
+        )
     return values
 
 
@@ -170,7 +200,9 @@ def _checked_source(path: str | Path, fmt: str) -> Path:
 
 def _read_recbole(path: Path) -> pd.DataFrame:
     # RecBole atomic files are tab-separated with `name:type` headers and no quoting.
-    return _strip_recbole_types(_read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE))
+    return _strip_recbole_types(
+        _read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE), path
+    )
 
 
 def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
