@@ -83,6 +83,19 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
         baseline.add_argument("--zero-shot", action="store_true",
                               help="evaluate on the target without training (content models, "
                               "or an ID model with --match-items-by)")
+        strategy = parser.add_argument_group("full fine-tuning strategies")
+        strategy.add_argument("--freeze", type=_names, default=(), metavar="GROUP[,GROUP...]",
+                              help=f"keep these pretrained parameter groups fixed, of "
+                              f"{list(EXTRAS)} (as adapters' --tune defines them): embeddings "
+                              "= every nn.Embedding (positions, ...) except the per-item tables "
+                              "transfer restarts, which train (with --match-items-by, their "
+                              "matched rows stay as pretrained, as --freeze-matched-items)")
+        strategy.add_argument("--unfreeze-every", type=int, default=0, metavar="N",
+                              help="progressive unfreezing: train the top backbone layer, the "
+                              "final norm, the item side's head and the per-item tables at "
+                              "first, then one more backbone layer, from the top down, every N "
+                              "epochs, and the pretrained embeddings (positions) last "
+                              "(0: everything from the start)")
         return parser
     unknown = [m for m in methods if m not in ADAPTERS]
     if unknown:

@@ -13,7 +13,9 @@ transfers, except for target items matched to source items (`--match-items-by`,
   `adapters.get_adapted_model`, everything else frozen except the named extras and the
   fresh per-item parameters; the best checkpoint is the adapter alone
   (`adapters.checkpoint`), tied to the base by its fingerprint;
-- `full`: every parameter trained (the upper reference); a complete checkpoint;
+- `full`: every parameter trained (the upper reference); a complete checkpoint; or, with
+  `--freeze GROUPS`, all but those pretrained groups; with `--unfreeze-every N`, the
+  backbone unfrozen progressively from the top (`SequentialRecommender.unfreezing_stages`);
 - `scratch`: the same architecture, randomly initialised, trained on the target only;
 - `zero_shot`: the pretrained model evaluated on the target without training (content
   encoders; an ID model only with its items matched: the others have never been seen,
@@ -32,13 +34,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from adapters import fold_prefixes, get_adapted_model, parse_layers
-from adapters.base import AdapterConfig
+from adapters.base import EXTRAS, AdapterConfig, extra_parameter_ids
 from adapters.checkpoint import (
     is_adapter_checkpoint,
     load_adapter_weights,
     read_adapter_config,
     save_adapter,
 )
+from adapters.placement import check_known
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
 from downstream.matching import (
     MATCHING_FILE,
@@ -232,6 +235,18 @@ def adapt(model: SequentialRecommender, adapter: AdapterConfig) -> SequentialRec
     return model
 
 
+def freeze_groups(model: SequentialRecommender, groups: tuple[str, ...]) -> None:
+    """Keep the pretrained parameters of `groups` (keys of `EXTRAS`, the groups adapters'
+    `--tune` names) fixed: requires_grad off, so in no optimizer. The per-item tables that
+    transfer restarts stay trainable (their matched rows are frozen by
+    `freeze_matched_rows`)."""
+    fixed = extra_parameter_ids(model, groups)
+    catalog = set(model.catalog_parameter_names())
+    for name, parameter in model.named_parameters():
+        if id(parameter) in fixed and name not in catalog:
+            parameter.requires_grad_(False)
+
+
 def load_adapted_model(
     directory: Path,
     data: SequenceData,
@@ -270,11 +285,13 @@ def matched_target_model(
     matching: ItemMatching | None = None,
     frozen: bool = False,
     announce: bool = False,
+    freeze: tuple[str, ...] = (),
 ) -> SequentialRecommender:
     """The target model on its base (`base_dir`; None: from scratch), its matched items'
-    rows carried from the base, adapted by `adapter`, and, if `frozen`, the matched rows
-    frozen (after the adapters, whose injection freezes whole parameters). `announce`:
-    print the matching's counts (main process)."""
+    rows carried from the base, adapted by `adapter`, the parameter groups `freeze` fixed
+    (`freeze_groups`), and, if `frozen`, the matched rows frozen (after the adapters, whose
+    injection freezes whole parameters). `announce`: print the matching's counts (main
+    process)."""
     model = build_target_model(config, base_dir, data, encoder_cache_dir)
     carried = []
     if matching is not None:
@@ -284,6 +301,8 @@ def matched_target_model(
                   f"{' (frozen)' if frozen else ''}")
     if adapter is not None:
         adapt(model, adapter)
+    if freeze:
+        freeze_groups(model, freeze)
     if matching is not None and frozen:
         freeze_matched_rows(model, matching, carried)
     return model
@@ -316,7 +335,17 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
                               f"{base.backbone} model; drop --backbone or pass a {args.backbone} "
                               "checkpoint")
     matching = resolve_matching(args, base_dir, base, data, method)
-    frozen = matching is not None and bool(getattr(args, "freeze_matched_items", False))
+    freeze = tuple(getattr(args, "freeze", ()))
+    check_known(freeze, EXTRAS, "--freeze group(s)", "valid")
+    strategies = [flag for flag, given in (("--freeze", freeze),
+                                           ("--unfreeze-every", getattr(args, "unfreeze_every", 0)))
+                  if given]
+    if strategies and method != "full":
+        raise ValueError(f"{', '.join(strategies)}: a strategy of fine-tuning pretrained weights "
+                         f"(full fine-tuning), not of {method}; drop it")
+    # Frozen pretrained embeddings include the item rows carried from the base.
+    frozen = matching is not None and (bool(getattr(args, "freeze_matched_items", False))
+                                       or "embeddings" in freeze)
     if method == "zero_shot" and base.item_encoder == "id" and matching is None:
         raise ValueError("zero-shot transfer needs a content item encoder (text or image): an "
                          "ID model has never seen the target's items; fine-tune it instead, "
@@ -336,6 +365,8 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
         "command": sys.argv,
         "versions": versions(),
     }
+    if freeze:  # only when given: runs from before the flag resume unchanged
+        run_config["transfer"]["freeze"] = list(freeze)
     extra_files = {}
     if matching is not None:
         run_config["transfer"]["item_matching"] = matching_record(
@@ -348,7 +379,8 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
 
     def build_model() -> SequentialRecommender:
         return matched_target_model(config, None if method == "scratch" else base_dir, data,
-                                    encoder_cache_dir, adapter, matching, frozen, announce=True)
+                                    encoder_cache_dir, adapter, matching, frozen, announce=True,
+                                    freeze=freeze)
 
     def save_model(model, state_dict: dict, directory: Path) -> None:
         save_target_model(model, directory, adapter, base_dir, fingerprint, matching, frozen,

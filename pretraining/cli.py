@@ -445,6 +445,7 @@ def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfi
         patience=args.patience, num_workers=args.num_workers, seed=args.seed,
         save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,
         compile=args.compile, on_nan=args.on_nan,
+        unfreeze_every=getattr(args, "unfreeze_every", 0),  # a full fine-tuning flag only
         freeze_prefixes=(ITEM_ENCODER_PREFIX,) if freeze_items else (), freeze_epochs=freeze_items,
     )
 

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_model, save_file
 from torch import nn
 
+from adapters.base import extra_parameter_ids, layer_path, num_layers
 from dataset_tools import atomic_directory
 from modality_encoders import (
     EncoderMismatchError,
@@ -214,6 +215,24 @@ class SequentialRecommender(nn.Module):
                  for name in getattr(self.item_encoder, "catalog_parameters", ())]
         names += ["item_bias"] if self.config.is_generative else []
         return names + (["output_items"] if self.output_items is not None else [])
+
+    def unfreezing_stages(self) -> list[set[str]]:
+        """Progressive unfreezing (gradual unfreezing, top down, as in ULMFiT and SRT): the
+        parameter names of each stage after the first, which `--unfreeze-every N` keeps
+        frozen until epoch k * N for stage k: the backbone layers below the top one, one a
+        stage from the top down, then the pretrained embeddings (every `nn.Embedding`,
+        positions included, that is no per-item table of this catalog). The first stage,
+        trained from the start, is everything else: the top layer, the final norm, the item
+        encoder's head and the per-item tables."""
+        named = dict(self.named_parameters())
+        layers = [f"backbone.{layer_path(self.backbone, i)}."
+                  for i in reversed(range(num_layers(self.backbone) - 1))]
+        stages = [{name for name in named if name.startswith(prefix)} for prefix in layers]
+        embeddings = extra_parameter_ids(self, ("embeddings",))
+        catalog = set(self.catalog_parameter_names())
+        stages.append({name for name, p in named.items()
+                       if id(p) in embeddings and name not in catalog})
+        return stages
 
     @torch.no_grad()
     def copy_items_to_output(self) -> None:

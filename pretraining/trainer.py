@@ -82,6 +82,9 @@ class TrainingConfig:
     # `freeze_epochs` (e.g. pretrained item embeddings kept while the backbone warms up).
     freeze_prefixes: tuple[str, ...] = ()
     freeze_epochs: int = 0
+    # Progressive unfreezing: the model's `unfreezing_stages()` (top down) get no update
+    # before epoch k * unfreeze_every for stage k = 1, 2, ... (0 = everything trains).
+    unfreeze_every: int = 0
     # A NaN or inf training loss: "stop" the run (an error naming the step, the batch's
     # users and the last saved state), or "skip" that optimizer step and count it.
     on_nan: str = "stop"
@@ -95,6 +98,8 @@ class TrainingConfig:
         if self.freeze_epochs < 0:
             raise ValueError(f"freeze epochs (--freeze-items-epochs) must be >= 0, "
                              f"got {self.freeze_epochs}")
+        if self.unfreeze_every < 0:
+            raise ValueError(f"--unfreeze-every must be >= 0, got {self.unfreeze_every}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown --scheduler {self.scheduler!r}; use one of {SCHEDULERS}")
         if (self.scheduler == "step") != bool(self.decay_epochs):
@@ -180,21 +185,38 @@ class Trainer:
         self.state = TrainerState()
         self.epoch_lr = config.lr
 
-    def _early_frozen_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        """The trainable parameters `freeze_prefixes` names, looked up before `prepare`
-        (which may rename them, e.g. `module.` under DDP; the objects stay the same)."""
+    def _early_frozen_parameters(self, model: torch.nn.Module
+                                 ) -> list[tuple[list[torch.nn.Parameter], int]]:
+        """(trainable parameters, the first epoch that updates them) for those
+        `freeze_prefixes` names and for each stage of progressive unfreezing, looked up
+        before `prepare` (which may rename them, e.g. `module.` under DDP; the objects stay
+        the same). Every one is in the optimizer from the start: until its epoch, its
+        gradient is dropped before each step."""
         config = self.config
-        if not config.freeze_epochs:
+        if not config.freeze_epochs and not config.unfreeze_every:
             return []
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise ValueError("freezing parameters for the first epochs needs their own gradients, "
                              "which FSDP and DeepSpeed shard; use DDP (multi_gpu_ddp.yaml)")
-        frozen = [p for name, p in model.named_parameters()
-                  if p.requires_grad and name.startswith(tuple(config.freeze_prefixes))]
-        if not frozen:
-            raise ValueError(f"no trainable parameter's name starts with {config.freeze_prefixes}"
-                             "; nothing to freeze for the first epochs")
-        return frozen
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        schedule = []
+        if config.freeze_epochs:
+            frozen = [p for name, p in named if name.startswith(tuple(config.freeze_prefixes))]
+            if not frozen:
+                raise ValueError(f"no trainable parameter's name starts with "
+                                 f"{config.freeze_prefixes}; nothing to freeze for the first "
+                                 "epochs")
+            schedule.append((frozen, config.freeze_epochs))
+        if config.unfreeze_every:
+            stages = getattr(model, "unfreezing_stages", None)
+            if stages is None:
+                raise ValueError(f"--unfreeze-every: {type(model).__name__} names no "
+                                 "unfreezing stages")
+            for stage, names in enumerate(stages(), start=1):
+                frozen = [p for name, p in named if name in names]
+                if frozen:  # a stage frozen for good (--freeze) has nothing to unfreeze
+                    schedule.append((frozen, stage * config.unfreeze_every))
+        return schedule
 
     def _loader(self, dataset: Dataset, batch_size: int, collate_fn: Callable, shuffle=False):
         if len(dataset) == 0:
@@ -272,7 +294,8 @@ class Trainer:
         # The micro-batches of the optimizer step in progress: (loss is finite, users).
         window: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         # A function of the epoch counter, so a resumed run freezes exactly as before.
-        frozen_now = self.state.epoch < config.freeze_epochs
+        frozen_now = [p for frozen, until in self.early_frozen if self.state.epoch < until
+                      for p in frozen]
         # Closed (the bar cleared) also when a NaN stops the run: the error gets its own line.
         with tqdm(total=len(self.train_loader), initial=done_here,
                   desc=f"epoch {self.state.epoch + 1}", leave=False,
@@ -305,7 +328,7 @@ class Trainer:
         mean_loss = acc.reduce(loss_sum, "sum").item() / max(acc.reduce(counted, "sum").item(), 1)
         return mean_loss, wait, int(acc.reduce(positions, "sum").item())
 
-    def _train_step(self, batch: dict, window: list, frozen_now: bool
+    def _train_step(self, batch: dict, window: list, frozen_now: list[torch.nn.Parameter]
                     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Forward and backward on one micro-batch, then, at the end of its accumulation
         window, the optimizer step, or none if a loss of the window was not finite (then
@@ -324,7 +347,7 @@ class Trainer:
             if acc.sync_gradients and frozen_now:
                 # No gradient: AdamW skips them (no moment update, no weight decay).
                 # Gradients are already all-reduced, so every process drops the same.
-                for parameter in self.early_frozen:
+                for parameter in frozen_now:
                     parameter.grad = None
             if acc.sync_gradients and config.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)

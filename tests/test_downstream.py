@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -430,3 +431,96 @@ def test_bad_head_placement_fails_before_training(text_base, target_dir, tmp_pat
                  "--output-dir", str(run), "--adapt", "item_encoder",
                  "--encoder-cache-dir", str(cache), *extra)
     assert not (run / "config.json").exists()
+
+
+def _full(id_base, target_dir, run, *argv: str) -> dict:
+    return finetune((), "--pretrained", str(id_base), "--dataset", str(target_dir),
+                    "--output-dir", str(run), "--patience", "9", *argv)
+
+
+def _weights_after_each_epoch(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """The model's weights at the end of every epoch trained from now on."""
+    from pretraining import Trainer
+
+    snapshots, original = [], Trainer._end_epoch
+
+    def end_epoch(self, *args):
+        model = self.accelerator.unwrap_model(self.model)
+        snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch)
+    return snapshots
+
+
+def test_freeze_embeddings_keeps_the_pretrained_ones_and_trains_the_rest(
+        id_base, target_dir, tmp_path, initial_weights):
+    """Positions stay as pretrained; the item table (fresh for the new catalog) and every
+    other parameter train."""
+    metrics = _full(id_base, target_dir, tmp_path / "run", "--epochs", "1",
+                    "--freeze", "embeddings")
+    assert 0 < metrics["parameters"]["trainable_percent"] < 100
+    base = load_file(id_base / "best_model" / "model.safetensors")
+    trained = load_file(tmp_path / "run" / "state" / "model.safetensors")
+    name = "backbone.position_embedding.weight"
+    assert torch.equal(trained[name], base[name])
+    for name in ("item_encoder.embedding.weight", "backbone.layers.0.attention.q_proj.weight",
+                 "backbone.final_norm.weight"):
+        assert not torch.equal(trained[name], initial_weights[name]), name
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["transfer"]["freeze"] == ["embeddings"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--freeze", "embeddings", "--from-scratch"), "--freeze: a strategy of fine-tuning"),
+    (("--unfreeze-every", "1", "--from-scratch"), "--unfreeze-every: a strategy of"),
+    (("--freeze", "weights"), "unknown --freeze group(s) 'weights'"),
+])
+def test_full_finetuning_strategies_are_refused_where_they_mean_nothing(
+        id_base, target_dir, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _full(id_base, target_dir, tmp_path / "run", "--epochs", "1", *extra)
+    assert not (tmp_path / "run").exists()
+
+
+def test_progressive_unfreezing_trains_one_more_layer_each_stage_and_resumes_exactly(
+        id_base, target_dir, tmp_path, monkeypatch, initial_weights):
+    """Two layers, --unfreeze-every 1: epoch 1 trains the top layer, the final norm and the
+    item table; epoch 2 the bottom layer too; epoch 3 the position embeddings too. A run
+    killed after epoch 1 and resumed ends with the same weights."""
+    from pretraining import Trainer
+
+    argv = ["--epochs", "3", "--unfreeze-every", "1"]
+    snapshots = _weights_after_each_epoch(monkeypatch)
+    _full(id_base, target_dir, tmp_path / "full", *argv)
+    assert len(snapshots) == 3
+    groups = {"top": "backbone.layers.1.", "bottom": "backbone.layers.0.",
+              "positions": "backbone.position_embedding.", "norm": "backbone.final_norm.",
+              "items": "item_encoder.embedding."}
+    trains_from = {"top": 0, "norm": 0, "items": 0, "bottom": 1, "positions": 2}
+
+    def changed(before: dict, after: dict) -> set[str]:
+        return {group for group, prefix in groups.items()
+                if any(not torch.equal(before[n], after[n]) for n in after
+                       if n.startswith(prefix))}
+
+    for epoch, (before, after) in enumerate(zip([initial_weights, *snapshots], snapshots,
+                                                strict=False)):
+        assert changed(before, after) == {g for g, e in trains_from.items() if e <= epoch}, epoch
+
+    original = Trainer._save_state
+
+    def save_then_crash(self):
+        original(self)
+        if self.state.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        _full(id_base, target_dir, tmp_path / "split", *argv)
+    monkeypatch.setattr(Trainer, "_save_state", original)
+    _full(id_base, target_dir, tmp_path / "split", *argv, "--resume")
+    full = load_file(tmp_path / "full" / "state" / "model.safetensors")
+    split = load_file(tmp_path / "split" / "state" / "model.safetensors")
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
