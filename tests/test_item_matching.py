@@ -397,3 +397,30 @@ def test_ml1m_to_ml100k_matches_1278_items_by_title_and_year():
     ml1m, ml100k = (load_dataset_folder(resolve_dataset(n)) for n in ("ml-1m", "ml-100k"))
     matching = match_items(ml1m, ml100k, ("movie_title", "release_year"))
     assert (matching.matched, matching.target_items, matching.ambiguous) == (1278, 1341, 0)
+
+
+def test_freeze_embeddings_keeps_the_matched_rows_and_positions_and_trains_the_others(
+        domains, bases, tmp_path):
+    """--freeze embeddings on matched items: the pretrained rows (and the positions) stay
+    as pretrained, as with --freeze-matched-items; the fresh rows train."""
+    source_dir, target_dir = domains
+    pairs = expected_pairs(source_dir, target_dir)
+    matched = torch.tensor(sorted(pairs))
+    source_index = torch.tensor([pairs[t] for t in sorted(pairs)])
+    others = torch.tensor([i for i in range(1, len(load_dataset_folder(target_dir).items) + 1)
+                           if i not in pairs])
+    base = load_file(bases["sasrec"] / "best_model" / "model.safetensors")
+    common = ["--pretrained", str(bases["sasrec"]), "--dataset", str(target_dir), *BY,
+              "--epochs", "1", "--lr", "0.01", "--seed", "3"]
+    finetune((), *common, "--output-dir", str(tmp_path / "frozen"), "--freeze", "embeddings")
+    finetune((), *common, "--output-dir", str(tmp_path / "trained"))
+    frozen = load_file(tmp_path / "frozen" / "best_model" / "model.safetensors")
+    trained = load_file(tmp_path / "trained" / "best_model" / "model.safetensors")
+    table, positions = "item_encoder.embedding.weight", "backbone.position_embedding.weight"
+    assert torch.equal(frozen[table][matched], base[table][source_index])
+    assert torch.equal(frozen[positions], base[positions])
+    assert not torch.equal(trained[positions], base[positions])
+    config = json.loads((tmp_path / "frozen" / "config.json").read_text())
+    assert config["transfer"]["item_matching"]["frozen"] is True
+    # The fresh rows trained: the same start (seed 3) in both runs, moved in both.
+    assert not torch.equal(frozen[table][others], trained[table][others])
