@@ -23,7 +23,8 @@ from pretraining.cli import run_main
 from tests.helpers import load_script
 
 PREPARE = load_script("prepare_data").main
-SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None,
+EXAMPLES, FLAG_EXAMPLES = 100, 200  # per test; docs/reliability.md quotes them
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
 
@@ -259,13 +260,14 @@ def test_item_files(fmt, header, titles, encoding):
 
 # --- flags ------------------------------------------------------------------------------------
 
-NUMBERS = st.sampled_from(["0", "1", "2", "3", "-1", "-5", "10**9", "99999999999999999999",
-                           "1.5", "nan", "inf", "-inf", "", "abc", "0x3", "1e3"])
+NUMBERS = st.sampled_from(["0", "1", "2", "3", "4", "2", "3", "-1", "-5", "10**9",
+                           "99999999999999999999", "1.5", "nan", "inf", "-inf", "", "abc",
+                           "0x3", "1e3"])
 FLAG_CHOICES = {
     "--k-core": NUMBERS,
     "--min-rating": NUMBERS,
     "--max-history": NUMBERS,
-    "--dedupe": st.sampled_from(["first", "last", "all", "none", "", "FIRST"]),
+    "--dedupe": st.sampled_from(["first", "last", "all", "first", "last", "none", "", "FIRST"]),
     "--format": st.sampled_from(["csv", "tsv", "jsonl", "recbole", "movielens", "parquet", ""]),
     "--user-col": st.sampled_from(["user_id", "item_id", "nope", "", "line"]),
     "--item-col": st.sampled_from(["item_id", "user_id", "nope", ""]),
@@ -281,16 +283,16 @@ ITEMS_CSV = delimited([(f"i{i}", f"T\u00edtulo {i} \U0001f3ac") for i in range(4
                       ["item_id", "title"])
 
 
-@SETTINGS
-@given(chosen=st.dictionaries(st.sampled_from(sorted(FLAG_CHOICES)), st.just(None), max_size=7)
+@settings(SETTINGS, max_examples=FLAG_EXAMPLES)
+@given(chosen=st.dictionaries(st.sampled_from(sorted(FLAG_CHOICES)), st.just(None), max_size=4)
        .flatmap(lambda keys: st.fixed_dictionaries({k: FLAG_CHOICES[k] for k in keys})),
-       base=st.booleans())
+       base=st.sampled_from([True, True, True, False]))
 @example(chosen={"--k-core": "99999999999999999999"}, base=True)
 @example(chosen={"--max-history": "99999999999999999999"}, base=True)
 @example(chosen={"--max-history": "3", "--dedupe": "all"}, base=True)
 @example(chosen={"--user-col": "line"}, base=True)  # was the file's line numbers, silently
 def test_random_flag_combinations(chosen, base):
-    flags = ["--input", "{dir}/log.csv", "--format", "csv", *COLS] if base else []
+    flags = ["--input", "{dir}/log.csv", "--format", "csv", *COLS, "--k-core", "2"] if base else []
     for flag, value in chosen.items():
         if flag in flags:
             flags[flags.index(flag) + 1] = value
