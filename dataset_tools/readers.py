@@ -30,15 +30,16 @@ _PANDAS_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 _MAX_TIMESTAMP = 2.0**63
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, what: str = "interactions") -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.stat().st_size == 0:
-        raise DataError(f"{path.name}: the file is empty; pass a file with interactions")
+        raise DataError(f"{path.name}: the file is empty; pass a file with {what}")
 
 
 def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
-                quoting: int = csv.QUOTE_MINIMAL, text: str | None = None) -> pd.DataFrame:
+                quoting: int = csv.QUOTE_MINIMAL, text: str | None = None,
+                what: str = "interactions") -> pd.DataFrame:
     """Read a delimited file as strings, keeping blank lines so row i is line i+1(+header)."""
     source = io.StringIO(text) if text is not None else path
     try:
@@ -56,7 +57,7 @@ def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
             f"fix or remove that line (is the separator {sep!r} used inside a field?)"
         ) from e
     except pd.errors.EmptyDataError as e:
-        raise DataError(f"{path.name}: the file is empty; pass a file with interactions") from e
+        raise DataError(f"{path.name}: the file is empty; pass a file with {what}") from e
     except UnicodeDecodeError as e:
         raise DataError(
             f"{path.name}: not valid {encoding} text ({e.reason}); save the file as {encoding}"
@@ -66,7 +67,7 @@ def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
     return df[~blank].reset_index(drop=True)
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
+def _read_jsonl(path: Path, what: str = "interactions") -> pd.DataFrame:
     rows, lines = [], []
     data = path.read_bytes()
     try:
@@ -94,7 +95,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
         lines.append(number)
     if not rows:
-        raise DataError(f"{path.name}: the file is empty; pass a file with interactions")
+        raise DataError(f"{path.name}: the file is empty; pass a file with {what}")
     df = pd.DataFrame(rows, dtype=str).fillna("")
     df["line"] = np.asarray(lines, dtype=np.int64)
     return df
@@ -132,13 +133,14 @@ def _require_columns(df: pd.DataFrame, path: Path, wanted: dict[str, str | None]
             )
 
 
-def _check_nonempty(df: pd.DataFrame, path: Path, column: str, what: str) -> None:
+def _check_nonempty(df: pd.DataFrame, path: Path, column: str, what: str,
+                    need: str = "every interaction needs a user, an item and a timestamp",
+                    ) -> None:
     empty = (df[column] == "").to_numpy()
     if empty.any():
         line = int(df["line"].to_numpy()[empty.argmax()])
         raise DataError(
-            f"{path.name} line {line}: empty {what} field; every interaction needs "
-            "a user, an item and a timestamp (fix or remove that line)"
+            f"{path.name} line {line}: empty {what} field; {need} (fix or remove that line)"
         )
 
 
@@ -190,18 +192,18 @@ def _is_grouplens_dat(path: Path) -> bool:
         return "::" in f.readline()
 
 
-def _checked_source(path: str | Path, fmt: str) -> Path:
+def _checked_source(path: str | Path, fmt: str, what: str = "interactions") -> Path:
     path = Path(path)
     if fmt not in INTERACTION_FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(INTERACTION_FORMATS)}")
-    _check_file(path)
+    _check_file(path, what)
     return path
 
 
-def _read_recbole(path: Path) -> pd.DataFrame:
+def _read_recbole(path: Path, what: str = "interactions") -> pd.DataFrame:
     # RecBole atomic files are tab-separated with `name:type` headers and no quoting.
     return _strip_recbole_types(
-        _read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE), path
+        _read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE, what=what), path
     )
 
 
@@ -248,20 +250,20 @@ def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
 
 def read_items(path: str | Path, fmt: str, item_col: str | None = None) -> pd.DataFrame:
     """Read an item table into a column ``item`` (same id space as interactions) + text fields."""
-    path = _checked_source(path, fmt)
+    path = _checked_source(path, fmt, "items")
     if fmt == "recbole":
-        df = _read_recbole(path)
+        df = _read_recbole(path, "items")
         item_col = item_col or "item_id"
     elif fmt == "movielens":
         df = _read_movielens_items(path)
         item_col = "item"
     elif fmt == "jsonl":
-        df = _read_jsonl(path)
+        df = _read_jsonl(path, "items")
     else:
-        df = _read_table(path, "," if fmt == "csv" else "\t", header=True)
+        df = _read_table(path, "," if fmt == "csv" else "\t", header=True, what="items")
     _require_columns(df, path, {"--item-col": item_col})
     assert item_col is not None
-    _check_nonempty(df, path, item_col, "item")
+    _check_nonempty(df, path, item_col, "item", "every row of an item file needs an item id")
     df = df.rename(columns={item_col: "item"})
     fields = [c for c in df.columns if c not in ("item", "line")]
     return df[["item", *fields]].astype(str).reset_index(drop=True)
@@ -273,13 +275,13 @@ def _read_movielens_items(path: Path) -> pd.DataFrame:
     first = text.split("\n", 1)[0]
     if "::" in first:
         df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE,
-                         text=text.replace("::", "\t"))
+                         text=text.replace("::", "\t"), what="items")
         if df.shape[1] != 4:
             raise DataError(f"{path.name}: expected MovieID::Title::Genres on every line")
         df.columns = ["item", "title", "genres", "line"]
         df["genres"] = df["genres"].str.replace("|", ", ", regex=False)
         return df
-    df = _read_table(path, "|", header=False, quoting=csv.QUOTE_NONE, text=text)
+    df = _read_table(path, "|", header=False, quoting=csv.QUOTE_NONE, text=text, what="items")
     if df.shape[1] != 5 + len(_UITEM_GENRES) + 1:
         raise DataError(
             f"{path.name}: expected {5 + len(_UITEM_GENRES)} '|'-separated fields per line "

@@ -212,7 +212,8 @@ def test_recbole_files(rows, header, encoding):
 @SETTINGS
 @given(rows=ROWS, dat=st.booleans(), encoding=ENCODINGS,
        titles=st.lists(st.tuples(st.sampled_from(["i1", "i2", "i3", "i4"]) | IDS, TITLES),
-                       max_size=6))
+                       min_size=1, max_size=6))
+@example(rows=GOOD_ROWS, dat=True, encoding="utf-8", titles=[])  # empty movies.dat
 def test_movielens_files(rows, dat, encoding, titles):
     sep = "::" if dat else "\t"
     ratings = delimited([(u, i, r, t) for u, i, t, r in rows], sep, None)
@@ -331,6 +332,14 @@ def test_found_bugs_are_one_line_errors():
         result = run_case({name: data}, ["--input", f"{{dir}}/{name}", "--format", fmt, *flags,
                                          "--k-core", "2"])
         assert result.startswith(f"error: {expected}"), result
+    base = ["--input", "{dir}/log.csv", "--format", "csv", *COLS, "--k-core", "2"]
+    for items, expected in ((b"", "items.csv: the file is empty; pass a file with items"),
+                            (b"item_id,title\n,x\n", "items.csv line 2: empty item field; "
+                             "every row of an item file needs an item id")):
+        files = {"log.csv": GOOD_LOG.encode(), "items.csv": items}
+        result = run_case(files, [*base, "--items", "{dir}/items.csv"])
+        assert result == f"error: {expected} (fix or remove that line)" or result == (
+            f"error: {expected}"), result
     result = run_case({"log.csv": GOOD_LOG.encode()}, ["--input", "{dir}/log.csv", "--format",
                                                        "csv", *COLS, "--k-core", "10**30"])
     assert "--k-core" in result
