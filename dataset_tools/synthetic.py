@@ -78,6 +78,11 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _FOLLOW, _ITEM, _TOPIC, _BREAK, _GAP = range(5)
 
 
+# Upper bounds: item indices are int32, timestamps and the hash streams 64-bit integers.
+_LIMITS = {"num_interactions": 2**40, "num_users": 2**40, "num_items": 2**31 - 1,
+           "num_topics": 2**31 - 1, "session_gap": 2**31 - 1, "seed": 2**63 - 1}
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Size and shape of a synthetic log; every field is validated on construction."""
@@ -99,6 +104,9 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
         if _as_int(self, "seed") < 0:
             raise ValueError(f"seed must be >= 0, not {self.seed!r}")
+        for name, limit in _LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name} must be at most {limit:,}, not {getattr(self, name)!r}")
         if self.num_items < 2:
             raise ValueError(
                 f"num_items must be >= 2 (an item's successors are other items), "

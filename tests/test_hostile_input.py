@@ -23,7 +23,8 @@ from pretraining.cli import run_main
 from tests.helpers import load_script
 
 PREPARE = load_script("prepare_data").main
-EXAMPLES, FLAG_EXAMPLES = 100, 200  # per test; docs/reliability.md quotes them
+SYNTHETIC = load_script("generate_synthetic").main
+EXAMPLES, FLAG_EXAMPLES, SYNTHETIC_EXAMPLES = 100, 200, 60  # docs/reliability.md quotes them
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
@@ -44,12 +45,12 @@ def check_dataset(folder: Path) -> None:
         assert np.isfinite(stamps).all() and (np.diff(stamps) >= 0).all()
 
 
-def outcome(argv: list[str], output: Path) -> str:
-    """Run prepare_data in-process: 'ok' (a valid dataset) or the one error line."""
+def outcome(argv: list[str], output: Path, script=PREPARE) -> str:
+    """Run a script in-process: 'ok' (a valid dataset) or the one error line."""
     err, out = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            run_main(PREPARE, argv)
+            run_main(script, argv)
     except SystemExit as exit_info:
         text = err.getvalue()
         assert exit_info.code == 2, text
@@ -64,7 +65,8 @@ def outcome(argv: list[str], output: Path) -> str:
                      if p.name.startswith(f".{output.name}.")]
         assert not leftovers, leftovers
         return errors[0]
-    check_dataset(output)
+    if script is PREPARE:
+        check_dataset(output)
     return "ok"
 
 
@@ -346,3 +348,40 @@ def test_found_bugs_are_one_line_errors():
     result = run_case({"log.csv": GOOD_LOG.encode()}, ["--input", "{dir}/log.csv", "--format",
                                                        "csv", *COLS, "--k-core", str(10**30)])
     assert result.startswith("error: no interactions left after"), result
+
+
+SYNTHETIC_NUMBERS = st.sampled_from(["1", "2", "5", "20", "0", "-3", "1.5", "nan", "abc", "",
+                                     "99999999999999999999"])
+SYNTHETIC_FLAGS = {
+    "--users": SYNTHETIC_NUMBERS, "--topics": SYNTHETIC_NUMBERS, "--seed": SYNTHETIC_NUMBERS,
+    "--session-gap": st.sampled_from(["1", "60", "2147483647", "99999999999999999999", "0"]),
+    "--zipf-exponent": st.sampled_from(["0", "1.1", "5", "-1", "nan", "inf", "6"]),
+    "--follow-probability": st.sampled_from(["0", "0.7", "1", "1.5", "-0.1", "nan"]),
+}
+
+
+@settings(SETTINGS, max_examples=SYNTHETIC_EXAMPLES)
+@given(interactions=st.sampled_from(["300", "300", "5", "0", "-1", "99999999999999999999"]),
+       items=st.sampled_from(["20", "20", "1", "0", "99999999999999999999"]),
+       chosen=st.dictionaries(st.sampled_from(sorted(SYNTHETIC_FLAGS)), st.just(None),
+                              max_size=3)
+       .flatmap(lambda keys: st.fixed_dictionaries({k: SYNTHETIC_FLAGS[k] for k in keys})))
+@example(interactions="300", items="20", chosen={"--session-gap": "99999999999999999999"})
+@example(interactions="99999999999999999999", items="20", chosen={"--users": "1"})
+def test_generate_synthetic_flags(interactions, items, chosen):
+    """scripts/generate_synthetic.py: a log that prepare_data turns into a valid dataset, or
+    one error line (a --session-gap past int64 was an OverflowError; 10**20 interactions for
+    one user streamed until the disk filled)."""
+    flags = ["--interactions", interactions, "--items", items, "--topics", "2"]
+    for flag, value in chosen.items():
+        flags += [flag, value]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        result = outcome([*flags, "--output-dir", str(log)], log, SYNTHETIC)
+        if currently_in_test_context():
+            event(result if result == "ok" else "error")
+        if result == "ok":
+            cols = ["--user-col", "user_id", "--item-col", "item_id", "--time-col", "timestamp"]
+            assert outcome(["--input", str(log / "interactions.tsv"), "--format", "tsv", *cols,
+                            "--items", str(log / "items.tsv"), "--k-core", "0",
+                            "--output", f"{tmp}/data"], Path(tmp) / "data") == "ok"
