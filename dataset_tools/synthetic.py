@@ -78,9 +78,10 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _FOLLOW, _ITEM, _TOPIC, _BREAK, _GAP = range(5)
 
 
-# Upper bounds: item indices are int32, timestamps and the hash streams 64-bit integers.
+# Upper bounds: item indices are int32, timestamps 64-bit integers (the seed has none:
+# numpy's SeedSequence takes any non-negative integer).
 _LIMITS = {"num_interactions": 2**40, "num_users": 2**40, "num_items": 2**31 - 1,
-           "num_topics": 2**31 - 1, "session_gap": 2**31 - 1, "seed": 2**63 - 1}
+           "num_topics": 2**31 - 1, "session_gap": 2**31 - 1}
 
 
 @dataclass(frozen=True)
