@@ -334,6 +334,17 @@ def write_domain(domain: Domain, output_dir: str | os.PathLike[str]) -> Path:
     return Path(output_dir)
 
 
+def _absolute(path: Path) -> Path:
+    """Absolute and normalized ('..' resolved as text, symbolic links kept)."""
+    return Path(os.path.abspath(path))
+
+
+def _nested(a: Path, b: Path) -> bool:
+    """Whether one of two paths lies inside the other."""
+    a, b = _absolute(a), _absolute(b)
+    return a in b.parents or b in a.parents
+
+
 def split_domains(
     dataset: str | os.PathLike[str] | SequenceData,
     source_output: str | os.PathLike[str],
@@ -349,18 +360,28 @@ def split_domains(
     passes; each folder is then replaced atomically (the target first, the source last).
     """
     source_output, target_output = Path(source_output), Path(target_output)
-    if source_output.absolute() == target_output.absolute():
+    if _absolute(source_output) == _absolute(target_output):
         raise DataError(f"the source and target outputs are the same folder ({source_output})")
+    if _nested(source_output, target_output):
+        raise DataError(
+            f"the source output {source_output} and the target output {target_output} lie one "
+            "inside the other (writing one would delete the other); pick two separate folders"
+        )
     if isinstance(dataset, SequenceData):
         data = dataset
     else:
         from .builtin import resolve_dataset
 
         data = load_dataset_folder(resolve_dataset(dataset, cache_dir))
-    parent = Path(data.path).absolute()
+    parent = _absolute(Path(data.path))
     for out in (source_output, target_output):
-        if out.absolute() == parent:
+        if _absolute(out) == parent:
             raise DataError(f"{out}: an output folder cannot be the input dataset folder")
+        if _nested(out, parent):
+            raise DataError(
+                f"{out}: an output folder cannot contain or lie inside the input dataset "
+                f"folder {data.path}; write the domains elsewhere"
+            )
     domains = compute_domains(
         data, rule, (source_name or source_output.name, target_name or target_output.name)
     )

@@ -24,7 +24,9 @@ from tests.helpers import load_script
 
 PREPARE = load_script("prepare_data").main
 SYNTHETIC = load_script("generate_synthetic").main
-EXAMPLES, FLAG_EXAMPLES, SYNTHETIC_EXAMPLES = 100, 200, 60  # docs/reliability.md quotes them
+SPLIT = load_script("split_domains").main
+EXAMPLES, FLAG_EXAMPLES, SYNTHETIC_EXAMPLES, SPLIT_EXAMPLES = 100, 200, 60, 60
+# (docs/reliability.md quotes them)
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
@@ -45,7 +47,7 @@ def check_dataset(folder: Path) -> None:
         assert np.isfinite(stamps).all() and (np.diff(stamps) >= 0).all()
 
 
-def outcome(argv: list[str], output: Path, script=PREPARE) -> str:
+def outcome(argv: list[str], output: Path, script=PREPARE, outputs=None) -> str:
     """Run a script in-process: 'ok' (a valid dataset) or the one error line."""
     err, out = io.StringIO(), io.StringIO()
     try:
@@ -60,13 +62,14 @@ def outcome(argv: list[str], output: Path, script=PREPARE) -> str:
         assert len(errors) == 1, text
         if text.startswith("error:"):
             assert text.count("\n") == 1, text
-        assert not output.exists(), f"partial output left after: {text}"
-        leftovers = [p.name for p in output.parent.iterdir()
-                     if p.name.startswith(f".{output.name}.")]
-        assert not leftovers, leftovers
+        for folder in [output] if outputs is None else outputs:
+            assert not folder.exists(), f"partial output {folder} left after: {text}"
+            leftovers = [p.name for p in folder.parent.iterdir()
+                         if p.name.startswith(f".{folder.name}.")] if folder.parent.is_dir() else []
+            assert not leftovers, leftovers
         return errors[0]
-    if script is PREPARE:
-        check_dataset(output)
+    for folder in [output] if script is PREPARE else outputs or []:
+        check_dataset(folder)  # generate_synthetic's log is checked by its test
     return "ok"
 
 
@@ -385,3 +388,61 @@ def test_generate_synthetic_flags(interactions, items, chosen):
             assert outcome(["--input", str(log / "interactions.tsv"), "--format", "tsv", *cols,
                             "--items", str(log / "items.tsv"), "--k-core", "0",
                             "--output", f"{tmp}/data"], Path(tmp) / "data") == "ok"
+
+
+SPLIT_FLAGS = {
+    "--field": st.sampled_from(["genre", "genre", "title", "item_id", "nope", ""]),
+    "--source-values": st.sampled_from(["group0,group1", "group0,group1", "group0", "", ",",
+                                        "nope",
+                                        "\U0001f3ac,\u05e9"]),
+    "--source-range": st.sampled_from(["1990,", ",1990", "5,1", "a,b", "nan,inf", "1,2,3", ","]),
+    "--source-name": st.sampled_from(["src", "", "\u202e"]),
+}
+SPLIT_OUTPUTS = st.sampled_from(["{dir}/s", "{dir}/t", "{dir}/s", "{dir}/t", "{dir}/t/s",
+                                 "{dir}/s/t", "{dir}", "{data}"])
+
+
+@settings(SETTINGS, max_examples=SPLIT_EXAMPLES)
+@given(chosen=st.dictionaries(st.sampled_from(sorted(SPLIT_FLAGS)), st.just(None), max_size=2)
+       .flatmap(lambda keys: st.fixed_dictionaries({k: SPLIT_FLAGS[k] for k in keys})),
+       source=SPLIT_OUTPUTS, target=SPLIT_OUTPUTS)
+@example(chosen={}, source="{dir}/s", target="{dir}/t")
+@example(chosen={}, source="{dir}/s", target="{dir}")  # both were errors with a partial output:
+@example(chosen={}, source="{dir}/s", target="{dir}/s/t")  # the inner folder was deleted
+def test_split_domains_flags(tiny_dataset_dir, chosen, source, target):
+    """scripts/split_domains.py on a prepared folder: two valid datasets or one error line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        def place(text: str) -> str:
+            return text.replace("{dir}", f"{tmp}/out").replace("{data}", str(tiny_dataset_dir))
+
+        flags = ["--dataset", str(tiny_dataset_dir), "--field", "genre"]
+        if "--source-range" not in chosen:
+            flags += ["--source-values", "group0,group1"]
+        for flag, value in chosen.items():
+            if flag in flags:
+                flags[flags.index(flag) + 1] = value
+            else:
+                flags += [flag, value]
+        outs = [Path(place(source)), Path(place(target))]
+        argv = [*flags, "--source-output", str(outs[0]), "--target-output", str(outs[1])]
+        before = sorted(p.name for p in tiny_dataset_dir.iterdir())
+        result = outcome(argv, outs[0], SPLIT, outputs=[o for o in outs
+                                                       if o != tiny_dataset_dir])
+        assert sorted(p.name for p in tiny_dataset_dir.iterdir()) == before
+        event(result if result == "ok" else "error")
+
+
+def test_split_output_around_the_input_is_refused():
+    """An output folder holding the input dataset would delete it when replaced."""
+    flags = ["--input", "{dir}/data/log.csv", "--format", "csv", *COLS, "--k-core", "2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "data").mkdir()
+        (Path(tmp) / "data" / "log.csv").write_text(GOOD_LOG)
+        data = Path(tmp) / "data" / "tiny"
+        assert outcome([f.replace("{dir}", tmp) for f in flags] + ["--output", str(data)],
+                       data) == "ok"
+        argv = ["--dataset", str(data), "--field", "item_id", "--source-values", "i0",
+                "--source-output", str(Path(tmp) / "data"), "--target-output", f"{tmp}/t"]
+        result = outcome(argv, Path(tmp) / "t", SPLIT, outputs=[Path(tmp) / "t"])
+        assert "cannot contain or lie inside the input dataset folder" in result, result
+        assert (data / "dataset_info.json").is_file()
