@@ -48,6 +48,7 @@ from .folder import (
     _peftrec_version,
     _sequence_table,
     _write_folder,
+    check_output_folder,
     load_dataset_folder,
 )
 
@@ -382,6 +383,7 @@ def split_domains(
                 f"{out}: an output folder cannot contain or lie inside the input dataset "
                 f"folder {data.path}; write the domains elsewhere"
             )
+        check_output_folder(out)
     domains = compute_domains(
         data, rule, (source_name or source_output.name, target_name or target_output.name)
     )

@@ -169,6 +169,27 @@ def _write_folder(target: Path, sequences: pa.Table, items: pa.Table, info: dict
     (target / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
+def check_output_folder(output_dir: str | os.PathLike[str],
+                        *inputs: str | os.PathLike[str] | None) -> None:
+    """Refuse an output folder whose atomic replacement would delete something else: one of
+    the ``inputs``, or an existing file or folder that is not a dataset folder (an empty
+    folder is fine)."""
+    out = Path(os.path.abspath(output_dir))
+    for source in inputs:
+        if source is not None and out in (Path(os.path.abspath(source)), *Path(
+                os.path.abspath(source)).parents):
+            raise DataError(
+                f"{output_dir}: the output folder holds the input {source}, which replacing "
+                "it would delete; write the dataset elsewhere"
+            )
+    if out.exists() and not (out.is_dir() and ((out / INFO_FILE).is_file()
+                                               or not any(out.iterdir()))):
+        raise DataError(
+            f"{output_dir}: exists and is not a peftrec dataset folder (no {INFO_FILE}), and "
+            "writing would replace it; pick a new folder or remove it first"
+        )
+
+
 def prepare_dataset(
     interactions_path: str | os.PathLike[str],
     fmt: str,
@@ -189,6 +210,7 @@ def prepare_dataset(
     defaults to the output folder's name.
     """
     interactions_path, output_dir = Path(interactions_path), Path(output_dir)
+    check_output_folder(output_dir, interactions_path, items_path)
     df = read_interactions(interactions_path, fmt, user_col, item_col, time_col, rating_col)
     items_df = None
     if items_path is not None:

@@ -37,7 +37,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="which copy of a repeated user-item pair to keep")
     p.add_argument("--max-history", type=int, help="keep each user's last N interactions")
     p.add_argument("--output", "--output-dir", type=Path, required=True,
-                   help="dataset folder to write (replaced atomically)")
+                   help="dataset folder to write: new, empty or an earlier dataset "
+                   "folder (replaced atomically)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parse_args(p, argv)
     if args.input is not None and args.format is None:

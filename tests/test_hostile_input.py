@@ -446,3 +446,31 @@ def test_split_output_around_the_input_is_refused():
         result = outcome(argv, Path(tmp) / "t", SPLIT, outputs=[Path(tmp) / "t"])
         assert "cannot contain or lie inside the input dataset folder" in result, result
         assert (data / "dataset_info.json").is_file()
+
+
+def test_output_that_would_delete_something_is_refused():
+    """--output replaces a folder atomically: never the folder holding the input, an input
+    file, a plain file or a folder that is not a dataset (each was deleted before)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "log.csv").write_text(GOOD_LOG)
+        (root / "notes").mkdir()
+        (root / "notes" / "keep.txt").write_text("mine")
+        (root / "file.txt").write_text("mine")
+        base = ["--input", f"{tmp}/log.csv", "--format", "csv", *COLS, "--k-core", "2"]
+        for output, expected in ((root, "the output folder holds the input"),
+                                 (root / "log.csv", "the output folder holds the input"),
+                                 (root / "notes", "exists and is not a peftrec dataset folder"),
+                                 (root / "file.txt", "exists and is not a peftrec dataset")):
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    run_main(PREPARE, [*base, "--output", str(output)])
+            except SystemExit as exit_info:
+                assert exit_info.code == 2
+            assert expected in err.getvalue() and err.getvalue().count("\n") == 1, err.getvalue()
+        assert (root / "log.csv").read_text() == GOOD_LOG
+        assert (root / "notes" / "keep.txt").read_text() == (root / "file.txt").read_text()
+        (root / "empty").mkdir()
+        for output in (root / "empty", root / "empty"):  # an empty folder, then a dataset
+            assert outcome([*base, "--output", str(output)], output) == "ok"
