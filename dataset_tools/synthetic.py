@@ -369,6 +369,13 @@ def write_synthetic_log(config: SyntheticConfig, output_dir: str | os.PathLike[s
     item_col="item_id")``. Chunks are streamed to disk, so memory stays bounded. Returns the
     statistics of what was written.
     """
+    out = Path(output_dir)
+    if out.exists() and not (out.is_dir() and ((out / INTERACTIONS_FILE).is_file()
+                                               or not any(out.iterdir()))):
+        raise ValueError(
+            f"{output_dir}: exists and is not a synthetic log folder (no {INTERACTIONS_FILE}), "
+            "and writing would replace it; pick a new folder or remove it first"
+        )
     catalog = build_catalog(config)
     used = np.zeros(config.num_items, dtype=bool)
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),

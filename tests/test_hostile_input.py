@@ -470,6 +470,13 @@ def test_output_that_would_delete_something_is_refused():
                 assert exit_info.code == 2
             assert expected in err.getvalue() and err.getvalue().count("\n") == 1, err.getvalue()
         assert (root / "log.csv").read_text() == GOOD_LOG
+        syn = ["--interactions", "300", "--items", "20", "--topics", "2"]
+        result = outcome([*syn, "--output-dir", str(root / "notes")], root / "notes", SYNTHETIC,
+                         outputs=[])
+        assert "exists and is not a synthetic log folder" in result, result
+        log = root / "log"
+        for _ in range(2):  # a new folder, then the earlier log is replaced
+            assert outcome([*syn, "--output-dir", str(log)], log, SYNTHETIC) == "ok"
         assert (root / "notes" / "keep.txt").read_text() == (root / "file.txt").read_text()
         (root / "empty").mkdir()
         for output in (root / "empty", root / "empty"):  # an empty folder, then a dataset
