@@ -260,8 +260,9 @@ def test_the_shipped_sweeps_reproduce_the_results_tables():
         f"{row['source']}/" + row["method"].replace(" ", "-").replace(",", ""): row["seeds"]
         for row in recorded["rows"] if row["method"] != "popularity"}
     assert {c.name: len(c.seeds) for c in transfer.combinations} == expected
-    sources = {"id": in_domain.output_dir / "id" / "seed0",
-               "text": in_domain.output_dir / "text-linear" / "seed0"}
+    sources = {"id": in_domain.output_dir / "id-lr-2e-3" / "seed0",
+               "text": in_domain.output_dir / "text-linear-lr-2e-3" / "seed0",
+               "text+id": in_domain.output_dir / "text+id-sum-lr-2e-3" / "seed0"}
     for combination in transfer.combinations:
         argv = " ".join(combination.argv)
         assert " ".join(recorded["extra_flags"]) in argv
