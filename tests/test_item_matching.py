@@ -181,15 +181,22 @@ def test_matched_items_carry_the_source_rows_bit_for_bit_in_every_per_item_param
         assert torch.equal(carried[others], rows[1:].mean(0).expand_as(carried[others]))
 
 
-@pytest.mark.parametrize("backbone", ["sasrec", "diffrec"])
-def test_frozen_matched_rows_stay_bit_identical_under_weight_decay(domains, bases, tmp_path,
-                                                                   backbone):
-    source_dir, target_dir = domains
+def matched_rows(source_dir, target_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target's matched item indices, their source indices (in the same order), and
+    the target's other (fresh) item indices."""
     pairs = expected_pairs(source_dir, target_dir)
     matched = torch.tensor(sorted(pairs))
     source_index = torch.tensor([pairs[t] for t in sorted(pairs)])
     others = torch.tensor([i for i in range(1, len(load_dataset_folder(target_dir).items) + 1)
                            if i not in pairs])
+    return matched, source_index, others
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "diffrec"])
+def test_frozen_matched_rows_stay_bit_identical_under_weight_decay(domains, bases, tmp_path,
+                                                                   backbone):
+    source_dir, target_dir = domains
+    matched, source_index, others = matched_rows(source_dir, target_dir)
     source_rows = per_item(bases[backbone])
     common = ["--pretrained", str(bases[backbone]), "--dataset", str(target_dir), *BY,
               "--epochs", "2", "--lr", "0.01", "--weight-decay", "0.5", "--seed", "3"]
@@ -404,11 +411,7 @@ def test_freeze_embeddings_keeps_the_matched_rows_and_positions_and_trains_the_o
     """--freeze embeddings on matched items: the pretrained rows (and the positions) stay
     as pretrained, as with --freeze-matched-items; the fresh rows train."""
     source_dir, target_dir = domains
-    pairs = expected_pairs(source_dir, target_dir)
-    matched = torch.tensor(sorted(pairs))
-    source_index = torch.tensor([pairs[t] for t in sorted(pairs)])
-    others = torch.tensor([i for i in range(1, len(load_dataset_folder(target_dir).items) + 1)
-                           if i not in pairs])
+    matched, source_index, others = matched_rows(source_dir, target_dir)
     base = load_file(bases["sasrec"] / "best_model" / "model.safetensors")
     common = ["--pretrained", str(bases["sasrec"]), "--dataset", str(target_dir), *BY,
               "--epochs", "1", "--lr", "0.01", "--seed", "3"]
