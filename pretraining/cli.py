@@ -24,7 +24,13 @@ from modality_encoders import (
 )
 from pretraining.diffrec import INFERENCE_MODES
 from pretraining.evaluation import EvaluationProtocol
-from pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
+from pretraining.recommender import (
+    BACKBONES,
+    INFERENCE_SETTINGS,
+    LOSSES,
+    NEGATIVE_SAMPLING,
+    RecommenderConfig,
+)
 from pretraining.schedules import SCHEDULES
 from pretraining.trainer import ON_NAN, SCHEDULERS, TrainingConfig
 
@@ -70,11 +76,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ffn-size", type=int, default=256)
     group.add_argument("--max-len", type=int, default=200, help="longest input sequence")
     group.add_argument("--dropout", type=float, default=0.2)
-    group.add_argument("--loss", choices=["full", "sampled"], default="full",
+    group.add_argument("--loss", choices=list(LOSSES), default="full",
                        help="softmax over the whole catalog, or sampled softmax with "
                        "logQ correction")
     group.add_argument("--num-negatives", type=int, default=1024, help="for --loss sampled")
-    group.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform")
+    group.add_argument("--negative-sampling", choices=list(NEGATIVE_SAMPLING),
+                       default="uniform")
     group.add_argument("--repeat-bias", action="store_true",
                        help="learn one score offset for items already in the input sequence "
                        "(negative where users rarely re-consume, positive where they repeat)")
