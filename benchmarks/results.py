@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dataset_tools import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -90,8 +92,8 @@ def write_result(name: str, rows: list[dict], markdown_text: str, extra: dict | 
               f"{meta['date']}, {meta['device']}, "
               + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "._\n")
     payload = {**meta, **(extra or {}), "rows": rows}
-    _write_atomic(stem.with_suffix(".json"), json.dumps(payload, indent=2, default=str) + "\n")
-    _write_atomic(stem.with_suffix(".md"), markdown_text.rstrip("\n") + "\n" + footer)
+    atomic_write(stem.with_suffix(".json"), json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write(stem.with_suffix(".md"), markdown_text.rstrip("\n") + "\n" + footer)
     return stem.with_suffix(".md")
 
 
@@ -132,15 +134,9 @@ def sync(root: Path = ROOT, results_dir: Path = RESULTS_DIR, check: bool = False
     report = {}
     for path, (text, new, count) in rendered.items():
         if new != text and not check:
-            _write_atomic(path, new)
+            atomic_write(path, new)
         report[path] = (count, new != text)
     return report
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Read, clean, split and store interaction data as peftrec dataset folders."""
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, atomic_write
 from .builtin import (
     BUILTIN_DATASETS,
     BUILTIN_SPLITS,
@@ -43,6 +43,7 @@ __all__ = [
     "SplitRule",
     "SyntheticConfig",
     "atomic_directory",
+    "atomic_write",
     "build_image_store",
     "compute_domains",
     "deduplicate",

@@ -1,4 +1,5 @@
-"""Write a folder so that readers only ever see the old or the complete new version."""
+"""Write a folder or a file so that readers only ever see the old or the complete new
+version."""
 
 from __future__ import annotations
 
@@ -44,3 +45,16 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary sibling renamed into
+    place: a crash leaves the previous file whole, never half of the new one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = _sibling(target, "partial")
+    try:
+        partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)

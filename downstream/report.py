@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from adapters.checkpoint import is_adapter_checkpoint
-from dataset_tools import BUILTIN_DATASETS, SequenceData, load_dataset_folder, resolve_dataset
+from dataset_tools import (
+    BUILTIN_DATASETS,
+    SequenceData,
+    atomic_write,
+    load_dataset_folder,
+    resolve_dataset,
+)
 from dataset_tools.domains import MULTI_VALUE_SEPARATORS
 from downstream.transfer import BASELINES, load_any_checkpoint
 from pretraining.cli import HelpFormatter
@@ -588,10 +594,10 @@ def write_report(args: argparse.Namespace) -> Report:
     output.mkdir(parents=True, exist_ok=True)
     report = Report(output / REPORT_HTML, runs=[run.label for run in runs], left_out=left_out)
     for key, (name, png) in figures.items():
-        _write_atomic(output / name, png)
+        atomic_write(output / name, png)
         report.figures[key] = output / name
     page = render_html(args, runs, rows, views, figures, left_out)
-    _write_atomic(report.html, page.encode("utf-8"))
+    atomic_write(report.html, page.encode("utf-8"))
     print(f"{report.html}: {len(runs)} run(s), {len(figures)} figure(s)"
           + (f"; left out: {len(left_out)}" if left_out else ""), file=sys.stderr)
     return report
@@ -664,15 +670,6 @@ def _file_name(label: str, taken: set[str]) -> str:
         name = f"{stem}-{number}.png"
     taken.add(name)
     return name
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_bytes(content)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def report_parser(description: str) -> argparse.ArgumentParser:

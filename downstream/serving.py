@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -49,7 +48,7 @@ import torch
 
 from adapters import get_adapted_model
 from adapters.checkpoint import is_adapter_checkpoint, read_adapter_config
-from dataset_tools import DataError, ItemTextTemplate, SequenceData, read_items
+from dataset_tools import DataError, ItemTextTemplate, SequenceData, atomic_write, read_items
 from downstream.transfer import load_any_checkpoint
 from modality_encoders import item_encoder_modality, item_table_content
 from pretraining.cli import CommandLineError, base_parser
@@ -367,13 +366,6 @@ def recommend_to_file(args: argparse.Namespace) -> list[dict]:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    """One JSON line per record, written to a temporary sibling and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """One JSON line per record, written atomically."""
+    atomic_write(path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
+                               for record in records))

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import yaml
 
+from dataset_tools import atomic_write
 from pretraining.cli import CommandLineError, HelpFormatter, parse_args
 from pretraining.pipeline import METRICS, RUN_CONFIG
 
@@ -492,11 +493,8 @@ def write_results(sweep: Sweep) -> str:
     """Write OUTPUT_DIR/results.csv and results.md (each atomically); the Markdown."""
     rows = collect(sweep)
     markdown = results_markdown(sweep, rows)
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.csv", results_csv(rows)), ("results.md", markdown)):
-        partial = sweep.output_dir / f".{name}.partial"
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(sweep.output_dir / name)
+        atomic_write(sweep.output_dir / name, text)
     return markdown
 
 

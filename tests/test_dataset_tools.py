@@ -16,6 +16,7 @@ from dataset_tools import (
     DataError,
     PrepareConfig,
     atomic_directory,
+    atomic_write,
     deduplicate,
     filter_by_rating,
     k_core_filter,
@@ -364,6 +365,25 @@ def test_atomic_directory_replaces_or_keeps(tmp_path: Path):
     with atomic_directory(target) as tmp:
         (tmp / "g").write_text("new")
     assert os.listdir(target) == ["g"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_atomic_write_replaces_or_keeps_the_file(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    target = tmp_path / "sub" / "out.json"
+    atomic_write(target, "old ü")  # text as UTF-8, parent folders made
+    assert target.read_bytes() == "old ü".encode()
+
+    def fail(self, other):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, b"new")
+    assert target.read_text(encoding="utf-8") == "old ü"
+    assert os.listdir(target.parent) == ["out.json"]  # no partial file left behind
+    monkeypatch.undo()
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["out.json"]
 
 
 def test_failed_prepare_leaves_previous_folder_identical(tmp_path: Path,
