@@ -42,7 +42,13 @@ from adapters.checkpoint import (
     save_adapter,
 )
 from adapters.placement import check_known
-from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
+from dataset_tools import (
+    DataError,
+    ItemTextTemplate,
+    SequenceData,
+    atomic_write,
+    default_template,
+)
 from downstream.matching import (
     MATCHING_FILE,
     ItemMatching,
@@ -482,10 +488,10 @@ def _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
                              accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+        atomic_write(output_dir / RUN_CONFIG, json.dumps(run_config, indent=2, default=str))
         if matching is not None:
             write_matching(output_dir, matching)
-        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        atomic_write(output_dir / METRICS, json.dumps(metrics, indent=2))
         print(format_metrics_table({label: metrics}))
     return metrics
 

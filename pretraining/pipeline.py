@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from adapters import format_trainable_share, trainable_share
-from dataset_tools import SequenceData, load_dataset_folder, resolve_dataset
+from dataset_tools import SequenceData, atomic_write, load_dataset_folder, resolve_dataset
 from modality_encoders import build_item_content, normalize_item_encoder_config
 from pretraining.cli import (
     ITEM_ENCODER_PREFIX,
@@ -225,7 +225,7 @@ def train_run(
     model = build_model()  # bad settings fail here, before the run folder is written
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+        atomic_write(output_dir / RUN_CONFIG, json.dumps(run_config, indent=2, default=str))
         for name, text in (extra_files or {}).items():
             (output_dir / name).write_text(text)
     trainable, total, percent = trainable_share(model)
@@ -249,7 +249,7 @@ def train_run(
     metrics["checkpoint_mb"] = sum(
         f.stat().st_size for f in (output_dir / BEST_DIR).glob("*.safetensors")) / 2**20
     if accelerator.is_main_process:
-        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        atomic_write(output_dir / METRICS, json.dumps(metrics, indent=2))
         print(format_metrics_table({label: metrics}))
     return metrics
 
@@ -355,7 +355,7 @@ def evaluate_run(
         metrics["inference"] = inference
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else run_dir / "evaluation.json"
-        output.write_text(json.dumps(metrics, indent=2))
+        atomic_write(output, json.dumps(metrics, indent=2))
         print(format_metrics_table({f"{run_dir.name} on {data.name}": metrics}))
     return metrics
 
