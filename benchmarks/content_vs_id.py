@@ -43,6 +43,9 @@ ROWS = [
     ("id", "pretrain_id", []),
     ("text linear", "pretrain_text", [*TEXT, "--item-head", "linear"]),
     ("text mlp", "pretrain_text", [*TEXT, "--item-head", "mlp"]),
+    # A wide hidden layer: room to give each item a vector its text alone does not imply.
+    ("text mlp-2048", "pretrain_text",
+     [*TEXT, "--item-head", "mlp", "--head-hidden-size", "2048"]),
     ("text moe", "pretrain_text", [*TEXT, "--item-head", "moe"]),
     # The cached MiniLM vectors whitened with the catalog's statistics before the head.
     ("text linear zca", "pretrain_text", [*TEXT, "--item-head", "linear", "--whitening", "zca"]),
@@ -50,6 +53,8 @@ ROWS = [
     ("text+id gate", "pretrain_text", [*TEXT, "--item-encoder", "text+id", "--fusion", "gate"]),
     ("text+id moe sum", "pretrain_text",
      [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum"]),
+    ("text+id moe gate", "pretrain_text",
+     [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "gate"]),
 ]
 COLUMNS = ("model", "seeds", "test ndcg@10", "test hr@10", "valid ndcg@10", "parameters",
            "epochs", "s/epoch")
