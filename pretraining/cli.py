@@ -22,6 +22,7 @@ from modality_encoders import (
     item_encoder_modality,
     resolve_item_encoder_config,
 )
+from pretraining.data import TRAIN_WINDOWS
 from pretraining.diffrec import INFERENCE_MODES
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.recommender import (
@@ -167,9 +168,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also save the training state every N steps (0: once per epoch)")
     group.add_argument("--report-to", default="auto",
                        help="trackers: auto (installed ones), none, or tensorboard,mlflow")
-    group.add_argument("--train-windows", choices=["last", "all"], default="last",
-                       help="train on each user's most recent max_len window, or tile the "
-                       "whole history into windows")
+    group.add_argument("--train-windows", choices=TRAIN_WINDOWS, default="last",
+                       help="train on each user's most recent max_len window, tile the "
+                       "whole history into windows (all), or make every prefix a sample "
+                       "with the next item its only target (prefixes, as RecBole)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the model through Accelerate (inductor)")
     group.add_argument("--resume", action="store_true", help="continue the run in --output-dir")

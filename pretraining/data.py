@@ -6,6 +6,9 @@ so a log far bigger than memory trains the same way.
   but the last two items): inputs = window[:-1], targets = window[1:]. `windows="last"`
   takes the most recent window per user (SASRec's recipe); `windows="all"` tiles the
   whole training part, so every training item is a target exactly once per epoch;
+  `windows="prefixes"` makes every prefix of the training part a sample whose only
+  target is the item after it (RecBole's data augmentation: a user with T training items
+  gives T - 1 samples), so a model scoring the last position alone sees every target;
 - validation: inputs = training part, target = second to last item;
 - test: inputs = training part + validation target, target = last item.
 Evaluation inputs are the last `max_len` of those items; `full_history` adds them all
@@ -24,7 +27,7 @@ from dataset_tools import SequenceData
 SPLITS = ("train", "valid", "test")
 
 
-TRAIN_WINDOWS = ("last", "all")
+TRAIN_WINDOWS = ("last", "all", "prefixes")
 
 
 class LeaveOneOutDataset(Dataset):
@@ -45,6 +48,7 @@ class LeaveOneOutDataset(Dataset):
         if windows not in TRAIN_WINDOWS:
             raise ValueError(f"unknown --train-windows {windows!r}; choose one of {TRAIN_WINDOWS}")
         self.split = split
+        self.last_target_only = windows == "prefixes"
         self.max_len = max_len
         self.full_history = full_history
         self.sequences = data.sequences.select_columns(["item_indices"]).with_format("numpy")
@@ -55,11 +59,14 @@ class LeaveOneOutDataset(Dataset):
             train_lengths = lengths - 2
             users = np.flatnonzero(train_lengths >= 2)  # one input and one target at least
             counts = np.ones(len(users), dtype=np.int64)
+            stride = max_len
             if windows == "all":
                 counts = (train_lengths[users] - 2) // max_len + 1
+            elif windows == "prefixes":  # every end from 2 (one input) to the whole part
+                counts, stride = train_lengths[users] - 1, 1
             self.users = np.repeat(users, counts)
             offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            self.ends = train_lengths[self.users] - offsets * max_len
+            self.ends = train_lengths[self.users] - offsets * stride
         else:
             users = np.flatnonzero(lengths >= 3)
             if max_users is not None and max_users < len(users):  # a seeded sample of users
@@ -75,7 +82,10 @@ class LeaveOneOutDataset(Dataset):
         items = self.sequences[user]["item_indices"]
         if self.split == "train":
             window = items[max(0, end - self.max_len - 1) : end]
-            return {"input_ids": window[:-1], "target_ids": window[1:], "user": user}
+            targets = window[1:]
+            if self.last_target_only:  # the earlier targets are other prefixes' samples
+                targets = np.where(np.arange(len(targets)) == len(targets) - 1, targets, 0)
+            return {"input_ids": window[:-1], "target_ids": targets, "user": user}
         example = {"input_ids": items[:end][-self.max_len :], "target_ids": int(items[end]),
                    "user": user}
         if self.full_history:

@@ -152,6 +152,29 @@ def test_all_training_windows_make_every_training_item_a_target_once(tiny_datase
         assert np.array_equal(covered, np.asarray(sequences[user])[1:-2])
 
 
+def test_prefix_samples_are_every_prefix_of_the_training_part(tiny_dataset_dir):
+    data = load_dataset_folder(tiny_dataset_dir)
+    prefixes = LeaveOneOutDataset(data, "train", max_len=4, windows="prefixes")
+    sequences = data.sequences["item_indices"]
+    training_parts = [np.asarray(items)[:-2] for items in sequences]
+    assert len(prefixes) == sum(len(part) - 1 for part in training_parts)
+    seen: dict[int, list[int]] = {}
+    for index in range(len(prefixes)):
+        example = prefixes[index]
+        part = training_parts[example["user"]]
+        end = int(prefixes.ends[index])  # the prefix is part[:end - 1], its target part[end - 1]
+        assert np.array_equal(example["input_ids"], part[: end - 1][-4:])
+        # The target after the prefix is the sample's only one, at its last position.
+        assert example["target_ids"][-1] == part[end - 1]
+        assert not example["target_ids"][:-1].any()
+        seen.setdefault(example["user"], []).append(end)
+    assert all(sorted(ends) == list(range(2, len(training_parts[user]) + 1))
+               for user, ends in seen.items())
+    again = LeaveOneOutDataset(data, "train", max_len=4, windows="prefixes")
+    assert np.array_equal(again.users, prefixes.users)
+    assert np.array_equal(again.ends, prefixes.ends)
+
+
 def test_evaluation_user_sample_is_seeded_and_sized(tiny_dataset_dir):
     data = load_dataset_folder(tiny_dataset_dir)
     first = LeaveOneOutDataset(data, "test", 6, max_users=10, seed=3)
