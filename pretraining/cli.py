@@ -23,7 +23,7 @@ from modality_encoders import (
     resolve_item_encoder_config,
 )
 from pretraining.data import TRAIN_WINDOWS
-from pretraining.diffrec import INFERENCE_MODES
+from pretraining.diffrec import INFERENCE_MODES, MSE_REDUCTIONS
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.recommender import (
     BACKBONES,
@@ -125,6 +125,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                            "a copy of the item vectors at start), not the item table")
     diffusion.add_argument("--mse-weight", type=float, default=1.0,
                            help="weight of the diffusion MSE next to the cross-entropy")
+    diffusion.add_argument("--mse-reduction", choices=list(MSE_REDUCTIONS), default="mean",
+                           help="a target's squared error averaged over the d dimensions, or "
+                           "summed: the paper's squared norm (Eq. 13), d times stronger")
     diffusion.add_argument("--init-denoiser-from", type=Path, metavar="DIR",
                            help="start the denoiser's Transformer (and the repeat bias) from "
                            "this SASRec run folder or its best_model/: the history is then "
@@ -401,7 +404,7 @@ def model_config(
             noised_positions=args.noised_positions, causal_denoiser=args.causal_denoiser,
             every_position=args.every_position, mse_weight=args.mse_weight,
             detach_noised_items=args.detach_noised_items, logit_scale=args.logit_scale,
-            untied_output=args.untied_output,
+            untied_output=args.untied_output, mse_reduction=args.mse_reduction,
         )
     return RecommenderConfig(
         num_items=num_items,

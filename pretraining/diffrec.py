@@ -12,7 +12,9 @@ Training (Algorithm 1): the step n of each sequence is drawn with probability
 p_n proportional to sqrt(E[L_n^2]) over the last `history_size` losses of each
 step, uniform until every step has a full history; the MSE of each sequence is
 weighted by 1 / (N p_n) so that the weighted loss is unbiased (Eq. 18). The MSE
-is the mean over the d dimensions of (h^0 - f(h^n, n))^2. The recommendation
+of a target is the mean over the d dimensions of (h^0 - f(h^n, n))^2, or with
+`mse_reduction="sum"` the paper's squared norm ||h^0 - f(h^n, n)||^2 (Eq. 13, 17),
+d times larger. The recommendation
 loss (Eq. 8, 13) is computed by `SequentialRecommender` over the whole catalog.
 
 Inference: each of `num_seeds` seeded samples starts from pure noise at step N;
@@ -53,6 +55,7 @@ from pretraining.sasrec import CausalSelfAttention, SASRecBlock, SASRecConfig, _
 from pretraining.schedules import SCHEDULES, build_schedule
 
 INFERENCE_MODES = ("one_step", "reverse", "strided")
+MSE_REDUCTIONS = ("mean", "sum")  # over the d dimensions of a target's squared error
 MAX_SEEDS = 256
 
 
@@ -85,6 +88,9 @@ class DiffRecConfig(SASRecConfig):
     # SASRec) while the softmax still learns every item's output vector.
     untied_output: bool = False
     mse_weight: float = 1.0
+    # A target's squared error averaged over the d dimensions ("mean"), or summed: the
+    # squared norm of the paper's Eq. 13 and 17, d times stronger next to the cross-entropy.
+    mse_reduction: str = "mean"
     history_size: int = 10  # losses remembered per step for importance sampling
     inference_seed: int = 0
 
@@ -119,6 +125,9 @@ class DiffRecConfig(SASRecConfig):
                              "before it")
         if self.mse_weight < 0:
             raise ValueError(f"mse_weight must be >= 0, got {self.mse_weight}")
+        if self.mse_reduction not in MSE_REDUCTIONS:
+            raise ValueError(f"unknown --mse-reduction {self.mse_reduction!r}; choose one of "
+                             f"{list(MSE_REDUCTIONS)}")
 
 
 class ImportanceStepSampler(nn.Module):
@@ -313,6 +322,11 @@ class DiffRec(nn.Module):
         noised = torch.where(padding_mask[:, -k:, None], noised, tail)
         return torch.cat([sequence[:, :-k], noised], dim=1)
 
+    def squared_error(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each target's (h^0 - f(h^n, n))^2 over its d dimensions, by `mse_reduction`."""
+        squared = (predicted - target).float().pow(2)
+        return squared.sum(-1) if self.config.mse_reduction == "sum" else squared.mean(-1)
+
     def _noising_input(self, clean: torch.Tensor) -> torch.Tensor:
         return clean.detach() if self.config.detach_noised_items else clean
 
@@ -370,7 +384,7 @@ class DiffRec(nn.Module):
         steps, weights = self.step_sampler.sample(len(sequence))
         noise = torch.randn_like(sequence[:, -k:])
         predicted = self(self.noise_sequence(sequence, mask, steps, noise), mask, steps)
-        per_sequence = (predicted - target_vectors).float().pow(2).mean(-1)
+        per_sequence = self.squared_error(predicted, target_vectors)
         if self.training:
             self.step_sampler.update(steps, per_sequence.detach())
         return {"mse": (weights * per_sequence).mean(), "predicted": predicted}
@@ -395,7 +409,7 @@ class DiffRec(nn.Module):
                                          torch.randn_like(target_vectors), steps)
         predicted = self.denoise_every_position(item_vectors, padding_mask, noised, steps,
                                                 has_target)
-        per_target = (predicted - target_vectors).float().pow(2).mean(-1)
+        per_target = self.squared_error(predicted, target_vectors)
         if self.training:
             self.step_sampler.update(steps[has_target], per_target[has_target].detach())
         mse = (weights * per_target)[has_target].sum() / has_target.sum().clamp_min(1)

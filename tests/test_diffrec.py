@@ -263,6 +263,19 @@ def test_logit_scale_sharpens_the_softmax_and_leaves_the_mse_alone(layout):
     torch.testing.assert_close(scaled.score_items(query, items).exp(), expected)
 
 
+@pytest.mark.parametrize("layout", [{}, {"causal_denoiser": True, "every_position": True}],
+                         ids=["last", "every-position"])
+def test_summed_mse_is_the_squared_norm_d_times_the_mean(layout):
+    """mse_reduction="sum" (the paper's ||h0 - f||^2) = d x the mean over dimensions, on the
+    same weights, steps and noise; the cross-entropy does not change."""
+    mean, summed = model(**layout), model(**layout, mse_reduction="sum")
+    mean_losses, summed_losses = losses(mean), losses(summed)
+    torch.testing.assert_close(summed_losses["mse"], TINY["hidden_size"] * mean_losses["mse"])
+    torch.testing.assert_close(summed_losses["ce"], mean_losses["ce"])
+    with pytest.raises(ValueError, match="unknown --mse-reduction 'max'"):
+        model(mse_reduction="max")
+
+
 def test_chunked_evaluation_matches_ranking_all_scores():
     recommender = model()
     targets = batch()["target_ids"]
@@ -506,12 +519,14 @@ def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
                                "--diffusion-steps", "30", "--inference", "strided",
                                "--inference-steps", "5", "--noised-positions", "2",
                                "--causal-denoiser", "--num-seeds", "4",
-                               "--detach-noised-items", "--logit-scale", "--untied-output"])
+                               "--detach-noised-items", "--logit-scale", "--untied-output",
+                               "--mse-reduction", "sum"])
     config = model_config(args, 10, "x").backbone_settings()
     assert (config.schedule, config.num_steps, config.inference, config.inference_steps,
             config.noised_positions, config.causal_denoiser, config.num_seeds,
-            config.detach_noised_items, config.logit_scale, config.untied_output) == (
-        "cosine", 30, "strided", 5, 2, True, 4, True, True, True)
+            config.detach_noised_items, config.logit_scale, config.untied_output,
+            config.mse_reduction) == (
+        "cosine", 30, "strided", 5, 2, True, 4, True, True, True, "sum")
     plain = model_config(parse_args(parser, []), 10, "x")
     assert "schedule" not in plain.backbone_config
     with pytest.raises(ValueError, match="full"):
