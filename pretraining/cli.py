@@ -177,6 +177,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        "with the next item its only target (prefixes, as RecBole)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the model through Accelerate (inductor)")
+    group.add_argument("--pcgrad", action="store_true",
+                       help="PCGrad (Yu et al. 2020) between the terms of a loss of several (a "
+                       "diffusion backbone's MSE and cross-entropy): where two terms' gradients "
+                       "of the shared parameters conflict, each loses its component along the "
+                       "other")
     group.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
 
 
@@ -456,7 +461,7 @@ def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfi
         max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
         patience=args.patience, num_workers=args.num_workers, seed=args.seed,
         save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,
-        compile=args.compile, on_nan=args.on_nan,
+        compile=args.compile, on_nan=args.on_nan, pcgrad=args.pcgrad,
         unfreeze_every=getattr(args, "unfreeze_every", 0),  # a full fine-tuning flag only
         freeze_prefixes=(ITEM_ENCODER_PREFIX,) if freeze_items else (), freeze_epochs=freeze_items,
     )

@@ -1,7 +1,9 @@
 """A sequential recommender = item encoder + sequence backbone + dot-product scorer.
 
 The model contract used by the Trainer and the evaluator:
-- `loss(batch) -> {"loss": tensor, ...}` (several named losses may be returned),
+- `loss(batch) -> {"loss": tensor, ...}` (several named losses may be returned; a loss
+  of several terms also returns them, undetached, as `"terms"`: {name: tensor}, which sum
+  to "loss", for `--pcgrad`),
 - `query(batch)` once per batch, then `score_items(query, item_ids)` for any block
   of candidates (the evaluator walks the catalog in chunks, so memory is bounded by
   the chunk, not the catalog); `scores(batch)` = all items at once, column 0 being
@@ -347,9 +349,9 @@ class SequentialRecommender(nn.Module):
         offsets = self.item_bias if repeat is None else self.item_bias + repeat
         ce = full_softmax_loss(backbone.scoring_vectors(predicted), self.output_catalog(catalog),
                                targets, offsets)
-        mse = losses["mse"]
-        total = backbone.config.mse_weight * mse + ce
-        return {"loss": total, "mse": mse.detach(), "ce": ce.detach()}
+        weighted_mse = backbone.config.mse_weight * losses["mse"]
+        return {"loss": weighted_mse + ce, "mse": losses["mse"].detach(), "ce": ce.detach(),
+                "terms": {"mse": weighted_mse, "ce": ce}}
 
     def query(
         self, batch: dict[str, torch.Tensor]

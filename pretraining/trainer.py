@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from pretraining.evaluation import EvaluationProtocol, evaluate
+from pretraining.pcgrad import pcgrad_objective
 
 SCHEDULERS = ("constant", "cosine", "step", "one_cycle")
 # torch.optim.lr_scheduler.OneCycleLR's defaults: the rate starts at --lr / ONE_CYCLE_DIV,
@@ -78,6 +79,8 @@ class TrainingConfig:
     cpu: bool = False
     resume: bool = False
     compile: bool = False  # torch.compile via Accelerate's dynamo backend
+    # Gradient surgery between the terms of a loss of several (pretraining.pcgrad).
+    pcgrad: bool = False
     # Parameters whose names start with one of these get no update before epoch
     # `freeze_epochs` (e.g. pretrained item embeddings kept while the backbone warms up).
     freeze_prefixes: tuple[str, ...] = ()
@@ -168,6 +171,11 @@ class Trainer:
         if config.on_nan == "skip" and deepspeed:
             raise ValueError("--on-nan skip decides before the optimizer step, which DeepSpeed "
                              "takes inside backward; use --on-nan stop, or DDP/FSDP")
+        if config.pcgrad and self.accelerator.distributed_type in (DistributedType.FSDP,
+                                                                   DistributedType.DEEPSPEED):
+            raise ValueError("--pcgrad needs each parameter's whole gradient, which FSDP and "
+                             "DeepSpeed shard; use DDP (multi_gpu_ddp.yaml)")
+        self.trainable = trainable  # the parameters PCGrad combines gradients of
         self.train_dataset = train_dataset  # names the users of a batch with a non-finite loss
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                       **fused_if_supported(trainable))
@@ -335,10 +343,11 @@ class Trainer:
         returns skip=True); (loss, whether it is finite, skip)."""
         acc, config = self.accelerator, self.config
         with acc.accumulate(self.model):
-            loss = self.model(batch)["loss"]
+            losses = self.model(batch)
+            loss = losses["loss"]
             finite = torch.isfinite(loss.detach())
             window.append((finite, batch.get("user")))
-            acc.backward(loss)
+            acc.backward(self._pcgrad_objective(losses) if config.pcgrad else loss)
             # Every micro-step's loss is checked, once per optimizer step (one host sync):
             # a NaN in any of them has reached the accumulated gradients.
             if acc.sync_gradients and self._non_finite_step(window):
@@ -356,6 +365,16 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss, finite, False
+
+    def _pcgrad_objective(self, losses: dict) -> torch.Tensor:
+        """What --pcgrad backpropagates: the objective whose gradient is PCGrad's combination
+        of the loss's terms (`losses["terms"]`, named tensors summing to the loss)."""
+        terms = losses.get("terms", {})
+        if len(terms) < 2:
+            raise ValueError("--pcgrad projects the gradients of a loss's terms on each other, "
+                             "and this model's loss has one; drop --pcgrad, or train a loss of "
+                             "several terms (e.g. --backbone diffrec: MSE + cross-entropy)")
+        return pcgrad_objective(list(terms.values()), self.trainable)
 
     def _non_finite_step(self, window: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
         """Whether a micro-batch of the optimizer step now due had a NaN or inf loss on any
