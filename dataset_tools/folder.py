@@ -2,7 +2,8 @@
 
 Layout: ``sequences/`` and ``items/`` (Hugging Face ``datasets`` saved to disk,
 memory-mapped on load) plus ``dataset_info.json`` with sources, settings, statistics,
-the split protocol and a content fingerprint.
+the split protocol and a content fingerprint, and ``checksums.json`` (see ``integrity``),
+verified on load.
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ from .cleaning import (
     sort_chronologically,
 )
 from .errors import DataError
-from .readers import read_interactions, read_items
+from .integrity import damaged_file, write_checksums
+from .out_of_core import INSTALL_HINT, duckdb_available, spilled_log
+from .readers import read_interaction_chunks, read_interactions, read_items
 
 SCHEMA_VERSION = 1
 INFO_FILE = "dataset_info.json"
+# "duckdb" cleans out of core (logs larger than memory), "pandas" in memory, "auto" picks
+# duckdb where it is installed.
+ENGINES = ("auto", "duckdb", "pandas")
+CHUNK_ROWS = 1 << 20  # rows read at a time by the duckdb engine
 SPLIT_PROTOCOL = (
     "leave-one-out: last item = test target, second to last = validation target, rest = training"
 )
@@ -167,6 +174,44 @@ def _write_folder(target: Path, sequences: pa.Table, items: pa.Table, info: dict
         if bars_were_on:
             hf_utils.enable_progress_bars()
     (target / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_checksums(target)
+
+
+def _resolve_engine(engine: str) -> str:
+    """``auto`` is duckdb where it is installed, else pandas."""
+    if engine not in ENGINES:
+        raise DataError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "pandas" or (engine == "auto" and not duckdb_available()):
+        return "pandas"
+    if not duckdb_available():
+        raise DataError(f"engine duckdb needs the duckdb package: {INSTALL_HINT}")
+    return "duckdb"
+
+
+def _read_item_file(path: Path | None, fmt: str, item_col: str | None) -> pd.DataFrame | None:
+    return None if path is None else read_items(path, fmt, item_col)
+
+
+def _clean_in_memory(df: pd.DataFrame, config: PrepareConfig
+                     ) -> tuple[pd.DataFrame, list[str], list[str], dict[str, int]]:
+    """Filter, de-duplicate, k-core, sort and re-index a log held in memory; returns
+    ``reindex``'s frame and ids and what each step dropped."""
+    dropped: dict[str, int] = {"input_interactions": len(df)}
+    n = len(df)
+    df = filter_by_rating(df, config.min_rating)
+    dropped["rating"], n = n - len(df), len(df)
+    df = deduplicate(df, config.dedupe)
+    dropped["duplicates"], n = n - len(df), len(df)
+    df, rounds = k_core_rounds(df, config.k_core)
+    dropped["k_core_rounds"], dropped["k_core_removed"], n = rounds, n - len(df), len(df)
+    df = keep_last(sort_chronologically(df), config.max_history)
+    dropped["max_history"], n = n - len(df), len(df)
+    lengths = df.groupby("user", sort=False)["user"].transform("size")
+    short = lengths < config.min_user_interactions
+    dropped["short_users"] = int(df.loc[short.to_numpy(), "user"].nunique())
+    df = df[~short.to_numpy()].reset_index(drop=True)
+    dropped["short_user_interactions"] = n - len(df)
+    return (*reindex(df), dropped)
 
 
 def check_output_folder(output_dir: str | os.PathLike[str],
@@ -203,35 +248,29 @@ def prepare_dataset(
     items_fmt: str | None = None,
     items_item_col: str | None = None,
     name: str | None = None,
+    engine: str = "auto",
 ) -> Path:
     """Read, clean, re-index and split raw logs into a dataset folder, written atomically.
 
     ``items_fmt`` / ``items_item_col`` default to ``fmt`` / ``item_col``; ``name``
-    defaults to the output folder's name.
+    defaults to the output folder's name. ``engine`` (see ``ENGINES``) picks how the log
+    is cleaned; both give the same folder.
     """
     interactions_path, output_dir = Path(interactions_path), Path(output_dir)
+    items_path = None if items_path is None else Path(items_path)
     check_output_folder(output_dir, interactions_path, items_path)
-    df = read_interactions(interactions_path, fmt, user_col, item_col, time_col, rating_col)
-    items_df = None
-    if items_path is not None:
-        items_path = Path(items_path)
-        items_df = read_items(items_path, items_fmt or fmt, items_item_col or item_col)
-
-    dropped: dict[str, int] = {"input_interactions": len(df)}
-    n = len(df)
-    df = filter_by_rating(df, config.min_rating)
-    dropped["rating"], n = n - len(df), len(df)
-    df = deduplicate(df, config.dedupe)
-    dropped["duplicates"], n = n - len(df), len(df)
-    df, rounds = k_core_rounds(df, config.k_core)
-    dropped["k_core_rounds"], dropped["k_core_removed"], n = rounds, n - len(df), len(df)
-    df = keep_last(sort_chronologically(df), config.max_history)
-    dropped["max_history"], n = n - len(df), len(df)
-    lengths = df.groupby("user", sort=False)["user"].transform("size")
-    short = lengths < config.min_user_interactions
-    dropped["short_users"] = int(df.loc[short.to_numpy(), "user"].nunique())
-    df = df[~short.to_numpy()].reset_index(drop=True)
-    dropped["short_user_interactions"] = n - len(df)
+    columns = {"user_col": user_col, "item_col": item_col, "time_col": time_col,
+               "rating_col": rating_col}
+    if _resolve_engine(engine) == "duckdb":
+        chunks = read_interaction_chunks(interactions_path, fmt, **columns,
+                                         chunk_rows=CHUNK_ROWS)
+        with spilled_log(chunks) as log:
+            items_df = _read_item_file(items_path, items_fmt or fmt, items_item_col or item_col)
+            df, item_ids, user_ids, dropped = log.clean(config)
+    else:
+        df = read_interactions(interactions_path, fmt, **columns)
+        items_df = _read_item_file(items_path, items_fmt or fmt, items_item_col or item_col)
+        df, item_ids, user_ids, dropped = _clean_in_memory(df, config)
     if df.empty:
         raise DataError(
             f"no interactions left after {config.k_core}-core filtering of "
@@ -240,7 +279,6 @@ def prepare_dataset(
             "lower --k-core or --min-rating"
         )
 
-    df, item_ids, user_ids = reindex(df)
     sequences = _sequence_table(df, user_ids)
     items = _item_table(item_ids, items_df)
     lengths = np.bincount(df["user_index"].to_numpy())
@@ -299,5 +337,8 @@ def load_dataset_folder(path: str | os.PathLike[str]) -> SequenceData:
     for part in ("sequences", "items"):
         if not (path / part).is_dir():
             raise DataError(f"{path}: missing {part}/ folder; {fix}")
+    problem = damaged_file(path)
+    if problem:
+        raise DataError(f"{problem}; rebuild the folder with scripts/prepare_data.py")
     return SequenceData(path=path, info=info, sequences=load_from_disk(str(path / "sequences")),
                         items=load_from_disk(str(path / "items")))

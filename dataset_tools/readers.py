@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +38,27 @@ def _check_file(path: Path, what: str = "interactions") -> None:
         raise DataError(f"{path.name}: the file is empty; pass a file with {what}")
 
 
-def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
-                quoting: int = csv.QUOTE_MINIMAL, text: str | None = None,
-                what: str = "interactions") -> pd.DataFrame:
-    """Read a delimited file as strings, keeping blank lines so row i is line i+1(+header)."""
+def _read_table_chunks(path: Path, sep: str, header: bool, encoding: str = "utf-8",
+                       quoting: int = csv.QUOTE_MINIMAL, text: str | None = None,
+                       what: str = "interactions", chunk_rows: int | None = None,
+                       ) -> Iterator[pd.DataFrame]:
+    """Read a delimited file as strings, ``chunk_rows`` rows at a time (None: all at once).
+
+    Blank lines are kept while counting, so row i of the file is line i+1(+header) in the
+    ``line`` column, then dropped.
+    """
     source = io.StringIO(text) if text is not None else path
+    first_line = 2 if header else 1
     try:
-        df = pd.read_csv(
+        frames = pd.read_csv(
             source, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False,
-            quoting=quoting, skip_blank_lines=False, encoding=encoding,
+            quoting=quoting, skip_blank_lines=False, encoding=encoding, chunksize=chunk_rows,
         )
+        for df in [frames] if chunk_rows is None else frames:
+            df["line"] = np.arange(len(df), dtype=np.int64) + first_line
+            first_line += len(df)
+            blank = (df.drop(columns="line") == "").all(axis=1)
+            yield df[~blank].reset_index(drop=True)
     except pd.errors.ParserError as e:
         m = _PANDAS_FIELDS.search(str(e))
         if m is None:
@@ -62,9 +74,14 @@ def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
         raise DataError(
             f"{path.name}: not valid {encoding} text ({e.reason}); save the file as {encoding}"
         ) from e
-    df["line"] = np.arange(len(df), dtype=np.int64) + (2 if header else 1)
-    blank = (df.drop(columns="line") == "").all(axis=1)
-    return df[~blank].reset_index(drop=True)
+
+
+def _read_table(path: Path, sep: str, header: bool, encoding: str = "utf-8",
+                quoting: int = csv.QUOTE_MINIMAL, text: str | None = None,
+                what: str = "interactions") -> pd.DataFrame:
+    """The whole of ``_read_table_chunks``' file as one frame."""
+    (df,) = _read_table_chunks(path, sep, header, encoding, quoting, text, what)
+    return df
 
 
 def _read_jsonl(path: Path, what: str = "interactions") -> pd.DataFrame:
@@ -166,8 +183,6 @@ def _to_number(df: pd.DataFrame, path: Path, column: str, what: str, hint: str) 
 def _finish(df: pd.DataFrame, path: Path, user: str, item: str, time: str,
             rating: str | None) -> pd.DataFrame:
     """Validate required fields and return the canonical interaction frame."""
-    if df.empty:
-        raise DataError(f"{path.name}: the file has a header but no interactions")
     for column, what in ((user, "user"), (item, "item"), (time, "timestamp")):
         _check_nonempty(df, path, column, what)
     ts = _to_number(df, path, time, "timestamp",
@@ -200,11 +215,12 @@ def _checked_source(path: str | Path, fmt: str, what: str = "interactions") -> P
     return path
 
 
-def _read_recbole(path: Path, what: str = "interactions") -> pd.DataFrame:
+def _read_recbole_chunks(path: Path, what: str = "interactions",
+                         chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
     # RecBole atomic files are tab-separated with `name:type` headers and no quoting.
-    return _strip_recbole_types(
-        _read_table(path, "\t", header=True, quoting=csv.QUOTE_NONE, what=what), path
-    )
+    for df in _read_table_chunks(path, "\t", header=True, quoting=csv.QUOTE_NONE, what=what,
+                                 chunk_rows=chunk_rows):
+        yield _strip_recbole_types(df, path)
 
 
 def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
@@ -215,44 +231,71 @@ def read_interactions(path: str | Path, fmt: str, user_col: str | None = None,
     ``line`` is the 1-based line of each row in the source file (for error messages);
     drop it before writing anything.
     """
+    (df,) = read_interaction_chunks(path, fmt, user_col, item_col, time_col, rating_col)
+    return df
+
+
+def read_interaction_chunks(path: str | Path, fmt: str, user_col: str | None = None,
+                            item_col: str | None = None, time_col: str | None = None,
+                            rating_col: str | None = None, chunk_rows: int | None = None,
+                            ) -> Iterator[pd.DataFrame]:
+    """``read_interactions`` in frames of at most ``chunk_rows`` rows (None: one frame), with
+    the same checks and messages, so a log larger than memory can be streamed.
+
+    csv, tsv and recbole files are read chunk by chunk; movielens and jsonl files (never
+    that large) are read whole. A chunk's timestamps are int64 when all of its values are
+    whole numbers, float64 otherwise.
+    """
     path = _checked_source(path, fmt)
     if fmt == "recbole":
-        df = _read_recbole(path)
+        frames = _read_recbole_chunks(path, chunk_rows=chunk_rows)
         user_col, item_col = user_col or "user_id", item_col or "item_id"
         time_col = time_col or "timestamp"
-        if rating_col is None and "rating" in df.columns:
-            rating_col = "rating"
     elif fmt == "movielens":
-        names = ["user", "item", "rating", "timestamp"]
-        if _is_grouplens_dat(path):  # ratings.dat: UserID::MovieID::Rating::Timestamp
-            text = path.read_text(encoding="latin-1").replace("::", "\t")
-            df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE, text=text)
-        else:  # u.data: user item rating timestamp, tab-separated
-            df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE)
-        if df.shape[1] != 5:
-            raise DataError(
-                f"{path.name}: expected 4 fields per line (user, item, rating, timestamp), "
-                f"found {df.shape[1] - 1}; is this a MovieLens ratings.dat or u.data file?"
-            )
-        df.columns = [*names, "line"]
+        frames = iter([_read_movielens_ratings(path)])
         user_col, item_col, time_col, rating_col = "user", "item", "timestamp", "rating"
     elif fmt == "jsonl":
-        df = _read_jsonl(path)
+        frames = iter([_read_jsonl(path)])
     else:
-        df = _read_table(path, "," if fmt == "csv" else "\t", header=True)
-    wanted = {"--user-col": user_col, "--item-col": item_col, "--time-col": time_col}
-    if rating_col is not None:
-        wanted["--rating-col"] = rating_col
-    _require_columns(df, path, wanted)
-    assert user_col and item_col and time_col  # checked just above
-    return _finish(df, path, user_col, item_col, time_col, rating_col)
+        frames = _read_table_chunks(path, "," if fmt == "csv" else "\t", header=True,
+                                    chunk_rows=chunk_rows)
+    read_any = False
+    for df in frames:
+        if fmt == "recbole" and rating_col is None and "rating" in df.columns:
+            rating_col = "rating"
+        wanted = {"--user-col": user_col, "--item-col": item_col, "--time-col": time_col}
+        if rating_col is not None:
+            wanted["--rating-col"] = rating_col
+        _require_columns(df, path, wanted)
+        assert user_col and item_col and time_col  # checked just above
+        if not df.empty:  # a chunk of blank lines only
+            read_any = True
+            yield _finish(df, path, user_col, item_col, time_col, rating_col)
+    if not read_any:
+        raise DataError(f"{path.name}: the file has a header but no interactions")
+
+
+def _read_movielens_ratings(path: Path) -> pd.DataFrame:
+    """ratings.dat (UserID::MovieID::Rating::Timestamp) or u.data (tab-separated)."""
+    if _is_grouplens_dat(path):
+        text = path.read_text(encoding="latin-1").replace("::", "\t")
+        df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE, text=text)
+    else:
+        df = _read_table(path, "\t", header=False, quoting=csv.QUOTE_NONE)
+    if df.shape[1] != 5:
+        raise DataError(
+            f"{path.name}: expected 4 fields per line (user, item, rating, timestamp), "
+            f"found {df.shape[1] - 1}; is this a MovieLens ratings.dat or u.data file?"
+        )
+    df.columns = ["user", "item", "rating", "timestamp", "line"]
+    return df
 
 
 def read_items(path: str | Path, fmt: str, item_col: str | None = None) -> pd.DataFrame:
     """Read an item table into a column ``item`` (same id space as interactions) + text fields."""
     path = _checked_source(path, fmt, "items")
     if fmt == "recbole":
-        df = _read_recbole(path, "items")
+        (df,) = _read_recbole_chunks(path, "items")
         item_col = item_col or "item_id"
     elif fmt == "movielens":
         df = _read_movielens_items(path)

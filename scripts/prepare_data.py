@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from dataset_tools import BUILTIN_DATASETS, PrepareConfig, prepare_builtin, prepare_dataset
+from dataset_tools.folder import ENGINES
 from pretraining.cli import parse_args, run_main
 
 
@@ -36,6 +37,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dedupe", choices=["first", "last", "all"], default="first",
                    help="which copy of a repeated user-item pair to keep")
     p.add_argument("--max-history", type=int, help="keep each user's last N interactions")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="how --input is cleaned. duckdb: out of core, for logs larger than memory; "
+                   "pandas: in memory; "
+                   "auto: duckdb where installed (pip install 'peftrec[streaming]'). "
+                   "Both write the same folder")
     p.add_argument("--output", "--output-dir", type=Path, required=True,
                    help="dataset folder to write: new, empty or an earlier dataset "
                    "folder (replaced atomically)")
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = prepare_dataset(
             args.input, args.format, args.output, config, items_path=args.items,
             user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
-            rating_col=args.rating_col, items_item_col=args.items_item_col,
+            rating_col=args.rating_col, items_item_col=args.items_item_col, engine=args.engine,
         )
     print_statistics(folder)
 

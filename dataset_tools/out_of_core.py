@@ -1,0 +1,195 @@
+"""Clean a log larger than memory with DuckDB: the same steps and result as the pandas
+pipeline of ``folder.prepare_dataset``, with memory bounded by the number of distinct users
+and items instead of the number of interactions.
+
+The log is read in chunks; each chunk's user and item ids become integer codes (the only
+part kept in memory: one dictionary entry per distinct id) and is spilled to Parquet. DuckDB
+then de-duplicates, filters to the k-core fixed point and sorts on disk under a memory cap.
+DuckDB was chosen over Polars' streaming engine by measurement (benchmarks/preparation.py
+and docs/user-guide.md): on the same 10M-row integer log it was faster and stayed under its
+cap, where Polars has no cap and used twice the memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .folder import PrepareConfig
+
+# DuckDB's own memory cap; sorts and aggregations beyond it spill to the temporary folder.
+# With the id dictionaries and the finished arrays this keeps a 100M-row log under 6 GB.
+MEMORY_LIMIT = "2GB"
+INSTALL_HINT = "pip install 'peftrec[streaming]' (or duckdb)"
+
+
+def duckdb_available() -> bool:
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Codes:
+    """Integer codes for string ids, in order of first sight, kept across chunks."""
+
+    def __init__(self) -> None:
+        self.code_of: dict[str, int] = {}
+
+    def encode(self, ids: pd.Series) -> np.ndarray:
+        local, uniques = pd.factorize(ids, sort=False)
+        code_of = self.code_of
+        codes = np.fromiter((code_of.setdefault(i, len(code_of)) for i in uniques),
+                            np.int64, len(uniques))
+        return codes[local]
+
+    def ids(self) -> pa.Array:
+        """The ids, ``ids()[code]`` being the id of ``code``."""
+        return pa.array(list(self.code_of), pa.string())
+
+
+class SpilledLog:
+    """An interaction log spilled to Parquet as integer codes, ready for ``clean``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.users, self.items = _Codes(), _Codes()
+        self.rows, self.fractional, self.rated = 0, False, False
+
+    def append(self, number: int, df: pd.DataFrame) -> None:
+        table = pa.table({
+            "u": self.users.encode(df["user"]),
+            "i": self.items.encode(df["item"]),
+            "t": df["timestamp"].to_numpy(),
+            **({"rating": df["rating"].to_numpy()} if "rating" in df.columns else {}),
+            "line": df["line"].to_numpy(),
+        })
+        pq.write_table(table, self.folder / "parts" / f"{number:06d}.parquet")
+        self.rows += len(df)
+        self.fractional |= df["timestamp"].dtype.kind == "f"
+        self.rated = "rating" in df.columns
+
+    def clean(self, config: PrepareConfig
+              ) -> tuple[pd.DataFrame, list[str], list[str], dict[str, int]]:
+        """``folder.prepare_dataset``'s cleaning, on disk. Returns what the pandas pipeline
+        has after ``reindex``: a frame of ``user_index``, ``item_index`` and ``timestamp``
+        sorted by user then time, the item ids (``item_ids[i - 1]`` has index ``i``), the
+        user ids and the ``dropped`` counts."""
+        import duckdb
+
+        if config.min_rating is not None and not self.rated:
+            raise DataError(
+                "min_rating is set but the interactions have no rating column; "
+                "pass --rating-col or drop --min-rating"
+            )
+        con = duckdb.connect(str(self.folder / "prepare.duckdb"), config={
+            "memory_limit": MEMORY_LIMIT, "temp_directory": str(self.folder / "spill"),
+            "preserve_insertion_order": False,
+        })
+        try:
+            return self._clean(con, config)
+        finally:
+            con.close()
+
+    def _clean(self, con, config: PrepareConfig
+               ) -> tuple[pd.DataFrame, list[str], list[str], dict[str, int]]:
+        def count(table: str = "log") -> int:
+            return int(con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+
+        def keep(query: str) -> None:
+            con.sql(f"CREATE TABLE kept AS {query}")
+            con.sql("DROP TABLE log; ALTER TABLE kept RENAME TO log")
+
+        # Chunks whose timestamps were all whole are int64; one fractional chunk makes the
+        # whole column float64, as when the file is read at once.
+        time_type = "DOUBLE" if self.fractional else "BIGINT"
+        rated = "" if config.min_rating is None else f"WHERE rating >= {config.min_rating!r}"
+        con.sql(f"CREATE TABLE log AS SELECT u, i, CAST(t AS {time_type}) AS t, line "
+                    f"FROM read_parquet('{self.folder / 'parts'}/*.parquet') {rated}")
+        dropped = {"input_interactions": self.rows}
+        dropped["rating"], n = self.rows - count(), count()
+
+        if config.dedupe != "all":  # the earliest (first) or latest (last) copy by time, line
+            pick = "min" if config.dedupe == "first" else "max"
+            keep(f"SELECT u, i, c.t AS t, c.line AS line FROM (SELECT u, i, "
+                 f"{pick}({{'t': t, 'line': line}}) AS c FROM log GROUP BY u, i)")
+        dropped["duplicates"], n = n - count(), count()
+
+        rounds, k = 0, config.k_core
+        while k > 1:  # to a fixed point, round by round as cleaning.k_core_rounds
+            con.sql("CREATE OR REPLACE TEMP TABLE rare_u AS "
+                        f"SELECT u FROM log GROUP BY u HAVING count(*) < {k}")
+            con.sql("CREATE OR REPLACE TEMP TABLE rare_i AS "
+                        f"SELECT i FROM log GROUP BY i HAVING count(*) < {k}")
+            if count("rare_u") + count("rare_i") == 0:
+                break
+            keep("SELECT * FROM log ANTI JOIN rare_u USING (u) ANTI JOIN rare_i USING (i)")
+            rounds += 1
+        dropped["k_core_rounds"], dropped["k_core_removed"], n = rounds, n - count(), count()
+
+        if config.max_history is not None:  # each user's latest max_history
+            keep("SELECT * FROM log QUALIFY row_number() OVER (PARTITION BY u "
+                 f"ORDER BY t DESC, line DESC) <= {config.max_history}")
+        dropped["max_history"] = n - count()
+
+        lengths = con.sql("SELECT u, count(*) AS n FROM log GROUP BY u").to_arrow_table()
+        lengths = lengths.combine_chunks()
+        short = pc.less(lengths["n"], config.min_user_interactions).combine_chunks()
+        dropped["short_users"] = int(pc.sum(short).as_py() or 0)
+        dropped["short_user_interactions"] = int(
+            pc.sum(pc.filter(lengths["n"], short)).as_py() or 0)
+
+        # Users are numbered in the order of their ids (the pandas pipeline sorts by id),
+        # items by first appearance in that user-then-time order.
+        user_ids, item_ids = self.users.ids(), self.items.ids()
+        kept = pc.filter(lengths["u"], pc.invert(short)).combine_chunks()
+        users = pa.table({"u": kept.take(pc.sort_indices(user_ids.take(kept))),
+                          "user_index": np.arange(len(kept), dtype=np.int32)})
+        con.register("users", users)
+        con.sql("CREATE TABLE kept AS SELECT user_index, i, t, line "
+                    "FROM log JOIN users USING (u)")
+        item_codes = con.sql("SELECT i FROM kept GROUP BY i ORDER BY "
+                             "min({'user': user_index, 't': t, 'line': line})"
+                             ).to_arrow_table()["i"].combine_chunks()
+        con.register("items", pa.table({
+            "i": item_codes, "item_index": np.arange(1, len(item_codes) + 1, dtype=np.int32)}))
+
+        rows = count("kept")
+        columns = {"user_index": np.empty(rows, np.int32), "item_index": np.empty(rows, np.int32),
+                   "timestamp": np.empty(rows, np.float64 if self.fractional else np.int64)}
+        ordered = con.sql("SELECT user_index, item_index, t FROM kept JOIN items USING (i) "
+                          "ORDER BY user_index, t, line")
+        start = 0
+        for batch in ordered.to_arrow_reader(1 << 20):
+            end = start + batch.num_rows
+            for position, column in enumerate(columns.values()):
+                column[start:end] = batch.column(position).to_numpy()
+            start = end
+        frame = pd.DataFrame(columns, copy=False)  # no second copy of a 100M-row log
+        return (frame, item_ids.take(item_codes).to_pylist(),
+                user_ids.take(users["u"]).to_pylist(), dropped)
+
+
+@contextmanager
+def spilled_log(chunks: Iterable[pd.DataFrame]) -> Iterator[SpilledLog]:
+    """Read ``chunks`` (from ``read_interaction_chunks``) into a ``SpilledLog`` in a
+    temporary folder (under $TMPDIR: about the log's size on disk), deleted on exit."""
+    with tempfile.TemporaryDirectory(prefix="peftrec-prepare-") as work:
+        log = SpilledLog(Path(work))
+        (log.folder / "parts").mkdir()
+        for number, df in enumerate(chunks):
+            log.append(number, df)
+        yield log
