@@ -107,10 +107,36 @@ def get_adapted_model(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     _, injector_cls = _registered(config.method)
     injector = injector_cls()
-    for host in adapter_hosts(model, config.adapt):
+    # A method that also adapts per-item tables (LoRA) does them first; a component
+    # holding only a table (an ID item encoder) then needs no layers.
+    tables = injector.inject_tables(model, config) if adapts_item_tables(config) else []
+    for host in adapter_hosts(model, config.adapt, required=not tables):
         injector.inject(host, config)
     freeze_except_adapters(model, extras=config.extras)
     return model
+
+
+def adapts_item_tables(config: AdapterConfig) -> bool:
+    """Whether `config`'s method can adapt per-item tables (an ID item table), not only
+    layers: its injector has `inject_tables(model, config)` (LoRA's)."""
+    return hasattr(_registered(config.method)[1], "inject_tables")
+
+
+def item_tables(model: nn.Module, adapt: str = "both") -> list[tuple[nn.Module, str]]:
+    """(owner, attribute) of every per-item nn.Embedding table within the component
+    `adapt`: the tables that modules declare in `catalog_parameters` (an ID item encoder's
+    `embedding`, a content + ID encoder's `id_embedding`)."""
+    check_known((adapt,), COMPONENTS, "--adapt component", "choose one of")
+    tables = []
+    for name, module in model.named_modules():
+        inside = adapt == "both" or name == adapt or name.startswith(adapt + ".")
+        if module is not model and not inside:
+            continue
+        for parameter in getattr(module, "catalog_parameters", ()):
+            attribute, _, kind = parameter.rpartition(".")
+            if kind == "weight" and isinstance(getattr(module, attribute, None), nn.Embedding):
+                tables.append((module, attribute))
+    return tables
 
 
 def _registered(method: str | None) -> tuple[type, type]:
@@ -121,9 +147,11 @@ def _registered(method: str | None) -> tuple[type, type]:
     return ADAPTERS[method]
 
 
-def adapter_hosts(model: nn.Module, adapt: str = "both") -> list[nn.Module]:
+def adapter_hosts(model: nn.Module, adapt: str = "both", required: bool = True
+                  ) -> list[nn.Module]:
     """`model` if it declares `adapter_sites`, else its outermost submodules that do,
-    within the component `adapt` (the submodule of that name; `both`: anywhere)."""
+    within the component `adapt` (the submodule of that name; `both`: anywhere).
+    `required`: none is an error."""
     check_known((adapt,), COMPONENTS, "--adapt component", "choose one of")
     if _declares_sites(model):
         return [model]
@@ -135,7 +163,7 @@ def adapter_hosts(model: nn.Module, adapt: str = "both") -> list[nn.Module]:
                 and not any(name.startswith(p + ".") for p in prefixes)):
             hosts.append(module)
             prefixes.append(name)
-    if not hosts:
+    if not hosts and required:
         where = type(model).__name__
         if adapt != "both":
             where = f"the {adapt} of {where}"
@@ -206,6 +234,14 @@ def _wrapped_module_name(module: nn.Module) -> str | None:
     if isinstance(module, BaseTunerLayer):
         return "base_layer"
     return None
+
+
+def current_parameter_name(model: nn.Module, name: str) -> str:
+    """Parameter `name` as `model` names it now: an adapter layer that wraps the module
+    holding it (peft's LoRA on an item table) moves `x.weight` to `x.base_layer.weight`."""
+    owner, _, attribute = name.rpartition(".")
+    wrapped = _wrapped_module_name(model.get_submodule(owner))
+    return f"{owner}.{wrapped}.{attribute}" if wrapped and owner else name
 
 
 def extra_parameter_ids(model: nn.Module, extras: Iterable[str]) -> set[int]:

@@ -23,6 +23,7 @@ from torch import nn
 from adapters.base import (
     AdapterConfig,
     AdapterLayer,
+    item_tables,
     layer_path,
     num_layers,
     register_adapter,
@@ -99,7 +100,29 @@ class LoRALinear(AdapterLayer):
 
 @register_adapter("lora", LoRAConfig)
 class LoRAInjector:
+    def __init__(self) -> None:
+        self.table_names: set[str] = set()  # the item tables `inject_tables` adapted
+
+    def inject_tables(self, model: nn.Module, config: LoRAConfig) -> list[str]:
+        """peft's LoRA on the per-item tables of the component `config.adapt` that the
+        targets name (unset: those the table's owner lists in its `lora_targets`, as the ID
+        item encoder does); returns their attribute names."""
+        adapted = []
+        for owner, table in item_tables(model, config.adapt):
+            targets = config.target_modules or getattr(owner, "lora_targets", None) or ()
+            if table in targets:
+                _inject_peft(owner, [table], config)
+                adapted.append(table)
+        self.table_names.update(adapted)
+        return adapted
+
     def inject(self, host: nn.Module, config: LoRAConfig) -> None:
+        if config.target_modules:
+            # Targets that named item tables were used by `inject_tables`.
+            layer_targets = tuple(t for t in config.target_modules if t not in self.table_names)
+            if not layer_targets:
+                return
+            config = config.replace(target_modules=layer_targets)
         paths = target_paths(host, config)
         model = getattr(host, "model", None)
         if _is_transformers_model(model):

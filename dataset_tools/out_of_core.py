@@ -114,11 +114,10 @@ class SpilledLog:
             con.sql("DROP TABLE log; ALTER TABLE kept RENAME TO log")
 
         # Chunks whose timestamps were all whole are int64; one fractional chunk makes the
-        # whole column float64, as when the file is read at once.
-        time_type = "DOUBLE" if self.fractional else "BIGINT"
+        # whole column float64 (union_by_name widens), as when the file is read at once.
         rated = "" if config.min_rating is None else f"WHERE rating >= {config.min_rating!r}"
-        con.sql(f"CREATE TABLE log AS SELECT u, i, CAST(t AS {time_type}) AS t, line "
-                    f"FROM read_parquet('{self.folder / 'parts'}/*.parquet') {rated}")
+        con.sql(f"CREATE TABLE log AS SELECT u, i, t, line FROM read_parquet("
+                f"'{self.folder / 'parts'}/*.parquet', union_by_name = true) {rated}")
         dropped = {"input_interactions": self.rows}
         dropped["rating"], n = self.rows - count(), count()
 

@@ -34,7 +34,13 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from adapters import fold_prefixes, get_adapted_model, parse_layers
-from adapters.base import EXTRAS, AdapterConfig, extra_parameter_ids
+from adapters.base import (
+    EXTRAS,
+    AdapterConfig,
+    adapts_item_tables,
+    current_parameter_name,
+    extra_parameter_ids,
+)
 from adapters.checkpoint import (
     is_adapter_checkpoint,
     load_adapter_weights,
@@ -60,6 +66,7 @@ from downstream.matching import (
     read_matching,
     write_matching,
 )
+from modality_encoders.base import item_table_names
 from modality_encoders.content_encoder import HEAD_SITE
 from modality_encoders.transformer import (
     ADAPTER_LAYOUTS,
@@ -119,15 +126,18 @@ def target_config(
     encoder_config = {**base.item_encoder_config, **(encoder_overrides or {})}
     if "template" in encoder_config and "template" not in (encoder_overrides or {}):
         encoder_config["template"] = target_template(encoder_config["template"], data)
-    if adapter is not None and adapter.adapt in ("item_encoder", "both"):
-        if base.item_encoder == "id":
-            raise ValueError(
-                f"--adapt {adapter.adapt}: the base model's items are IDs (an embedding table "
-                "has no layers to adapt); use --adapt backbone"
-            )
+    adapts_items = adapter is not None and adapter.adapt in ("item_encoder", "both")
+    if adapts_items and base.item_encoder == "id" and not adapts_item_tables(adapter):
+        raise ValueError(
+            f"--adapt {adapter.adapt}: the base model's items are IDs (an embedding table "
+            "has no layers to adapt); use --adapt backbone, or LoRA (scripts/adapter_lora.py), "
+            "which adapts the table itself"
+        )
+    if adapts_items and base.item_encoder != "id":
         name = encoder_config["encoder"]
         encoder = load_encoder_config(resolve_encoder_path(name), name)
-        if adapts_encoder_layers(adapter, encoder.model_type):
+        if adapts_encoder_layers(adapter, encoder.model_type,
+                                 item_table_names(base.item_encoder)):
             num_layers = encoder.num_hidden_layers
             lowest = parse_layers(adapter.layers, num_layers)[0]
             encoder_config.update(freeze=False,
@@ -154,15 +164,18 @@ def objective_overrides(args: argparse.Namespace) -> dict:
             if getattr(args, name, None) is not None}
 
 
-def adapts_encoder_layers(adapter: AdapterConfig, model_type: str) -> bool:
+def adapts_encoder_layers(adapter: AdapterConfig, model_type: str,
+                          item_tables: tuple[str, ...] = ()) -> bool:
     """Whether `adapter` reaches a content encoder's transformer layers, rather than only
-    its output head above the cache: it does unless it names the head (`--sites
-    projection`, `--target-modules projection`) and nothing those layers hold."""
+    what lies above the cache: it does unless it names the output head (`--sites
+    projection`, `--target-modules projection`) or one of the encoder's `item_tables` (a
+    content + ID encoder's `id_embedding`) and nothing those layers hold."""
     names = set(adapter.placement())
-    if HEAD_SITE not in names:
+    above_cache = {HEAD_SITE, *item_tables}
+    if not names & above_cache:
         return True
     layout = ADAPTER_LAYOUTS.get(model_type)
-    layer_names = set(layout[0]) | set(layout[1]) if layout else names - {HEAD_SITE}
+    layer_names = set(layout[0]) | set(layout[1]) if layout else names - above_cache
     return bool(names & layer_names)
 
 
@@ -309,8 +322,13 @@ def matched_target_model(
         adapt(model, adapter)
     if freeze:
         freeze_groups(model, freeze)
-    if matching is not None and frozen:
-        freeze_matched_rows(model, matching, carried)
+    if matching is not None:
+        # A table under LoRA keeps its matched rows as pretrained whatever `frozen` says:
+        # the low-rank update moves them (its parameter is then its `base_layer`'s).
+        adapted = [current_parameter_name(model, name) for name in carried]
+        rows = [now for name, now in zip(carried, adapted, strict=True) if frozen or now != name]
+        if rows:
+            freeze_matched_rows(model, matching, rows)
     return model
 
 

@@ -79,6 +79,23 @@ def check_item_encoder_weights(name: str, config: dict, output_dim: int,
     return check(config, output_dim, shapes) if check is not None else None
 
 
+def item_table_names(name: str) -> tuple[str, ...]:
+    """The module names of encoder `name`'s per-item tables (from its `catalog_parameters`:
+    `embedding` for `id`, `id_embedding` for `text+id`; none for a content encoder)."""
+    parameters = getattr(_encoder_class(name), "catalog_parameters", ())
+    return tuple(p.removesuffix(".weight") for p in parameters if p.endswith(".weight"))
+
+
+def table_rows(table: nn.Module, num_rows: int) -> torch.Tensor:
+    """Every row [num_rows, d] of a per-item table: a plain nn.Embedding's weight, or, when an
+    adapter wraps the table (LoRA on the item table adds a low-rank update to each row it
+    looks up), the rows the wrapper looks up, so the whole catalog is scored as adapted."""
+    if isinstance(table, nn.Embedding):
+        return table.weight
+    device = next(table.parameters()).device
+    return table(torch.arange(num_rows, device=device))
+
+
 def _encoder_class(name: str) -> type[nn.Module]:
     if name not in ITEM_ENCODERS:
         raise ValueError(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modality_encoders.base import register_item_encoder
+from modality_encoders.base import register_item_encoder, table_rows
 from modality_encoders.content_encoder import ContentItemEncoder
 from modality_encoders.image_encoder import ImageItemEncoder
 from modality_encoders.text_encoder import TextItemEncoder
@@ -55,7 +55,7 @@ class IDFusion(ContentItemEncoder):
         return content + gate * ids
 
     def catalog(self) -> torch.Tensor:
-        return self.fuse(self.content_catalog(), self.id_embedding.weight)
+        return self.fuse(self.content_catalog(), table_rows(self.id_embedding, self.num_items + 1))
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.content_vectors(items), self.id_embedding(items))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modality_encoders.base import register_item_encoder
+from modality_encoders.base import register_item_encoder, table_rows
 
 
 @register_item_encoder("id")
@@ -15,6 +15,8 @@ class IDEncoder(nn.Module):
     # Parameters with one row per item: they belong to this catalog and cannot be moved
     # to another domain's items (transfer starts them afresh).
     catalog_parameters = ("embedding.weight",)
+    # LoRA's default target here (`--adapt item_encoder`): a low-rank update of the table.
+    lora_targets = ("embedding",)
 
     def __init__(self, num_items: int, output_dim: int, config: dict | None = None,
                  content=None) -> None:
@@ -24,6 +26,7 @@ class IDEncoder(nn.Module):
         if num_items < 1:
             raise ValueError(f"an ID encoder needs at least one item, got num_items={num_items}")
         self.output_dim = output_dim
+        self.num_items = num_items
         self.embedding = nn.Embedding(num_items + 1, output_dim, padding_idx=0)
         nn.init.normal_(self.embedding.weight, std=0.02)
         with torch.no_grad():
@@ -37,4 +40,4 @@ class IDEncoder(nn.Module):
         return self.embedding(items)
 
     def catalog(self) -> torch.Tensor:
-        return self.embedding.weight
+        return table_rows(self.embedding, self.num_items + 1)

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_model, save_file
 from torch import nn
 
-from adapters.base import extra_parameter_ids, layer_path, num_layers
+from adapters.base import current_parameter_name, extra_parameter_ids, layer_path, num_layers
 from dataset_tools import atomic_directory
 from modality_encoders import (
     EncoderMismatchError,
@@ -212,11 +212,13 @@ class SequentialRecommender(nn.Module):
 
     def catalog_parameter_names(self) -> list[str]:
         """Parameters with one row per item of this catalog (an ID table, the generative
-        item bias, an untied output table): they do not transfer to another catalog."""
+        item bias, an untied output table): they do not transfer to another catalog. Named
+        as they are now: under LoRA on the item table, its `base_layer`'s weight."""
         names = [f"item_encoder.{name}"
                  for name in getattr(self.item_encoder, "catalog_parameters", ())]
         names += ["item_bias"] if self.config.is_generative else []
-        return names + (["output_items"] if self.output_items is not None else [])
+        names += ["output_items"] if self.output_items is not None else []
+        return [current_parameter_name(self, name) for name in names]
 
     def unfreezing_stages(self) -> list[set[str]]:
         """Progressive unfreezing (gradual unfreezing, top down, as in ULMFiT and SRT): the

@@ -291,6 +291,41 @@ def test_an_adapter_with_trainable_matched_rows_stores_the_whole_table(domains, 
     assert again["test"] == metrics["test"]
 
 
+def test_lora_on_the_item_table_moves_matched_rows_and_stores_only_factors_and_fresh_rows(
+        domains, bases, tmp_path):
+    """--adapt both: LoRA on the backbone and on the ID table. The matched rows stay as
+    pretrained under the low-rank update (not stored), the fresh rows train (stored); the
+    checkpoint reloads onto its base to the same metrics."""
+    source_dir, target_dir = domains
+    matched, source_index, others = matched_rows(source_dir, target_dir)
+    run = tmp_path / "lora-table"
+    metrics = finetune(("lora",), "--pretrained", str(bases["sasrec"]), "--dataset",
+                       str(target_dir), "--output-dir", str(run), *BY, "--adapt", "both",
+                       "--rank", "2", "--epochs", "2", "--lr", "0.01", "--weight-decay", "0.5")
+    best = run / "best_model"
+    saved = load_file(best / "adapter_model.safetensors")
+    table = "item_encoder.embedding"
+    assert {name for name in saved if name.startswith(table)} == {
+        f"{table}.lora_embedding_A.default", f"{table}.lora_embedding_B.default",
+        f"{table}.base_layer.parametrizations.weight.original"}
+    num_rows = load_dataset_folder(target_dir).num_items + 1
+    assert saved[f"{table}.lora_embedding_A.default"].shape == (2, num_rows)
+    assert saved[f"{table}.base_layer.parametrizations.weight.original"].shape == (
+        num_rows - len(matched), 16)  # padding + the fresh rows
+    assert all(".lora_" in name for name in saved if not name.startswith(table))
+
+    model = load_adapted_model(best, load_dataset_folder(target_dir))
+    source_rows = per_item(bases["sasrec"])[f"{table}.weight"]
+    base_rows = model.item_encoder.embedding.base_layer.weight.detach()
+    assert torch.equal(base_rows[matched], source_rows[source_index])
+    rows = model.item_encoder.catalog().detach()
+    assert not torch.equal(rows[matched], source_rows[source_index])  # moved by the update
+    assert not torch.equal(rows[others], base_rows[others])
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
+
+
 def test_counts_are_printed_and_recorded_and_an_id_model_runs_zero_shot(domains, bases,
                                                                         tmp_path, capsys):
     source_dir, target_dir = domains
