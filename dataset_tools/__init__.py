@@ -29,6 +29,7 @@ from .item_text import (
     read_mind_news,
 )
 from .readers import read_interactions, read_items
+from .subset import user_subset, write_user_subset
 from .synthetic import SyntheticConfig, generate_sequences, write_synthetic_log
 
 __all__ = [
@@ -67,5 +68,7 @@ __all__ = [
     "resolve_dataset",
     "sort_chronologically",
     "split_domains",
+    "user_subset",
     "write_synthetic_log",
+    "write_user_subset",
 ]
