@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +22,15 @@ from downstream.transfer import finetune
 from pretraining.cli import (
     CommandLineError,
     add_protocol_arguments,
+    add_settings,
     add_training_arguments,
     base_parser,
+    names_list,
     parse_args,
+    typed_options,
 )
-from pretraining.recommender import BACKBONES, LOSSES, NEGATIVE_SAMPLING
+from pretraining.recommender import RecommenderConfig
+from pretraining.trainer import TrainingConfig
 
 PLACEMENT = {field.name for field in dataclasses.fields(AdapterConfig)}
 
@@ -38,8 +41,6 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
     parser = base_parser(description)
     parser.add_argument("--pretrained", type=Path, required=True,
                         help="run folder of a pretraining script (or its best_model/)")
-    parser.add_argument("--backbone", choices=sorted(BACKBONES),
-                        help="the backbone --pretrained must have (checked; default: any)")
     add_training_arguments(parser)
     add_protocol_arguments(parser)
     encoder = parser.add_argument_group("item encoder of the target (content models)")
@@ -48,23 +49,15 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
     encoder.add_argument("--image-store", type=Path, help="the target items' LMDB image store")
     encoder.add_argument("--encoder-cache-dir", type=Path,
                          help="where encoder outputs are cached (unset: DATASET/cache)")
-    objective = parser.add_argument_group(
-        "training objective (unset: the pretrained model's; evaluation always ranks the "
-        "whole catalog)")
-    objective.add_argument("--loss", choices=list(LOSSES),
-                           help="softmax over the whole target catalog, or sampled softmax "
-                           "(negatives shared by the batch, logQ-corrected): with a trained "
-                           "item encoder the step then encodes only the batch's items and "
-                           "the negatives")
-    objective.add_argument("--num-negatives", type=int, help="for --loss sampled")
-    objective.add_argument("--negative-sampling", choices=list(NEGATIVE_SAMPLING),
-                           help="for --loss sampled: uniform, or by target-item popularity")
-    parser.add_argument("--repeat-bias", action="store_true",
-                        help="add a learned score offset for items already in the input "
-                        "sequence to a base trained without one (starts at 0: no change); "
-                        "a base's own repeat bias is always kept and trained")
+    model = parser.add_argument_group(
+        "model (unset: the pretrained model's; --backbone is checked against it, the "
+        "objective replaces its for training, evaluation always ranks the whole catalog; "
+        "--repeat-bias adds a score offset, starting at 0, to a base trained without one, "
+        "and a base's own is always kept and trained)")
+    add_settings(model, RecommenderConfig, exclude=("repeat_bias",), unset=True)
+    add_settings(model, RecommenderConfig, ("repeat_bias",))
     matching = parser.add_argument_group("items matched across domains (per-item parameters)")
-    matching.add_argument("--match-items-by", type=_names, metavar="FIELD[,FIELD...]",
+    matching.add_argument("--match-items-by", type=names_list, metavar="FIELD[,FIELD...]",
                           help="item fields both datasets have (e.g. movie_title,release_year): "
                           "a target item whose values (case and whitespace ignored) are a "
                           "source item's keeps that item's pretrained rows in every per-item "
@@ -84,18 +77,13 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
                               help="evaluate on the target without training (content models, "
                               "or an ID model with --match-items-by)")
         strategy = parser.add_argument_group("full fine-tuning strategies")
-        strategy.add_argument("--freeze", type=_names, default=(), metavar="GROUP[,GROUP...]",
+        strategy.add_argument("--freeze", type=names_list, default=(), metavar="GROUP[,GROUP...]",
                               help=f"keep these pretrained parameter groups fixed, of "
                               f"{list(EXTRAS)} (as adapters' --tune defines them): embeddings "
                               "= every nn.Embedding (positions, ...) except the per-item tables "
                               "transfer restarts, which train (with --match-items-by, their "
                               "matched rows stay as pretrained, as --freeze-matched-items)")
-        strategy.add_argument("--unfreeze-every", type=int, default=0, metavar="N",
-                              help="progressive unfreezing: train the top backbone layer, the "
-                              "final norm, the item side's head and the per-item tables at "
-                              "first, then one more backbone layer, from the top down, every N "
-                              "epochs, and the pretrained embeddings (positions) last "
-                              "(0: everything from the start)")
+        add_settings(strategy, TrainingConfig, ("unfreeze_every",))
         return parser
     unknown = [m for m in methods if m not in ADAPTERS]
     if unknown:
@@ -162,26 +150,7 @@ def _add_method_settings(group: argparse._ArgumentGroup, methods: Sequence[str])
             if name in added:
                 continue
             added.add(name)
-            kind = _without_none(hints[name])
-            flag = "--" + name.replace("_", "-")
             # Unset flags stay unset (SUPPRESS), so the method's own default applies.
-            help_text = f"{method} setting (default: {getattr(defaults, name)!r})"
-            options = {"default": argparse.SUPPRESS, "help": help_text}
-            if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
-            elif kind in (int, float, str):
-                group.add_argument(flag, type=kind, **options)
-            elif typing.get_origin(kind) is tuple:  # names: comma-separated on the command line
-                group.add_argument(flag, type=_names, **options)
-            else:
-                raise TypeError(f"{config_class.__name__}.{name}: no flag for type {kind}")
-
-
-def _without_none(kind):
-    """`int | None` -> int (None is the config's own default, not something to type)."""
-    options = [option for option in typing.get_args(kind) if option is not type(None)]
-    return options[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
+            group.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
+                               help=f"{method} setting (default: {getattr(defaults, name)!r})",
+                               **typed_options(hints[name], f"{config_class.__name__}.{name}"))

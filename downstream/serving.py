@@ -51,12 +51,12 @@ from adapters.checkpoint import is_adapter_checkpoint, read_adapter_config
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, atomic_write, read_items
 from downstream.transfer import load_any_checkpoint
 from modality_encoders import item_encoder_modality, item_table_content
-from pretraining.cli import CommandLineError, base_parser
+from pretraining.cli import CommandLineError, add_settings, base_parser
 from pretraining.data import collate_left_padded
 from pretraining.evaluation import EvaluationProtocol, top_k_items
 from pretraining.pipeline import run_dataset
 from pretraining.recommender import CheckpointError, SequentialRecommender
-from pretraining.trainer import BEST_DIR
+from pretraining.trainer import BEST_DIR, TrainingConfig
 
 TITLE_COLUMNS = ("title", "movie_title")  # the first one an item table has names its items
 ITEM_TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -289,12 +289,8 @@ def recommend_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--item-col", default="item_id", help="the --items column of item ids")
     parser.add_argument("--encoder-cache-dir", type=Path,
                         help="where encoder outputs are cached (unset: DATASET/cache)")
-    parser.add_argument("--eval-batch-size", type=int, default=256,
-                        help="users scored at once (bounds memory with --item-chunk-size)")
-    parser.add_argument("--item-chunk-size", type=int,
-                        default=EvaluationProtocol.item_chunk_size,
-                        help="items scored at once (bounds memory; the recommendations do not "
-                        "depend on it)")
+    add_settings(parser, TrainingConfig, ("eval_batch_size", "cpu"))
+    add_settings(parser, EvaluationProtocol, ("item_chunk_size",))
     return parser
 
 

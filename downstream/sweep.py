@@ -325,7 +325,9 @@ def _action(parser: argparse.ArgumentParser, key: str, script: str, where: str,
 
 def _tokens(action: argparse.Action, value, where: str, fail: Callable) -> list[str]:
     """The command-line words of a flag's value."""
-    option = max(action.option_strings, key=len)
+    # A switch by its positive name (not --no-X); otherwise the longest (--output-dir).
+    option = (action.option_strings[0] if isinstance(action, argparse.BooleanOptionalAction)
+              else max(action.option_strings, key=len))
     if value is None:
         return []
     if action.nargs == 0:  # a switch

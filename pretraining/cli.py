@@ -1,15 +1,27 @@
-"""The argument vocabulary every script shares, `--config FILE.yaml`, and error reporting.
+"""The argument vocabulary every script shares, `--config FILE.yaml`, presets, and errors.
 
-Flags given on the command line override values from `--config`, which may also give the
-required ones; unknown keys in the YAML file are an error, like unknown flags.
+Every setting is declared once, as a field of a config dataclass (`TrainingConfig`,
+`RecommenderConfig`, `SASRecConfig`, `DiffRecConfig`, `EvaluationProtocol`, `RunSettings`):
+a field with `metadata={"help": ...}` is a flag (`add_settings`), typed by its annotation,
+with the field's default and its metadata's `choices`, `metavar` and `flag` (the flag's
+name where it is not the field's, e.g. `--diffusion-steps` for `num_steps`). The parsed
+value is stored under the field's name, so `settings(args, Config)` fills the dataclass.
+
+Values come from, lowest first: the dataclass defaults, a `--preset` (pretraining.presets),
+the `--config` YAML file, the command line. Unknown keys in the file are an error, like
+unknown flags; the file may also give the required flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -23,17 +35,12 @@ from modality_encoders import (
     resolve_item_encoder_config,
 )
 from pretraining.data import TRAIN_WINDOWS
-from pretraining.diffrec import INFERENCE_MODES, MSE_REDUCTIONS
+from pretraining.diffrec import DiffRecConfig
 from pretraining.evaluation import EvaluationProtocol
-from pretraining.recommender import (
-    BACKBONES,
-    INFERENCE_SETTINGS,
-    LOSSES,
-    NEGATIVE_SAMPLING,
-    RecommenderConfig,
-)
-from pretraining.schedules import SCHEDULES
-from pretraining.trainer import ON_NAN, SCHEDULERS, TrainingConfig
+from pretraining.presets import PRESETS
+from pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
+from pretraining.sasrec import SASRecConfig
+from pretraining.trainer import TrainingConfig
 
 ITEM_ENCODER_PREFIX = "item_encoder."  # SequentialRecommender's item encoder parameters
 
@@ -45,17 +52,124 @@ class CommandLineError(ValueError):
 DIFFUSION_GROUP = "diffusion (--backbone diffrec)"
 
 
+@dataclass
+class RunSettings:
+    """Settings of a training run outside the model, training and protocol configs."""
+
+    train_windows: str = field(default="last", metadata={
+        "choices": TRAIN_WINDOWS,
+        "help": "train on each user's most recent max_len window, tile the whole history "
+        "into windows (all), or make every prefix a sample with the next item its only "
+        "target (prefixes, as RecBole)"})
+    init_items_from: Path | None = field(default=None, metadata={
+        "metavar": "DIR",
+        "help": "start the item encoder (ID: the item table) from this pretraining run "
+        "folder or its best_model/ (any backbone; same dataset, item encoder and "
+        "--hidden-size)"})
+    freeze_items_epochs: int = field(default=0, metadata={
+        "metavar": "E",
+        "help": "no update to the item encoder in the first E epochs, then joint training "
+        "(without --init-items-from: the random initial items stay fixed for E epochs)"})
+    init_denoiser_from: Path | None = field(default=None, metadata={
+        "metavar": "DIR",
+        "help": "start the denoiser's Transformer (and the repeat bias) from this SASRec run "
+        "folder or its best_model/: the history is then encoded as SASRec encodes it (same "
+        "layer sizes, --max-len at most the SASRec's + 1)"})
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the scripts' docstring examples as written, and shows flag defaults."""
+    """Keeps the scripts' docstring examples as written, and shows the flags' defaults (an
+    unset one, None, is not shown: the help says what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def flag_fields(config_class: type) -> list[dataclasses.Field]:
+    """The fields of `config_class` that are command-line flags: those with help text."""
+    return [f for f in dataclasses.fields(config_class) if "help" in f.metadata]
+
+
+def flag_name(setting: dataclasses.Field) -> str:
+    return "--" + setting.metadata.get("flag", setting.name.replace("_", "-"))
+
+
+def add_settings(
+    group: argparse._ActionsContainer,
+    config_class: type,
+    names: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    unset: bool = False,
+) -> None:
+    """One flag per flag field of `config_class` (`names` only, if given; less `exclude`).
+
+    `unset`: the flags default to None, not to the field's default, so that whatever the
+    caller applies them to (a pretrained model's settings, a run's own) keeps its value.
+    Types: see `typed_options`.
+    """
+    hints = typing.get_type_hints(config_class)
+    for setting in flag_fields(config_class):
+        if (names is not None and setting.name not in names) or setting.name in exclude:
+            continue
+        default = None if unset else _default(setting)
+        options = {"dest": setting.name, "default": default, "help": setting.metadata["help"]}
+        if "metavar" in setting.metadata:
+            options["metavar"] = setting.metadata["metavar"]
+        if "choices" in setting.metadata:
+            options["choices"] = list(setting.metadata["choices"])
+        options.update(typed_options(hints[setting.name], f"{config_class.__name__}."
+                                     f"{setting.name}"))
+        group.add_argument(flag_name(setting), **options)
+
+
+def typed_options(kind, where: str) -> dict:
+    """`add_argument`'s options for a field annotated `kind` (`where` names it in errors):
+    bool is a switch with its `--no-` form (so a flag can undo a preset or a file);
+    `tuple[int, ...]` takes several values, `tuple[str, ...]` comma-separated names;
+    `X | None` is typed as X (None is the unset value, not something to type)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(member for member in typing.get_args(kind) if member is not type(None))
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if kind in (int, float, str, Path):
+        return {"type": kind}
+    if kind == tuple[int, ...]:
+        return {"type": int, "nargs": "+"}
+    if kind == tuple[str, ...]:
+        return {"type": names_list}
+    raise TypeError(f"{where}: no flag for type {kind}")
+
+
+def settings(args: argparse.Namespace, config_class: type,
+             names: Sequence[str] | None = None) -> dict:
+    """The values of `config_class`'s flags in `args` (those parsed; `names` only, if
+    given), lists as tuples, ready for `config_class(**...)`."""
+    return {f.name: tuple(value) if isinstance(value, list) else value
+            for f in flag_fields(config_class)
+            if (names is None or f.name in names)
+            and (value := getattr(args, f.name, _MISSING)) is not _MISSING}
+
+
+_MISSING = object()
+
+
+def _default(setting: dataclasses.Field):
+    if setting.default_factory is not dataclasses.MISSING:
+        return setting.default_factory()
+    return setting.default
+
+
+def names_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names on the command line."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
+    """`--config`, the dataset and `--debug`: the flags of every script that loads data."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
-    parser.add_argument(
-        "--output-dir", type=Path, help="run folder (default: runs/<dataset>-<backbone>)",
-    )
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dataset", default="ml-100k",
                         help="built-in name (ml-100k, ml-1m, or its domain split ml-1m-old / "
                         "ml-1m-new) or a folder written by "
@@ -63,138 +177,33 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path,
                         help="where built-in datasets are prepared "
                         "(default $PEFTREC_CACHE or ~/.cache/peftrec)")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--backbone", choices=sorted(BACKBONES), default="sasrec")
-    group.add_argument("--hidden-size", type=int, default=64)
-    group.add_argument("--num-layers", type=int, default=2)
-    group.add_argument("--num-heads", type=int, default=2)
-    group.add_argument("--ffn-size", type=int, default=256)
-    group.add_argument("--max-len", type=int, default=200, help="longest input sequence")
-    group.add_argument("--dropout", type=float, default=0.2)
-    group.add_argument("--loss", choices=list(LOSSES), default="full",
-                       help="softmax over the whole catalog, or sampled softmax with "
-                       "logQ correction")
-    group.add_argument("--num-negatives", type=int, default=1024, help="for --loss sampled")
-    group.add_argument("--negative-sampling", choices=list(NEGATIVE_SAMPLING),
-                       default="uniform")
-    group.add_argument("--repeat-bias", action="store_true",
-                       help="learn one score offset for items already in the input sequence "
-                       "(negative where users rarely re-consume, positive where they repeat)")
-    group.add_argument("--init-items-from", type=Path, metavar="DIR",
-                       help="start the item encoder (ID: the item table) from this pretraining "
-                       "run folder or its best_model/ (any backbone; same dataset, item encoder "
-                       "and --hidden-size)")
-    group.add_argument("--freeze-items-epochs", type=int, default=0, metavar="E",
-                       help="no update to the item encoder in the first E epochs, then joint "
-                       "training (without --init-items-from: the random initial items stay "
-                       "fixed for E epochs)")
+    add_settings(group, RecommenderConfig)
+    add_settings(group, SASRecConfig)
+    add_settings(group, RunSettings, ("init_items_from", "freeze_items_epochs"))
     diffusion = parser.add_argument_group(DIFFUSION_GROUP)
-    diffusion.add_argument("--schedule", choices=sorted(SCHEDULES), default="sqrt",
-                           help="noise schedule of the diffusion process")
-    diffusion.add_argument("--diffusion-steps", type=int, default=1000,
-                           help="N, the steps of the diffusion process")
-    diffusion.add_argument("--num-seeds", type=int, default=10,
-                           help="noise samples averaged at inference (1..256)")
-    diffusion.add_argument("--inference", choices=list(INFERENCE_MODES), default="one_step",
-                           help="one step from pure noise, the full reverse process, or a "
-                           "strided one of --inference-steps steps")
-    diffusion.add_argument("--inference-steps", type=int, default=50,
-                           help="steps of --inference strided")
-    diffusion.add_argument("--noised-positions", type=int, default=1,
-                           help="noise the last K positions (1: the target only)")
-    diffusion.add_argument("--causal-denoiser", action="store_true",
-                           help="causal attention in the denoiser: the history is encoded "
-                           "once and reused for every seed and step")
-    diffusion.add_argument("--every-position", action="store_true",
-                           help="train on every position's next item, not only each window's "
-                           "last (needs --causal-denoiser; ~max-len targets per window)")
-    diffusion.add_argument("--detach-noised-items", action="store_true",
-                           help="no gradient from the noised target copies to the item table "
-                           "(stops a trained table from inflating its norms past the noise)")
-    diffusion.add_argument("--logit-scale", action="store_true",
-                           help="score with a learned scale s: softmax(s h0 E^T + b), so the "
-                           "MSE and the softmax do not fight over the length of h0")
-    diffusion.add_argument("--untied-output", action="store_true",
-                           help="score with a separate output table W (the paper's Eq. 13, "
-                           "a copy of the item vectors at start), not the item table")
-    diffusion.add_argument("--mse-weight", type=float, default=1.0,
-                           help="weight of the diffusion MSE next to the cross-entropy")
-    diffusion.add_argument("--mse-reduction", choices=list(MSE_REDUCTIONS), default="mean",
-                           help="a target's squared error averaged over the d dimensions, or "
-                           "summed: the paper's squared norm (Eq. 13), d times stronger")
-    diffusion.add_argument("--init-denoiser-from", type=Path, metavar="DIR",
-                           help="start the denoiser's Transformer (and the repeat bias) from "
-                           "this SASRec run folder or its best_model/: the history is then "
-                           "encoded as SASRec encodes it (same layer sizes, --max-len at "
-                           "most the SASRec's + 1)")
+    add_settings(diffusion, DiffRecConfig, exclude=[f.name for f in flag_fields(SASRecConfig)])
+    add_settings(diffusion, RunSettings, ("init_denoiser_from",))
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every script that trains a run folder: `--output-dir` and the
+    training settings (`--unfreeze-every` is full fine-tuning's alone)."""
+    parser.add_argument("--output-dir", type=Path,
+                        help="run folder (default: runs/<dataset>-<backbone>, fine-tuning: "
+                        "runs/<dataset>-<method>)")
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=200)
-    group.add_argument("--max-steps", type=int, default=0,
-                       help="stop after N optimizer steps in total (0: no limit)")
-    group.add_argument("--batch-size", type=int, default=128)
-    group.add_argument("--eval-batch-size", type=int, default=256,
-                       help="users scored at once in full ranking (bounds evaluation memory)")
-    group.add_argument("--lr", type=float, default=1e-3)
-    group.add_argument("--weight-decay", type=float, default=0.0)
-    group.add_argument("--scheduler", choices=SCHEDULERS, default="constant",
-                       help="the rate after warm-up: constant, cosine to 0 over --epochs, or "
-                       "step (multiplied by --decay-factor after each of --decay-epochs); or "
-                       "one_cycle (torch's OneCycleLR: from --lr/25 up to --lr over "
-                       "--warmup-steps, default 30%% of the run's steps, then down to "
-                       "--lr/25e4; the run is --epochs, or --max-steps if fewer)")
-    group.add_argument("--warmup-steps", type=int, default=0,
-                       help="steps of linear warm-up to --lr (one_cycle: of its rise)")
-    group.add_argument("--decay-epochs", type=int, nargs="+", default=[],
-                       help="--scheduler step: the epochs after which the rate drops")
-    group.add_argument("--decay-factor", type=float, default=0.1,
-                       help="--scheduler step: what each drop multiplies the rate by")
-    group.add_argument("--grad-accum", type=int, default=1)
-    group.add_argument("--max-grad-norm", type=float, default=5.0)
-    group.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    group.add_argument("--on-nan", choices=ON_NAN, default="stop",
-                       help="a NaN or inf training loss: stop with an error naming the step, "
-                       "the batch's users and the last saved state, or skip that optimizer "
-                       "step (counted as skipped_steps in log.jsonl and metrics.json)")
-    group.add_argument("--patience", type=int, default=10,
-                       help="epochs without better validation NDCG@10 before stopping")
-    group.add_argument("--num-workers", type=int, default=0)
-    group.add_argument("--save-steps", type=int, default=0,
-                       help="also save the training state every N steps (0: once per epoch)")
-    group.add_argument("--report-to", default="auto",
-                       help="trackers: auto (installed ones), none, or tensorboard,mlflow")
-    group.add_argument("--train-windows", choices=TRAIN_WINDOWS, default="last",
-                       help="train on each user's most recent max_len window, tile the "
-                       "whole history into windows (all), or make every prefix a sample "
-                       "with the next item its only target (prefixes, as RecBole)")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the model through Accelerate (inductor)")
-    group.add_argument("--pcgrad", action="store_true",
-                       help="PCGrad (Yu et al. 2020) between the terms of a loss of several (a "
-                       "diffusion backbone's MSE and cross-entropy): where two terms' gradients "
-                       "of the shared parameters conflict, each loses its component along the "
-                       "other")
-    group.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    add_settings(group, TrainingConfig, exclude=("unfreeze_every",))
+    add_settings(group, RunSettings, ("train_windows",))
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("evaluation protocol")
-    group.add_argument("--mask-history", action="store_true",
-                       help="exclude every item the user has seen before the target (the "
-                       "whole history, not only the --max-len inputs) from the ranking, as "
-                       "RecBole does")
-    group.add_argument("--item-chunk-size", type=int, default=100_000,
-                       help="items scored at once (bounds memory; metrics do not depend on it)")
-    group.add_argument("--eval-users", type=int,
-                       help="evaluate a sample of N users (seeded by --seed, recorded in metrics)")
+    add_settings(parser.add_argument_group("evaluation protocol"), EvaluationProtocol)
 
 
 def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
@@ -259,9 +268,12 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
 
 
 def pretrain_parser(description: str, modality: str | None = None) -> argparse.ArgumentParser:
-    """Flags of every pretraining script: common, model, training and protocol, plus the
-    content item encoder's for `modality` "text" or "image"."""
+    """Flags of every pretraining script: common, preset, model, training and protocol, plus
+    the content item encoder's for `modality` "text" or "image"."""
     parser = base_parser(description)
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a named set of settings (docs/user-guide.md#presets); "
+                        "--config and flags override it")
     add_model_arguments(parser)
     add_training_arguments(parser)
     add_protocol_arguments(parser)
@@ -276,25 +288,24 @@ def evaluate_parser(description: str) -> argparse.ArgumentParser:
     parser.set_defaults(dataset=None)  # default: the dataset the run was trained on
     parser.add_argument("--run", required=True, type=Path,
                         help="run folder written by a pretraining script")
-    parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--output", type=Path,
                         help="where to write the metrics (default RUN/evaluation.json)")
+    add_settings(parser, TrainingConfig, ("eval_batch_size", "seed", "cpu"))
     add_protocol_arguments(parser)
-    inference = parser.add_argument_group("DiffRec inference (default: the run's own)")
-    inference.add_argument("--inference", choices=list(INFERENCE_MODES))
-    inference.add_argument("--num-seeds", type=int, help="samples averaged")
-    inference.add_argument("--inference-steps", type=int, help="steps of --inference strided")
+    add_settings(parser.add_argument_group("DiffRec inference (unset: the run's own)"),
+                 DiffRecConfig, INFERENCE_SETTINGS, unset=True)
     return parser
 
 
 def inference_overrides(args: argparse.Namespace) -> dict:
     """The DiffRec inference settings given to scripts/evaluate.py (none: the run's own)."""
-    return {name: getattr(args, name) for name in INFERENCE_SETTINGS
-            if getattr(args, name, None) is not None}
+    return {name: value for name, value in settings(args, DiffRecConfig, INFERENCE_SETTINGS).items()
+            if value is not None}
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
-    """Parse flags on top of the `--config` YAML file's values.
+    """Parse flags on top of the `--config` YAML file's values, on top of the `--preset`'s
+    (named on the command line or in the file).
 
     A required flag may come from the file (argparse's own error names those given by
     neither), and a flag of a mutually exclusive group given on the command line replaces
@@ -302,6 +313,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     """
     defaults = {action.dest: action.default for action in _diffusion_actions(parser)}
     given = _command_line_settings(parser, argv)
+    values = {}
     if given.get("config") is not None:
         path = given["config"]
         values = _read_config(path, parser)
@@ -315,10 +327,20 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                 raise CommandLineError(f"--config {path}: {', '.join(chosen)} exclude each "
                                        "other; keep one")
             group.required = group.required and not chosen
-        for action in parser._actions:
-            action.required = action.required and action.dest not in values
-        parser.set_defaults(**values)
+    preset = given.get("preset", values.get("preset"))
+    if preset is not None:
+        values = {**_preset_settings(preset, parser), **values}
+    for action in parser._actions:
+        action.required = action.required and action.dest not in values
+    parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    if preset is not None:
+        names = _setting_names(parser)
+        missing = [flag for flag in PRESETS[preset].needs
+                   if getattr(args, names[flag.lstrip("-").replace("-", "_")]) is None]
+        if missing:
+            raise CommandLineError(f"--preset {preset} needs {', '.join(missing)}: "
+                                   f"{PRESETS[preset].needs_why}")
     backbone = getattr(args, "backbone", "diffrec")
     if backbone != "diffrec":
         given = [action.option_strings[0] for action in _diffusion_actions(parser)
@@ -328,6 +350,39 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                                    f"with --backbone {backbone}; drop them or use --backbone "
                                    "diffrec")
     return args
+
+
+def _preset_settings(name: str, parser: argparse.ArgumentParser) -> dict:
+    """The settings of preset `name` by destination (a name from the `--config` file is
+    checked here; argparse checks the command line's)."""
+    if name not in PRESETS:
+        raise CommandLineError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return _by_destination(PRESETS[name].settings, parser, f"--preset {name}")
+
+
+def _setting_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Setting name -> destination: every flag's name, with _ for - (a switch's `--no-`
+    form excluded), and every destination itself (`diffusion_steps` and `num_steps`)."""
+    names = {}
+    for action in parser._actions:
+        options = action.option_strings
+        if isinstance(action, argparse.BooleanOptionalAction):
+            options = options[:1]
+        names.update({option.lstrip("-").replace("-", "_"): action.dest
+                      for option in options if option.startswith("--")})
+        names[action.dest] = action.dest
+    return names
+
+
+def _by_destination(values: dict, parser: argparse.ArgumentParser, source: str) -> dict:
+    """`values` (setting name -> value, names as flags or with _) by destination."""
+    names = _setting_names(parser)
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise CommandLineError(f"{source}: unknown settings {unknown}; see --help for the "
+                               "valid names")
+    return {names[key]: value for key, value in values.items()}
 
 
 def _command_line_settings(parser: argparse.ArgumentParser,
@@ -381,14 +436,7 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
         raise CommandLineError(f"--config {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise CommandLineError(f"--config {path} must be a mapping of setting: value")
-    known = {action.dest for action in parser._actions}
-    values = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CommandLineError(
-            f"--config {path}: unknown settings {unknown}; see --help for the valid names"
-        )
-    return values
+    return _by_destination(values, parser, f"--config {path}")
 
 
 def model_config(
@@ -397,31 +445,10 @@ def model_config(
     item_encoder = getattr(args, "item_encoder", "id")
     encoder_config = ({} if item_encoder_modality(item_encoder) is None
                       else item_encoder_config(args, item_encoder, data))
-    backbone_config = {
-        "hidden_size": args.hidden_size, "num_layers": args.num_layers,
-        "num_heads": args.num_heads, "ffn_size": args.ffn_size,
-        "max_len": args.max_len, "dropout": args.dropout,
-    }
-    if args.backbone == "diffrec":
-        backbone_config.update(
-            schedule=args.schedule, num_steps=args.diffusion_steps, num_seeds=args.num_seeds,
-            inference=args.inference, inference_steps=args.inference_steps,
-            noised_positions=args.noised_positions, causal_denoiser=args.causal_denoiser,
-            every_position=args.every_position, mse_weight=args.mse_weight,
-            detach_noised_items=args.detach_noised_items, logit_scale=args.logit_scale,
-            untied_output=args.untied_output, mse_reduction=args.mse_reduction,
-        )
     return RecommenderConfig(
-        num_items=num_items,
-        backbone=args.backbone,
-        item_encoder=item_encoder,
-        item_encoder_config=encoder_config,
-        backbone_config=backbone_config,
-        loss=args.loss,
-        num_negatives=args.num_negatives,
-        negative_sampling=args.negative_sampling,
-        repeat_bias=args.repeat_bias,
-        dataset_fingerprint=fingerprint,
+        num_items=num_items, item_encoder=item_encoder, item_encoder_config=encoder_config,
+        backbone_config=settings(args, BACKBONES[args.backbone][0]),
+        dataset_fingerprint=fingerprint, **settings(args, RecommenderConfig),
     )
 
 
@@ -452,26 +479,13 @@ def item_encoder_config(args: argparse.Namespace, item_encoder: str, data: Seque
 def training_config(args: argparse.Namespace, output_dir: Path) -> TrainingConfig:
     freeze_items = getattr(args, "freeze_items_epochs", 0)  # a pretraining flag only
     return TrainingConfig(
-        output_dir=str(output_dir), epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        scheduler=args.scheduler, warmup_steps=args.warmup_steps,
-        decay_epochs=tuple(args.decay_epochs), decay_factor=args.decay_factor,
-        grad_accum=args.grad_accum,
-        max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
-        patience=args.patience, num_workers=args.num_workers, seed=args.seed,
-        save_steps=args.save_steps, report_to=args.report_to, cpu=args.cpu, resume=args.resume,
-        compile=args.compile, on_nan=args.on_nan, pcgrad=args.pcgrad,
-        unfreeze_every=getattr(args, "unfreeze_every", 0),  # a full fine-tuning flag only
+        output_dir=str(output_dir), **settings(args, TrainingConfig),
         freeze_prefixes=(ITEM_ENCODER_PREFIX,) if freeze_items else (), freeze_epochs=freeze_items,
     )
 
 
 def protocol_config(args: argparse.Namespace) -> EvaluationProtocol:
-    return EvaluationProtocol(
-        mask_history=args.mask_history, item_chunk_size=args.item_chunk_size,
-        max_users=args.eval_users, user_sample_seed=args.seed,
-    )
+    return EvaluationProtocol(**settings(args, EvaluationProtocol), user_sample_seed=args.seed)
 
 
 def is_main_process() -> bool:

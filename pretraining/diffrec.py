@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -63,34 +63,56 @@ MAX_SEEDS = 256
 class DiffRecConfig(SASRecConfig):
     """The denoiser's Transformer settings (as SASRec's) plus the diffusion process."""
 
-    schedule: str = "sqrt"
-    num_steps: int = 1000
-    noised_positions: int = 1  # the last K positions are noised (paper 5.3.4)
-    num_seeds: int = 10  # samples averaged at inference
-    inference: str = "one_step"  # or "reverse" (all N steps) or "strided"
-    inference_steps: int = 50  # steps of the strided reverse process
-    causal_denoiser: bool = False
+    # A field with help text is a command-line flag (pretraining.cli).
+    schedule: str = field(default="sqrt", metadata={
+        "choices": sorted(SCHEDULES), "help": "noise schedule of the diffusion process"})
+    num_steps: int = field(default=1000, metadata={
+        "flag": "diffusion-steps", "help": "N, the steps of the diffusion process"})
+    noised_positions: int = field(default=1, metadata={  # paper 5.3.4
+        "help": "noise the last K positions (1: the target only)"})
+    num_seeds: int = field(default=10, metadata={
+        "help": f"noise samples averaged at inference (1..{MAX_SEEDS})"})
+    inference: str = field(default="one_step", metadata={
+        "choices": INFERENCE_MODES,
+        "help": "one step from pure noise, the full reverse process, or a strided one of "
+        "--inference-steps steps"})
+    inference_steps: int = field(default=50, metadata={"help": "steps of --inference strided"})
+    causal_denoiser: bool = field(default=False, metadata={
+        "help": "causal attention in the denoiser: the history is encoded once and reused "
+        "for every seed and step"})
     # Train on every position's next item at once, not only the window's last (needs the
     # causal denoiser): ~max_len targets per window instead of one (see the module doc).
-    every_position: bool = False
+    every_position: bool = field(default=False, metadata={
+        "help": "train on every position's next item, not only each window's last (needs "
+        "--causal-denoiser; ~max-len targets per window)"})
     # The noised copies of the items carry no gradient to the item table. Through them a
     # trainable table can grow its norms until the noise hardly hides the target: training
     # gets easier while one-step inference, which starts from pure noise, gains nothing.
-    detach_noised_items: bool = False
+    detach_noised_items: bool = field(default=False, metadata={
+        "help": "no gradient from the noised target copies to the item table (stops a "
+        "trained table from inflating its norms past the noise)"})
     # Score softmax(s * h^0 @ E^T + b) with a learned scalar s. The softmax is tied to the
     # item table, so without s one vector serves two masters: the MSE pulls h^0 to the
     # items' scale, the cross-entropy wants it long for sharp probabilities (the paper's W
     # is a separate layer). s gives the sharpness, h^0 stays at the items' scale.
-    logit_scale: bool = False
+    logit_scale: bool = field(default=False, metadata={
+        "help": "score with a learned scale s: softmax(s h0 E^T + b), so the MSE and the "
+        "softmax do not fight over the length of h0"})
     # Score with the paper's separate output layer W (Eq. 13), a per-item table initialised
     # as a copy of the item vectors, instead of the item table itself. The item table then
     # serves only the inputs and the MSE targets, so it can stay frozen (e.g. as copied from
     # SASRec) while the softmax still learns every item's output vector.
-    untied_output: bool = False
-    mse_weight: float = 1.0
+    untied_output: bool = field(default=False, metadata={
+        "help": "score with a separate output table W (the paper's Eq. 13, a copy of the "
+        "item vectors at start), not the item table"})
+    mse_weight: float = field(default=1.0, metadata={
+        "help": "weight of the diffusion MSE next to the cross-entropy"})
     # A target's squared error averaged over the d dimensions ("mean"), or summed: the
     # squared norm of the paper's Eq. 13 and 17, d times stronger next to the cross-entropy.
-    mse_reduction: str = "mean"
+    mse_reduction: str = field(default="mean", metadata={
+        "choices": MSE_REDUCTIONS,
+        "help": "a target's squared error averaged over the d dimensions, or summed: the "
+        "paper's squared norm (Eq. 13), d times stronger"})
     history_size: int = 10  # losses remembered per step for importance sampling
     inference_seed: int = 0
 

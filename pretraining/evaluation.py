@@ -10,7 +10,7 @@ processes give exactly the metrics of one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -20,14 +20,19 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class EvaluationProtocol:
+    # A field with help text is a command-line flag (pretraining.cli).
     ranking: str = "full"  # every item in the catalog is a candidate
-    # Exclude every item the user has seen before the target, the whole history as RecBole
-    # does, not only the model's last max_len inputs (the batches need `history_ids`).
-    mask_history: bool = False
+    # The batches need `history_ids`.
+    mask_history: bool = field(default=False, metadata={
+        "help": "exclude every item the user has seen before the target (the whole history, "
+        "not only the --max-len inputs) from the ranking, as RecBole does"})
     ks: tuple[int, ...] = (5, 10, 20)
     ties: str = "pessimistic"
-    item_chunk_size: int = 100_000  # candidates scored at once; results do not depend on it
-    max_users: int | None = None  # evaluate a seeded sample of users (quick validation)
+    item_chunk_size: int = field(default=100_000, metadata={
+        "help": "items scored at once (bounds memory; metrics do not depend on it)"})
+    max_users: int | None = field(default=None, metadata={
+        "flag": "eval-users", "metavar": "N",
+        "help": "evaluate a sample of N users (seeded by --seed, recorded in metrics)"})
     user_sample_seed: int = 0
 
     def __post_init__(self) -> None:

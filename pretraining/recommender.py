@@ -115,20 +115,28 @@ class CheckpointError(ValueError):
 
 @dataclass
 class RecommenderConfig:
+    # A field with help text is a command-line flag (pretraining.cli).
     num_items: int
-    backbone: str = "sasrec"
+    backbone: str = field(default="sasrec", metadata={"choices": sorted(BACKBONES),
+                                                      "help": "sequence backbone"})
     backbone_config: dict = field(default_factory=dict)
     item_encoder: str = "id"
     item_encoder_config: dict = field(default_factory=dict)  # the encoder's own settings
-    loss: str = "full"  # "full" softmax over the catalog, or "sampled"
-    num_negatives: int = 1024
-    negative_sampling: str = "uniform"  # or "popularity" (needs item frequencies)
+    loss: str = field(default="full", metadata={
+        "choices": LOSSES,
+        "help": "softmax over the whole catalog, or sampled softmax with logQ correction"})
+    num_negatives: int = field(default=1024, metadata={"help": "for --loss sampled"})
+    negative_sampling: str = field(default="uniform", metadata={
+        "choices": NEGATIVE_SAMPLING,
+        "help": "for --loss sampled: uniform, or by target-item popularity"})
     dataset_fingerprint: str | None = None
     # One learned score offset for items already in the input sequence. A dot product with
     # one query vector cannot push down a whole history of scattered items, yet in some
     # domains users never re-consume (MovieLens: one rating per movie) and in others they
     # mostly do; the offset learns which from the data. Scores only: no item is removed.
-    repeat_bias: bool = False
+    repeat_bias: bool = field(default=False, metadata={
+        "help": "learn one score offset for items already in the input sequence (negative "
+        "where users rarely re-consume, positive where they repeat)"})
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:

@@ -7,7 +7,7 @@ batch's padded length), attention through `scaled_dot_product_attention`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,14 @@ from torch import nn
 
 @dataclass
 class SASRecConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    ffn_size: int = 256
-    max_len: int = 200
-    dropout: float = 0.2
+    # The help text of each field is its command-line flag's (pretraining.cli).
+    hidden_size: int = field(default=64, metadata={"help": "width of the item vectors and of "
+                                                   "the Transformer"})
+    num_layers: int = field(default=2, metadata={"help": "Transformer layers"})
+    num_heads: int = field(default=2, metadata={"help": "attention heads per layer"})
+    ffn_size: int = field(default=256, metadata={"help": "hidden width of the feed-forward"})
+    max_len: int = field(default=200, metadata={"help": "longest input sequence"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout rate"})
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -20,7 +20,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,44 +53,71 @@ class NonFiniteLossError(ValueError):
 
 @dataclass
 class TrainingConfig:
+    # A field with help text is a command-line flag of the scripts that train (its text is
+    # the flag's help, see pretraining.cli); the others are set by the code.
     output_dir: str
-    epochs: int = 200
-    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    # "constant", "cosine" or "step", all after `warmup_steps`; or "one_cycle" (OneCycleLR:
-    # up to `lr` over `warmup_steps`, default 30% of the run, then down, both cosine).
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    # "step": the rate is multiplied by `decay_factor` after each of these epochs.
-    decay_epochs: tuple[int, ...] = ()
-    decay_factor: float = 0.1
-    grad_accum: int = 1
-    max_grad_norm: float = 5.0  # 0 disables clipping
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
-    patience: int = 10  # epochs without a better validation metric before stopping
+    epochs: int = field(default=200, metadata={"help": "epochs to train at most"})
+    max_steps: int = field(default=0, metadata={
+        "help": "stop after N optimizer steps in total (0: no limit)"})
+    batch_size: int = field(default=128, metadata={"help": "training sequences per batch"})
+    eval_batch_size: int = field(default=256, metadata={
+        "help": "users scored at once in full ranking (bounds evaluation memory)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    scheduler: str = field(default="constant", metadata={
+        "choices": SCHEDULERS,
+        "help": "the rate after warm-up: constant, cosine to 0 over --epochs, or step "
+        "(multiplied by --decay-factor after each of --decay-epochs); or one_cycle (torch's "
+        "OneCycleLR: from --lr/25 up to --lr over --warmup-steps, default 30%% of the run's "
+        "steps, then down to --lr/25e4; the run is --epochs, or --max-steps if fewer)"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "steps of linear warm-up to --lr (one_cycle: of its rise)"})
+    decay_epochs: tuple[int, ...] = field(default=(), metadata={
+        "help": "--scheduler step: the epochs after which the rate drops"})
+    decay_factor: float = field(default=0.1, metadata={
+        "help": "--scheduler step: what each drop multiplies the rate by"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "batches whose gradients are summed before each optimizer step"})
+    max_grad_norm: float = field(default=5.0, metadata={
+        "help": "clip the gradient norm to this (0: no clipping)"})
+    mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16"),
+                                                         "help": "through Accelerate"})
+    patience: int = field(default=10, metadata={
+        "help": "epochs without better validation NDCG@10 before stopping"})
     metric: str = "ndcg@10"
-    num_workers: int = 0
-    seed: int = 42
-    save_steps: int = 0  # also save the training state every N optimizer steps (0 = per epoch)
-    report_to: str = "auto"  # "auto" (trackers that are installed), "none", or a list "a,b"
-    cpu: bool = False
-    resume: bool = False
-    compile: bool = False  # torch.compile via Accelerate's dynamo backend
+    num_workers: int = field(default=0, metadata={"help": "data loading processes"})
+    seed: int = field(default=42, metadata={
+        "help": "seeds model init, data order, dropout and the --eval-users sample"})
+    save_steps: int = field(default=0, metadata={
+        "help": "also save the training state every N steps (0: once per epoch)"})
+    report_to: str = field(default="auto", metadata={
+        "help": "trackers: auto (installed ones), none, or tensorboard,mlflow"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even if a GPU is present"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model through Accelerate (inductor)"})
     # Gradient surgery between the terms of a loss of several (pretraining.pcgrad).
-    pcgrad: bool = False
+    pcgrad: bool = field(default=False, metadata={
+        "help": "PCGrad (Yu et al. 2020) between the terms of a loss of several (a diffusion "
+        "backbone's MSE and cross-entropy): where two terms' gradients of the shared "
+        "parameters conflict, each loses its component along the other"})
     # Parameters whose names start with one of these get no update before epoch
     # `freeze_epochs` (e.g. pretrained item embeddings kept while the backbone warms up).
     freeze_prefixes: tuple[str, ...] = ()
     freeze_epochs: int = 0
     # Progressive unfreezing: the model's `unfreezing_stages()` (top down) get no update
     # before epoch k * unfreeze_every for stage k = 1, 2, ... (0 = everything trains).
-    unfreeze_every: int = 0
-    # A NaN or inf training loss: "stop" the run (an error naming the step, the batch's
-    # users and the last saved state), or "skip" that optimizer step and count it.
-    on_nan: str = "stop"
+    unfreeze_every: int = field(default=0, metadata={
+        "metavar": "N",
+        "help": "progressive unfreezing: train the top backbone layer, the final norm, the "
+        "item side's head and the per-item tables at first, then one more backbone layer, "
+        "from the top down, every N epochs, and the pretrained embeddings (positions) last "
+        "(0: everything from the start)"})
+    on_nan: str = field(default="stop", metadata={
+        "choices": ON_NAN,
+        "help": "a NaN or inf training loss: stop with an error naming the step, the batch's "
+        "users and the last saved state, or skip that optimizer step (counted as "
+        "skipped_steps in log.jsonl and metrics.json)"})
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "patience")

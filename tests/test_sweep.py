@@ -137,7 +137,8 @@ def test_overrides_grid_seeds_and_launcher_make_the_commands(tmp_path):
         ("item_head=moe,lr=,batch_size=64", "pretrain_text", (0, 1))]
     plain, nobias, text = (sweep.combinations[i].argv for i in (0, 2, 4))
     assert plain == ("--repeat-bias", "--lr", "1e-3", "--batch-size", "32")
-    assert nobias == ("--lr", "1e-3", "--decay-epochs", "3", "4", "--batch-size", "32")
+    assert nobias == ("--no-repeat-bias", "--lr", "1e-3", "--decay-epochs", "3", "4",
+                      "--batch-size", "32")
     assert text == ("--repeat-bias", "--item-head", "moe", "--batch-size", "32")
     run = sweep.runs()[0]
     assert sweep.command(run) == [
@@ -174,7 +175,7 @@ BAD = {
     "a required flag missing": ({"script": "finetune_full"},
                                 "base: the following arguments are required: --pretrained"),
     "a script without a run folder": ({"script": "evaluate", "base": {"run": "x"}},
-                                      "script: scripts/evaluate.py has no --resume"),
+                                      "script: scripts/evaluate.py has no --output-dir, --resume"),
     "the script's own check": ({"script": "pretrain_id", "runs": [{"name": "a",
                                                                    "schedule": "cosine"}]},
                                "runs[0] ('a'): --schedule: DiffRec settings"),
