@@ -5,9 +5,13 @@ and items instead of the number of interactions.
 The log is read in chunks; each chunk's user and item ids become integer codes (the only
 part kept in memory: one dictionary entry per distinct id) and is spilled to Parquet. DuckDB
 then de-duplicates, filters to the k-core fixed point and sorts on disk under a memory cap.
-DuckDB was chosen over Polars' streaming engine by measurement (benchmarks/preparation.py
-and docs/user-guide.md): on the same 10M-row integer log it was faster and stayed under its
-cap, where Polars has no cap and used twice the memory.
+
+Why DuckDB rather than Polars' streaming engine: DuckDB takes a memory cap and spills
+sorts, aggregations and joins beyond it to disk. Measured once on this project's 2-core
+machine (DuckDB 2.0.1, Polars 2.1.0), de-duplication, 5-core and the final sort of the
+same 10M-row integer log: DuckDB 24 s and 0.8 GB peak under a 1 GB cap, Polars (streaming
+collect per step) 34 s and 1.8 GB with no cap to set. benchmarks/preparation.py measures
+the whole command against the pandas engine.
 """
 
 from __future__ import annotations
