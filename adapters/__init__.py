@@ -22,7 +22,7 @@ from adapters.base import (
 )
 from adapters.diffusion_step import DiffusionStepConfig, StepModulatedBottleneck
 from adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig, PfeifferConfig
-from adapters.lora import LoRAConfig, LoRALinear
+from adapters.lora import LoRAConfig
 from adapters.placement import parse_layers, parse_sites
 from adapters.prefix import GatedPrefixAttention, PrefixAttention, PrefixConfig, fold_prefixes
 from adapters.prompt import PromptAttention, PromptConfig
@@ -37,7 +37,6 @@ __all__ = [
     "GatedPrefixAttention",
     "HoulsbyConfig",
     "LoRAConfig",
-    "LoRALinear",
     "PfeifferConfig",
     "PrefixAttention",
     "PrefixConfig",

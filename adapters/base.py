@@ -12,9 +12,9 @@ component `config.adapt` names (`backbone`, `item_encoder` or `both`; the model 
 it is such a host), runs the method's injector on each, then freezes everything not owned
 by an adapter except the parameter groups named in `config.extras` (see `EXTRAS`).
 
-Ownership: every adapter-owned module subclasses `AdapterLayer`; its parameters are
-adapter parameters, except those under its `base` attribute (the wrapped pretrained
-module, e.g. `LoRALinear.base`).
+Ownership: every adapter-owned module subclasses `AdapterLayer` or is one of peft's tuner
+layers; its parameters are adapter parameters, except those under its `base` attribute
+(peft's: `base_layer`), the wrapped pretrained module (e.g. `GatedPrefixAttention.base`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.base import AdapterConfig, adapter_config_from_dict
+from adapters.lora import peft_tensor_name
 from dataset_tools import atomic_directory
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -108,6 +109,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, base_fingerpri
         )
     tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
     parameters = dict(model.named_parameters())
+    tensors = {peft_tensor_name(name, parameters): tensor for name, tensor in tensors.items()}
     unexpected = sorted(set(tensors) - set(parameters))
     if unexpected:
         raise AdapterCheckpointError(

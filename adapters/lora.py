@@ -1,20 +1,29 @@
-"""LoRA (Hu et al., 2021): a low-rank update added to existing Linear layers.
+"""LoRA (Hu et al., 2021): a low-rank update added to existing layers, through `peft`.
 
-`LoRALinear(base)` keeps the pretrained layer (as `.base`, never re-initialised) and adds
-`dropout(x) @ A^T @ B^T * alpha / rank`, with A kaiming-uniform and B zero, so the
-layer's output is unchanged at injection. Targets are the chosen layers' Linear modules
-whose names end with one of `target_modules` (default: the model's `lora_targets`).
+peft's LoRA layers go on every layer chosen here: the Linear layers of SASRec and DiffRec
+blocks, of a content encoder's output head and of a `transformers` encoder, and the
+per-item tables (`nn.Embedding`: an ID model's item table, a content + ID model's ID
+part). peft keeps the pretrained layer (as `base_layer`, never re-initialised) and adds
+`dropout(x) @ A^T @ B^T * alpha / rank` with B zero (a table's A is zero instead), so the
+output is unchanged at injection; `merge()` folds the update into the weight.
 
-Hosts that wrap a `transformers` model as `.model` (the content encoders'
-`TransformerStages`) get peft's LoRA layers instead, with the same rank, alpha, dropout
-and the same placement: peft receives the exact module names chosen here, so one rule
-decides where LoRA goes whichever layer implements it. peft also keeps the pretrained
-layer (as `base_layer`) and starts B at zero.
+Placement is decided here and peft receives the exact module names, so one rule decides
+where LoRA goes: the chosen layers' Linear modules whose names end with one of
+`target_modules` (default: the model's `lora_targets`), and the tables they name (default:
+those their owner lists in `lora_targets`, as the ID item encoder does). A host that wraps
+a `transformers` model as `.model` (the content encoders' `TransformerStages`) gets its
+layers named under that model, so its LoRA state dict is peft's own.
+
+Every layer peft reaches is a plain `nn.Linear` or `nn.Embedding` (no fused projection
+such as a QKV matrix), so loralib's `MergedLinear` has nothing to adapt and loralib is no
+dependency.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Container
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +36,10 @@ from adapters.base import (
     layer_path,
     num_layers,
     register_adapter,
-    replace_submodule,
 )
 from adapters.placement import parse_layers
+
+ADAPTER_NAME = "default"  # peft's name for a model's one adapter (`lora_A.default`)
 
 
 @dataclass(frozen=True)
@@ -57,45 +67,6 @@ class LoRAConfig(AdapterConfig):
 
     def placement(self) -> tuple[str, ...]:
         return self.target_modules or ()
-
-
-class LoRALinear(AdapterLayer):
-    """`base(x) + dropout(x) @ A^T @ B^T * scaling`; `base` keeps the pretrained weights."""
-
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16,
-                 dropout: float = 0.0) -> None:
-        super().__init__()
-        self.base = base
-        self.rank = rank
-        self.scaling = alpha / rank
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged:
-            return out
-        return out + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into `base.weight` (for inference; not exact in floating point)."""
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
 
 
 @register_adapter("lora", LoRAConfig)
@@ -129,9 +100,23 @@ class LoRAInjector:
             # The host's module paths start with `model.`; peft sees names under `model`.
             _inject_peft(model, [path.removeprefix("model.") for path in paths], config)
             return
+        # peft draws A from the global RNG in its own order (its layers' constructors draw
+        # A and B, then A again); drawn here, one A per layer in placement order, as the
+        # hand-written layer that peft replaced did, a fixed-seed run stays what it was.
+        with torch.random.fork_rng(devices=[]):
+            _inject_peft(host, paths, config)
         for path in paths:
-            lora = LoRALinear(host.get_submodule(path), config.rank, config.alpha, config.dropout)
-            replace_submodule(host, path, lora)
+            lora_A = host.get_submodule(path).lora_A[ADAPTER_NAME]
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+
+
+def peft_tensor_name(name: str, parameters: Container[str]) -> str:
+    """`name` from an adapter checkpoint written before LoRA came from peft, by peftrec's
+    own LoRA layer (`x.lora_A`, `x.base.bias`), as peft names it (`x.lora_A.default.weight`,
+    `x.base_layer.bias`) where `parameters` (the model's) has that; otherwise `name`."""
+    renamed = re.sub(r"\.lora_([AB])$", rf".lora_\1.{ADAPTER_NAME}.weight", name)
+    renamed = renamed.replace(".base.", ".base_layer.")
+    return renamed if name not in parameters and renamed in parameters else name
 
 
 def target_paths(host: nn.Module, config: LoRAConfig) -> list[str]:
@@ -181,7 +166,7 @@ def _inject_peft(model: nn.Module, names: list[str], config: LoRAConfig) -> None
 
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha,
                              lora_dropout=config.dropout, target_modules=names)
-    inject_adapter_in_model(peft_config, model)
+    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
 
 
 def _inside_adapter(root: nn.Module, name: str) -> bool:

@@ -4,6 +4,7 @@ import hashlib
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from adapters import (
@@ -11,7 +12,6 @@ from adapters import (
     Bottleneck,
     HoulsbyConfig,
     LoRAConfig,
-    LoRALinear,
     PfeifferConfig,
     format_trainable_share,
     get_adapted_model,
@@ -20,6 +20,7 @@ from adapters import (
     trainable_share,
 )
 from adapters.base import adapter_parameter_ids
+from adapters.lora import ADAPTER_NAME, peft_tensor_name
 from pretraining import RecommenderConfig, SequentialRecommender
 from tests.helpers import perturb_adapters, random_item_batch
 
@@ -121,25 +122,42 @@ def test_one_step_moves_only_adapters_and_named_extras(name):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-def test_lora_linear_reproduces_the_layer_and_keeps_its_weights():
-    torch.manual_seed(0)
-    base = nn.Linear(16, 8)
-    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
-    lora = LoRALinear(base, rank=4, alpha=8, dropout=0.1).eval()
+def test_peft_lora_on_a_backbone_linear_adds_the_update_and_merges():
+    model = tiny_model()
+    o_proj = model.backbone.layers[1].attention.o_proj
+    weight, bias = o_proj.weight.detach().clone(), o_proj.bias.detach().clone()
+    get_adapted_model(model, LoRAConfig(rank=4, alpha=8, dropout=0.1, layers="1",
+                                        target_modules="o_proj")).eval()
+    lora = model.backbone.layers[1].attention.o_proj
+    assert isinstance(lora, LoraLayer) and lora.base_layer is o_proj
     x = torch.randn(5, 16)
-    assert lora.base is base
-    assert torch.equal(base.weight, weight) and torch.equal(base.bias, bias)
-    assert torch.equal(lora(x), base(x))
-    assert torch.equal(lora.lora_B, torch.zeros(8, 4)) and lora.lora_A.abs().sum() > 0
-    assert lora.scaling == 2.0
+    assert torch.equal(lora(x), o_proj(x))
+    lora_A, lora_B = lora.lora_A[ADAPTER_NAME].weight, lora.lora_B[ADAPTER_NAME].weight
+    assert torch.equal(lora_B, torch.zeros(16, 4)) and lora_A.abs().sum() > 0
+    assert lora.scaling[ADAPTER_NAME] == 2.0
     with torch.no_grad():
-        lora.lora_B.normal_()
-    expected = base(x) + x @ lora.lora_A.T @ lora.lora_B.T * 2.0
+        lora_B.normal_()
+    expected = o_proj(x) + x @ lora_A.T @ lora_B.T * 2.0
     torch.testing.assert_close(lora(x), expected)
     lora.merge()
     torch.testing.assert_close(lora(x), expected, atol=1e-5, rtol=0)
     lora.unmerge()
-    torch.testing.assert_close(base.weight, weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(o_proj.weight, weight, atol=1e-6, rtol=0)
+    assert torch.equal(o_proj.bias, bias)
+
+
+def test_lora_draws_its_a_matrices_as_the_hand_written_layer_did():
+    """One kaiming-uniform A per adapted Linear, in placement order, from the global RNG
+    (peft's own init draws more): a fixed-seed run is the one before peft."""
+    model = tiny_model()
+    torch.manual_seed(7)
+    get_adapted_model(model, LoRAConfig(rank=2, target_modules="q_proj,fc1"))
+    after = torch.rand(1)
+    torch.manual_seed(7)
+    expected = [nn.init.kaiming_uniform_(torch.empty(2, 16), a=5 ** 0.5) for _ in range(4)]
+    drawn = [m.lora_A[ADAPTER_NAME].weight for m in model.modules() if isinstance(m, LoraLayer)]
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected, strict=True))
+    assert torch.equal(after, torch.rand(1))
 
 
 def test_lora_keeps_the_exact_pretrained_weights_in_the_model():
@@ -148,15 +166,29 @@ def test_lora_keeps_the_exact_pretrained_weights_in_the_model():
     o_proj = model.backbone.layers[1].attention.o_proj
     get_adapted_model(model, LoRAConfig(rank=2))
     wrapped = model.backbone.layers[1].attention.o_proj
-    assert isinstance(wrapped, LoRALinear) and wrapped.base is o_proj
+    assert isinstance(wrapped, LoraLayer) and wrapped.base_layer is o_proj
     for name, param in model.backbone.named_parameters():
-        original = name.replace(".base.", ".")
+        original = name.replace(".base_layer.", ".")
         if original in originals:
             assert torch.equal(param, originals[original]), name
     assert set(originals) == {
-        n.replace(".base.", ".") for n, _ in model.backbone.named_parameters()
+        n.replace(".base_layer.", ".") for n, _ in model.backbone.named_parameters()
         if "lora_" not in n
     }
+
+
+def test_tensors_of_the_former_hand_written_lora_layer_are_read_under_peft_names():
+    """Adapter checkpoints written before LoRA came from peft still load (the loader
+    renames their tensors; a real ML-100k run reloaded to its recorded metrics)."""
+    model = get_adapted_model(tiny_model(), LoRAConfig(rank=2, extras=("bias",)))
+    parameters = dict(model.named_parameters())
+    q_proj = "backbone.layers.0.attention.q_proj"
+    assert peft_tensor_name(f"{q_proj}.lora_A", parameters) == f"{q_proj}.lora_A.default.weight"
+    assert peft_tensor_name(f"{q_proj}.lora_B", parameters) == f"{q_proj}.lora_B.default.weight"
+    assert peft_tensor_name(f"{q_proj}.base.bias", parameters) == f"{q_proj}.base_layer.bias"
+    for name in parameters:  # today's names, and names the model lacks, stay as they are
+        assert peft_tensor_name(name, parameters) == name
+    assert peft_tensor_name("backbone.nope.lora_A", parameters) == "backbone.nope.lora_A"
 
 
 def test_trainable_share_matches_a_hand_count():
@@ -190,9 +222,9 @@ def count_per_layer(model, kind):
         (HoulsbyConfig(layers="bottom:1", sites=("attn",)), Bottleneck, [1, 0]),
         (HoulsbyConfig(layers="1", sites=("ffn",)), Bottleneck, [0, 1]),
         (PfeifferConfig(), Bottleneck, [1, 1]),
-        (LoRAConfig(), LoRALinear, [6, 6]),
-        (LoRAConfig(layers="0", target_modules=("q_proj", "v_proj")), LoRALinear, [2, 0]),
-        (LoRAConfig(layers="top:1", target_modules="fc1,fc2"), LoRALinear, [0, 2]),
+        (LoRAConfig(), LoraLayer, [6, 6]),
+        (LoRAConfig(layers="0", target_modules=("q_proj", "v_proj")), LoraLayer, [2, 0]),
+        (LoRAConfig(layers="top:1", target_modules="fc1,fc2"), LoraLayer, [0, 2]),
     ],
 )
 def test_placement_puts_adapters_exactly_where_requested(config, kind, expected):

@@ -377,7 +377,7 @@ def test_base_checkpoint_of_another_architecture_is_refused(id_base, target_dir,
 
 @pytest.mark.parametrize("methods, placement, wrapped", [
     (HOULSBY, ["--sites", "projection", "--reduction-factor", "4"], "BottleneckSite"),
-    (("lora",), ["--target-modules", "projection", "--rank", "2"], "LoRALinear"),
+    (("lora",), ["--target-modules", "projection", "--rank", "2"], "Linear"),  # peft's
 ])
 def test_adapters_on_the_cached_encoders_output_head_keep_the_cache(
         text_base, target_dir, tmp_path, methods, placement, wrapped):

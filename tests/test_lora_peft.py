@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from adapters import LoRAConfig, LoRALinear, get_adapted_model, trainable_share
+from adapters import LoRAConfig, get_adapted_model, trainable_share
 from adapters.base import adapter_parameter_ids
 from adapters.lora import LoRAInjector
 from modality_encoders import ItemContent, resolve_item_encoder_config
@@ -87,7 +87,6 @@ def test_injection_leaves_outputs_bit_for_bit_unchanged(folders, kind):
     before = host(inputs(kind))
     get_adapted_model(host, LoRAConfig(rank=2, dropout=0.1))
     assert lora_layers_per_layer(host) == [6] * LAYERS
-    assert not any(isinstance(m, LoRALinear) for m in host.modules())  # peft's, not ours
     assert torch.equal(host(inputs(kind)), before)
 
     torch.manual_seed(2)
