@@ -251,6 +251,14 @@ def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
     return z[:, :dim]
 
 
+def seed_noise(generators: list[torch.Generator], shape: tuple[int, ...],
+               like: torch.Tensor) -> torch.Tensor:
+    """[S, *shape] standard normal draws, one generator per seed (CPU, so portable), on the
+    device and in the dtype of `like`."""
+    draws = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return draws.to(like.device, like.dtype)
+
+
 class DiffRec(nn.Module):
     """The denoiser f(h^n, n) plus the diffusion process around it (see the module doc)."""
 
@@ -472,11 +480,6 @@ class DiffRec(nn.Module):
         count = n if mode == "reverse" else self.config.inference_steps
         return self.schedule.set_timesteps(count).tolist()
 
-    def _seed_noise(self, generators, shape, like: torch.Tensor) -> torch.Tensor:
-        """[S, *shape] standard normal draws, one generator per seed (CPU, so portable)."""
-        draws = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        return draws.to(like.device, like.dtype)
-
     @torch.no_grad()
     def sample_predictions(self, item_vectors, padding_mask, reuse_history: bool | None = None):
         """Each seed's predicted h^0 [B, S, d] for histories [B, L, d] (see the module doc).
@@ -503,9 +506,9 @@ class DiffRec(nn.Module):
             return noise.expand(batch, *noise.shape).flatten(0, 1)
 
         clean_tail = per_seed(sequence[:, -k:-1])  # real items among the noised positions
-        tail_noise = expand(self._seed_noise(generators, (k - 1, d), sequence))
+        tail_noise = expand(seed_noise(generators, (k - 1, d), sequence))
         tail_mask = per_seed(mask[:, -k:])
-        x_last = expand(self._seed_noise(generators, (d,), sequence))  # h^N = eps
+        x_last = expand(seed_noise(generators, (d,), sequence))  # h^N = eps
         if reuse:
             cache = self._encode_history(sequence[:, :-k], mask[:, :-k],
                                          config.max_len - length)
@@ -524,7 +527,7 @@ class DiffRec(nn.Module):
             else:
                 predicted = self(torch.cat([full_history, noised], dim=1), full_mask, steps)
             if i + 1 < len(timesteps):
-                step_noise = expand(self._seed_noise(generators, (d,), sequence))
+                step_noise = expand(seed_noise(generators, (d,), sequence))
                 x_last = self.schedule.step(predicted, n, x_last, noise=step_noise)
         return predicted.view(batch, seeds, d)
 

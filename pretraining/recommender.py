@@ -38,12 +38,14 @@ from modality_encoders import (
     check_item_encoder_weights,
 )
 from pretraining.diffrec import DiffRec, DiffRecConfig, DiffusionQuery
+from pretraining.diffurec import DiffuRec, DiffuRecConfig
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from pretraining.sasrec import SASRec, SASRecConfig
 
 BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "sasrec": (SASRecConfig, SASRec),
     "diffrec": (DiffRecConfig, DiffRec),
+    "diffurec": (DiffuRecConfig, DiffuRec),
 }
 
 LOSSES = ("full", "sampled")  # softmax over the catalog, or sampled softmax
@@ -340,7 +342,7 @@ class SequentialRecommender(nn.Module):
         """
         input_ids, targets = batch["input_ids"], batch["target_ids"]
         catalog, backbone = self.item_encoder.catalog(), self.backbone
-        if backbone.config.every_position:
+        if getattr(backbone.config, "every_position", False):  # a DiffRec setting
             repeat = self._repeat_offsets(input_ids, len(catalog))  # [B, L, N + 1] or None
             losses = backbone.every_position_losses(catalog[input_ids], input_ids > 0,
                                                     catalog[targets], targets > 0)
@@ -359,9 +361,11 @@ class SequentialRecommender(nn.Module):
         offsets = self.item_bias if repeat is None else self.item_bias + repeat
         ce = full_softmax_loss(backbone.scoring_vectors(predicted), self.output_catalog(catalog),
                                targets, offsets)
-        weighted_mse = backbone.config.mse_weight * losses["mse"]
-        return {"loss": weighted_mse + ce, "mse": losses["mse"].detach(), "ce": ce.detach(),
-                "terms": {"mse": weighted_mse, "ce": ce}}
+        terms, logged = {"ce": ce}, {"ce": ce.detach()}
+        if "mse" in losses:  # DiffRec's; DiffuRec trains on the cross-entropy alone
+            terms["mse"] = backbone.config.mse_weight * losses["mse"]
+            logged["mse"] = losses["mse"].detach()
+        return {"loss": sum(terms.values()), **logged, "terms": terms}
 
     def query(
         self, batch: dict[str, torch.Tensor]

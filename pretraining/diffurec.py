@@ -1,0 +1,142 @@
+"""DiffuRec: a diffusion model over the next item's vector (Li et al., 2023, TOIS).
+
+Training: the target item's vector x_0 is noised over a short schedule (`num_steps`,
+default 32), x_n = sqrt(abar_n) x_0 + sqrt(1 - abar_n) eps, with a step n drawn
+uniformly for each sequence. The noised target plus its step embedding (the sinusoid
+through a small MLP, as DiffRec's) is added into every history position, scaled per
+element by lambda ~ N(delta, delta) (`uncertainty` = delta, 0.001 in the reference): the
+history is read through the lens of the noised target. A Transformer over the history
+(bidirectional, padding never attended, learned positions counted from the right end)
+predicts x_0 at its last position; `SequentialRecommender` trains that prediction with
+the cross-entropy against all items, DiffuRec's only loss.
+
+Inference: reverse sampling. Each of `num_seeds` seeded samples starts from pure noise at
+step N and runs every step of the reverse process, x_{n-1} drawn from the posterior given
+the predicted x_0; lambda is its mean delta, so scores are deterministic. The noise of seed
+s comes from a CPU generator seeded with `inference_seed + s`, shared by every user, so a
+user's recommendations do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pretraining.diffrec import MAX_SEEDS, seed_noise, sinusoidal_embedding
+from pretraining.sasrec import SASRecBlock, SASRecConfig, _init_weights
+from pretraining.schedules import SCHEDULES, build_schedule
+
+
+@dataclass
+class DiffuRecConfig(SASRecConfig):
+    """The Transformer's settings (as SASRec's) plus DiffuRec's diffusion process."""
+
+    # Not command-line flags yet: DiffRec's flags of the same names (--schedule,
+    # --diffusion-steps, --num-seeds) set DiffRec's fields, with DiffRec's defaults.
+    schedule: str = "sqrt"  # noise schedule of the target
+    num_steps: int = 32  # steps of the (short) diffusion process, all run at inference
+    # delta: the mean and spread of the scale lambda ~ N(delta, delta) of the noised target
+    # added to every history position (the reference's lambda_uncertainty).
+    uncertainty: float = 0.001
+    num_seeds: int = 1  # reverse-sampling runs averaged at inference
+    inference_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of "
+                             f"{sorted(SCHEDULES)}")
+        if self.num_steps < 2:
+            raise ValueError(f"DiffuRec needs num_steps >= 2, got {self.num_steps}")
+        if self.uncertainty < 0:
+            raise ValueError(f"DiffuRec's uncertainty must be >= 0, got {self.uncertainty}")
+        if not 1 <= self.num_seeds <= MAX_SEEDS:
+            raise ValueError(f"DiffuRec's num_seeds must be in 1..{MAX_SEEDS}, "
+                             f"got {self.num_seeds}")
+
+
+class DiffuRec(nn.Module):
+    """The denoiser f(history, x_n, n) -> x_0 plus the diffusion around it (module doc)."""
+
+    adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+    attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
+
+    def __init__(self, config: DiffuRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.schedule = build_schedule(config.schedule, config.num_steps)
+        self.position_embedding = nn.Embedding(config.max_len, d)
+        self.step_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(d)
+        self.apply(_init_weights)
+
+    def scoring_vectors(self, predicted: torch.Tensor) -> torch.Tensor:
+        """The predicted x_0 as the softmax over the catalog reads it: unchanged."""
+        return predicted
+
+    def embed(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor,
+              noised_target: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The Transformer's input [B, L, d]: each history item [B, L, d] plus its position
+        plus lambda * (x_n + step embedding), x_n = `noised_target` [B, d] at `steps` [B];
+        zero at padding."""
+        length = item_vectors.shape[1]
+        if length > self.config.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.config.max_len}; "
+                             "truncate inputs to the model's max_len")
+        step = self.step_mlp(sinusoidal_embedding(steps, self.config.hidden_size))
+        guide = (noised_target + step.to(noised_target.dtype))[:, None]  # [B, 1, d]
+        delta = self.config.uncertainty
+        scale = (torch.normal(delta, delta, item_vectors.shape, device=item_vectors.device)
+                 if self.training else delta)
+        positions = torch.arange(self.config.max_len - length, self.config.max_len,
+                                 device=item_vectors.device)
+        x = item_vectors + self.position_embedding(positions) + scale * guide
+        return self.input_dropout(x) * padding_mask.unsqueeze(-1).to(x.dtype)
+
+    def forward(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor,
+                noised_target: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The predicted x_0 [B, d], read at the last history position."""
+        x = self.embed(item_vectors, padding_mask, noised_target, steps)
+        keep = padding_mask.unsqueeze(-1).to(x.dtype)
+        attn_mask = padding_mask[:, None, None, :]  # every real item sees every real item
+        for layer in self.layers:
+            x = layer(x, attn_mask) * keep
+        return self.final_norm(x[:, -1])
+
+    def training_losses(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor,
+                        target_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The predicted x_0 [B, d] of each target [B, d] from a uniformly drawn step; the
+        cross-entropy over the catalog is the recommender's (DiffuRec has no MSE term)."""
+        steps = torch.randint(1, self.config.num_steps + 1, (len(target_vectors),),
+                              device=target_vectors.device)
+        noised = self.schedule.add_noise(target_vectors, torch.randn_like(target_vectors),
+                                         steps)
+        return {"predicted": self(item_vectors, padding_mask, noised, steps)}
+
+    @torch.no_grad()
+    def sample_predictions(self, item_vectors: torch.Tensor,
+                           padding_mask: torch.Tensor) -> torch.Tensor:
+        """Each seed's x_0 [B, S, d] after the whole reverse process, for histories [B, L, d]."""
+        config = self.config
+        batch, seeds, d = len(item_vectors), config.num_seeds, config.hidden_size
+        generators = [torch.Generator().manual_seed(config.inference_seed + s)
+                      for s in range(seeds)]
+
+        def noise() -> torch.Tensor:  # one draw per seed, shared by the users: [B * S, d]
+            return seed_noise(generators, (d,), item_vectors).expand(batch, -1, -1).flatten(0, 1)
+
+        items = item_vectors.repeat_interleave(seeds, dim=0)
+        mask = padding_mask.repeat_interleave(seeds, dim=0)
+        self.schedule.set_timesteps(config.num_steps)
+        x = noise()  # x_N
+        for n in self.schedule.timesteps.tolist():
+            steps = torch.full((batch * seeds,), n, dtype=torch.long, device=x.device)
+            predicted = self(items, mask, x, steps)
+            x = self.schedule.step(predicted, n, x, noise=noise() if n > 1 else None)
+        return x.view(batch, seeds, d)
