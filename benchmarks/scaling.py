@@ -5,7 +5,8 @@ with the best ID adapter; a power law fitted to each curve.
 Every point of the grid is an ID SASRec pretrained on some data at some width and depth,
 then fine-tuned on `--target` with each strategy of STRATEGIES and each seed:
 - the data axis: every `--data` at the base model (`--base-width`, `--base-depth`);
-- the model axis: every `--widths` x `--depths` at the base data (`--base-data`).
+- the model axis: every `--widths` x `--depths` at the base data (`--base-data`), or with
+  `--model-grid cross` each width at the base depth and each depth at the base width.
 A `--data` is `ml-1m:SHARE` (that share of ML-1M's users, `dataset_tools.write_user_subset`,
 seeded; `ml-1m:1` is ML-1M) or `synthetic:N` (a synthetic log of N interactions,
 `dataset_tools.write_synthetic_log`). The x axes are the pretraining interactions and the
@@ -96,11 +97,17 @@ def data_label(spec: str) -> str:
 
 
 def grid(data: list[str], widths: list[int], depths: list[int], base_data: str,
-         base_width: int, base_depth: int) -> list[Point]:
+         base_width: int, base_depth: int, model_grid: str = "product") -> list[Point]:
     """The data axis at the base model, then the model axis at the base data (each point
-    once, in that order)."""
+    once, in that order): every width x depth, or ("cross") the widths at the base depth
+    and the depths at the base width."""
     points = [Point(spec, base_width, base_depth) for spec in data]
-    points += [Point(base_data, width, depth) for width in widths for depth in depths]
+    if model_grid == "product":
+        models = [(width, depth) for width in widths for depth in depths]
+    else:
+        models = [(width, base_depth) for width in widths]
+        models += [(base_width, depth) for depth in depths]
+    points += [Point(base_data, width, depth) for width, depth in models]
     return list(dict.fromkeys(points))
 
 
@@ -334,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the model axis's pretraining data")
     parser.add_argument("--base-width", type=int, default=64)
     parser.add_argument("--base-depth", type=int, default=2)
+    parser.add_argument("--model-grid", choices=("product", "cross"), default="product",
+                        help="the model axis: every width x depth, or each width at the base "
+                        "depth and each depth at the base width")
     parser.add_argument("--target", default="ml-100k")
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=20)
@@ -355,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--widths, --depths, --base-width, --base-depth and --jobs must be >= 1")
     study = Study(args)
     points = grid(args.data, args.widths, args.depths, args.base_data, args.base_width,
-                  args.base_depth)
+                  args.base_depth, args.model_grid)
     pretraining = [(study.pretrain_command(point, seed), study.pretrain_dir(point, seed))
                    for point in points for seed in args.seeds]
     finetuning = [(study.finetune_command(strategy, point, seed),
@@ -385,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     if args.results and rows:
         settings = {"target": args.target, "data": args.data, "widths": args.widths,
-                    "depths": args.depths, "base_data": args.base_data,
+                    "depths": args.depths, "model_grid": args.model_grid,
+                    "base_data": args.base_data,
                     "base_width": args.base_width, "base_depth": args.base_depth,
                     "pretrain_epochs": args.pretrain_epochs,
                     "finetune_epochs": args.finetune_epochs,

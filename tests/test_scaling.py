@@ -92,6 +92,13 @@ def test_the_dry_run_covers_the_grid(capsys, tmp_path):
     assert len({flag(c, "--output-dir") for c in commands}) == len(commands)
 
 
+def test_a_cross_model_grid_varies_one_of_width_and_depth_at_a_time():
+    points = scaling.grid(["ml-1m:0.1"], [64, 128, 256], [1, 2, 4], "ml-1m:1", 64, 2, "cross")
+    assert [(p.data, p.width, p.depth) for p in points] == [
+        ("ml-1m:0.1", 64, 2), ("ml-1m:1", 64, 2), ("ml-1m:1", 128, 2), ("ml-1m:1", 256, 2),
+        ("ml-1m:1", 64, 1), ("ml-1m:1", 64, 4)]
+
+
 def test_every_run_folder_is_under_the_output_dir(capsys, tmp_path):
     commands = dry_run(capsys, "--data", "ml-1m:0.3", "--widths", "32", "--depths", "1",
                        "--base-data", "ml-1m:0.3", "--seeds", "0", "--output-dir",
