@@ -21,12 +21,15 @@ dependency.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Container
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from adapters.base import (
@@ -40,6 +43,8 @@ from adapters.base import (
 from adapters.placement import parse_layers
 
 ADAPTER_NAME = "default"  # peft's name for a model's one adapter (`lora_A.default`)
+PEFT_FOLDER = "peft"  # in an adapter checkpoint: a peft adapter folder per transformers model
+PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel names the model it wraps
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,43 @@ class LoRAInjector:
         for path in paths:
             lora_A = host.get_submodule(path).lora_A[ADAPTER_NAME]
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+
+
+def save_peft_adapters(model: nn.Module, directory: str | Path,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write the LoRA of every `transformers` model inside `model` (a content encoder's) as
+    a peft adapter folder, `directory/peft/<its module path>`, which plain peft loads:
+
+        encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(ENCODER),
+                                            "runs/x/best_model/peft/item_encoder.encoder.model")
+
+    `state_dict`: the model's (gathered under FSDP/DeepSpeed; default `model.state_dict()`).
+    Returns the folders written."""
+    from peft import get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+    from dataset_tools import atomic_directory  # lazy: only a checkpoint's writer needs it
+
+    state = model.state_dict() if state_dict is None else state_dict
+    folders = []
+    for path, module in model.named_modules():
+        if not (_is_transformers_model(module)
+                and ADAPTER_NAME in getattr(module, "peft_config", {})):
+            continue
+        prefix = f"{path}." if path else ""
+        own = {name.removeprefix(prefix): tensor for name, tensor in state.items()
+               if name.startswith(prefix)}
+        tensors = get_peft_model_state_dict(module, state_dict=own, adapter_name=ADAPTER_NAME)
+        config = dataclasses.replace(module.peft_config[ADAPTER_NAME], inference_mode=True,
+                                     base_model_name_or_path=module.name_or_path)
+        folder = Path(directory) / PEFT_FOLDER / (path or "model")
+        with atomic_directory(folder) as tmp:
+            config.save_pretrained(str(tmp))
+            save_file({PEFT_MODEL_PREFIX + name: tensor.detach().contiguous()
+                       for name, tensor in tensors.items()},
+                      str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
 
 
 def peft_tensor_name(name: str, parameters: Container[str]) -> str:

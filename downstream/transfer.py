@@ -47,6 +47,7 @@ from adapters.checkpoint import (
     read_adapter_config,
     save_adapter,
 )
+from adapters.lora import save_peft_adapters
 from adapters.placement import check_known
 from dataset_tools import (
     DataError,
@@ -450,6 +451,8 @@ def save_target_model(
         extra_files[MATCHING_FILE] = matching.to_json()
     save_adapter(model, directory, saved, base_fingerprint, state_dict=state_dict,
                  metadata=metadata, extra_files=extra_files)
+    # A transformers encoder's LoRA also in peft's own format, for use outside peftrec.
+    save_peft_adapters(model, directory, state_dict)
 
 
 def matching_record(matching: ItemMatching, frozen: bool, unmatched: str) -> dict:

@@ -235,6 +235,12 @@ def test_zero_shot_and_lora_through_peft_on_the_text_encoder(text_base, target_d
                        "--layers", "top:1", "--rank", "2", "--encoder-cache-dir", str(cache))
     saved = load_file(run / "best_model" / "adapter_model.safetensors")
     assert saved and all(".layer.1." in n and "lora_" in n for n in saved)
+    # The same LoRA as a peft adapter folder (test_lora_peft loads one with plain peft).
+    exported = load_file(run / "best_model" / "peft" / "item_encoder.encoder.model"
+                         / "adapter_model.safetensors")
+    assert sorted(exported) == sorted(
+        "base_model.model." + n.removeprefix("item_encoder.encoder.model.").replace(
+            ".default.", ".") for n in saved)
     again = load_adapted_model(run / "best_model", load_dataset_folder(target_dir),
                                encoder_cache_dir=cache)
     assert metrics["parameters"]["trainable"] == sum(

@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 
 from adapters import LoRAConfig, get_adapted_model, trainable_share
 from adapters.base import adapter_parameter_ids
-from adapters.lora import LoRAInjector
+from adapters.lora import LoRAInjector, save_peft_adapters
 from modality_encoders import ItemContent, resolve_item_encoder_config
 from modality_encoders.transformer import TransformerStages
 from pretraining import RecommenderConfig, SequentialRecommender
@@ -232,3 +232,30 @@ def test_a_text_recommender_adapts_its_encoder_with_peft_lora(tmp_path):
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before_step[n])}
     assert changed and changed <= trainable
+
+
+def test_the_encoders_lora_is_saved_as_a_peft_adapter_that_plain_peft_loads(tmp_path):
+    from peft import PeftModel
+    from transformers import BertModel
+
+    model = text_recommender(tmp_path / "bert").eval()
+    get_adapted_model(model, LoRAConfig(rank=2, adapt="item_encoder", layers="top:2",
+                                        target_modules="query,value")).eval()
+    torch.manual_seed(4)
+    with torch.no_grad():  # as training would: B off zero, so the update shows
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+    (folder,) = save_peft_adapters(model, tmp_path / "best_model")
+    assert folder == tmp_path / "best_model" / "peft" / "item_encoder.encoder.model"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json",
+                                                        "adapter_model.safetensors"]
+
+    plain = PeftModel.from_pretrained(BertModel.from_pretrained(tmp_path / "bert"), folder)
+    assert plain.peft_config["default"].r == 2
+    ours = model.item_encoder.encoder.model
+    batch = inputs("bert")
+    expected = ours(**batch).last_hidden_state
+    assert torch.equal(plain.eval()(**batch).last_hidden_state, expected)
+    assert not torch.equal(BertModel.from_pretrained(tmp_path / "bert")(**batch)
+                           .last_hidden_state, expected)
