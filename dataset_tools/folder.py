@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,10 +50,15 @@ SPLIT_PROTOCOL = (
 class PrepareConfig:
     """Cleaning settings; all of them are recorded in ``dataset_info.json``."""
 
-    k_core: int = 5  # users AND items need >= k interactions (fixed point); 0/1 = off
-    min_rating: float | None = None  # keep rating >= min_rating
-    dedupe: str = "first"  # which copy of a repeated user-item pair to keep: first|last|all
-    max_history: int | None = None  # keep each user's last N interactions (after k-core)
+    # A field with help text is a flag of scripts/prepare_data.py (pretraining.cli).
+    k_core: int = field(default=5, metadata={  # to a fixed point
+        "help": "users and items need at least K interactions (0 or 1: off)"})
+    min_rating: float | None = field(default=None, metadata={
+        "help": "keep interactions rated at least this (needs --rating-col)"})
+    dedupe: str = field(default="first", metadata={
+        "choices": DEDUPE_POLICIES, "help": "which copy of a repeated user-item pair to keep"})
+    max_history: int | None = field(default=None, metadata={  # after the k-core
+        "help": "keep each user's last N interactions"})
     min_user_interactions: int = 3  # shorter users cannot be leave-one-out split
 
     def __post_init__(self) -> None:

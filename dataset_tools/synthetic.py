@@ -27,7 +27,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +88,21 @@ _LIMITS = {"num_interactions": 2**40, "num_users": 2**40, "num_items": 2**31 - 1
 class SyntheticConfig:
     """Size and shape of a synthetic log; every field is validated on construction."""
 
-    num_interactions: int
-    num_items: int
-    num_users: int | None = None  # default: num_interactions // 50 (at least 1)
-    zipf_exponent: float = 1.1  # item popularity ~ rank ** -zipf_exponent
-    num_topics: int = 50
-    session_gap: int = 3600 * 6  # seconds, about, between two sessions of a user
-    follow_probability: float = 0.7  # P(next item is a successor of the previous one)
-    seed: int = 0
+    # Each field is a flag of scripts/generate_synthetic.py (its help text, pretraining.cli).
+    num_interactions: int = field(metadata={"flag": "interactions",
+                                            "help": "total interactions"})
+    num_items: int = field(metadata={"flag": "items", "help": "catalog size"})
+    num_users: int | None = field(default=None, metadata={
+        "flag": "users", "help": "number of users (default: interactions // 50, at least 1)"})
+    zipf_exponent: float = field(default=1.1, metadata={  # popularity ~ rank ** -exponent
+        "help": "item popularity skew"})
+    num_topics: int = field(default=50, metadata={"flag": "topics",
+                                                  "help": "item topics (genres)"})
+    session_gap: int = field(default=3600 * 6, metadata={
+        "help": "seconds, about, between two sessions of a user"})
+    follow_probability: float = field(default=0.7, metadata={
+        "help": "probability that the next item is a successor of the previous one"})
+    seed: int = field(default=0, metadata={"help": "seeds the whole log"})
 
     def __post_init__(self) -> None:
         if self.num_users is None:

@@ -54,7 +54,7 @@ from dataset_tools import (
 )
 from dataset_tools.domains import MULTI_VALUE_SEPARATORS
 from downstream.transfer import BASELINES, load_any_checkpoint
-from pretraining.cli import HelpFormatter
+from pretraining.cli import cli_parser
 from pretraining.model_stats import EmbeddingStatistics, embedding_statistics, parameter_split
 from pretraining.pipeline import METRICS, RUN_CONFIG
 from pretraining.recommender import WEIGHTS_NAME, first_line
@@ -674,7 +674,7 @@ def _file_name(label: str, taken: set[str]) -> str:
 
 def report_parser(description: str) -> argparse.ArgumentParser:
     """Flags of scripts/report.py."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = cli_parser(description, config_file=False)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_SWEEP",
                         help="run folders, or folders with run folders below them")
     parser.add_argument("--output-dir", type=Path, required=True,
@@ -693,5 +693,4 @@ def report_parser(description: str) -> argparse.ArgumentParser:
                         help="where built-in datasets are prepared "
                         "(default $PEFTREC_CACHE or ~/.cache/peftrec)")
     parser.add_argument("--seed", type=int, default=0, help="sampling of the item maps, t-SNE")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser

@@ -49,7 +49,7 @@ from pathlib import Path
 import yaml
 
 from dataset_tools import atomic_write
-from pretraining.cli import CommandLineError, HelpFormatter, parse_args
+from pretraining.cli import CommandLineError, cli_parser, parse_args
 from pretraining.pipeline import METRICS, RUN_CONFIG
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -504,7 +504,7 @@ def write_results(sweep: Sweep) -> str:
 
 
 def sweep_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = cli_parser(description, config_file=False)  # the sweep file is the config
     parser.add_argument("sweep", type=Path, help="sweep file (YAML)")
     parser.add_argument("--output-dir", type=Path,
                         help="where the runs and the table go (default: the file's output_dir)")
@@ -514,7 +514,6 @@ def sweep_parser(description: str) -> argparse.ArgumentParser:
                       "skipped (finished) or resumed")
     mode.add_argument("--collect-only", action="store_true",
                       help="run nothing: write the table of the finished runs")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
 
 

@@ -113,8 +113,13 @@ def add_settings(
     for setting in flag_fields(config_class):
         if (names is not None and setting.name not in names) or setting.name in exclude:
             continue
-        default = None if unset else _default(setting)
-        options = {"dest": setting.name, "default": default, "help": setting.metadata["help"]}
+        options = {"dest": setting.name, "help": setting.metadata["help"]}
+        if unset:
+            options["default"] = None
+        elif setting.default is setting.default_factory is dataclasses.MISSING:
+            options["required"] = True  # a field without a default
+        else:
+            options["default"] = _default(setting)
         if "metavar" in setting.metadata:
             options["metavar"] = setting.metadata["metavar"]
         if "choices" in setting.metadata:
@@ -166,10 +171,20 @@ def names_list(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """`--config`, the dataset and `--debug`: the flags of every script that loads data."""
+def cli_parser(description: str, config_file: bool = True) -> argparse.ArgumentParser:
+    """A parser with the flags every script has: `--debug` (read by `run_main`) and, for the
+    scripts that read their flags through `parse_args`, `--config`."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    if config_file:
+        parser.add_argument("--config", type=Path,
+                            help="YAML file of settings; flags override it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """`--config`, `--debug` and the dataset: the flags of every script that loads data."""
+    parser = cli_parser(description)
     parser.add_argument("--dataset", default="ml-100k",
                         help="built-in name (ml-100k, ml-1m, or its domain split ml-1m-old / "
                         "ml-1m-new) or a folder written by "
@@ -177,7 +192,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path,
                         help="where built-in datasets are prepared "
                         "(default $PEFTREC_CACHE or ~/.cache/peftrec)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
 
 

@@ -16,14 +16,13 @@ from pathlib import Path
 
 from dataset_tools import load_dataset_folder, read_items
 from dataset_tools.images import IMAGE_FORMATS, build_image_store
-from pretraining.cli import parse_args, run_main
+from pretraining.cli import cli_parser, parse_args, run_main
 
 _ITEM_TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".item": "recbole"}  # else tsv
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    p = cli_parser(__doc__)
     p.add_argument("--source", type=Path, required=True,
                    help="folder or zip of <item_id>.<ext> images, or CSV item_id,path")
     p.add_argument("--output-dir", type=Path, required=True,
@@ -36,7 +35,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="store the readable images and list the missing/unreadable ones "
                    "(default: refuse to build)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parse_args(p, argv)
 
 

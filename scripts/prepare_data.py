@@ -13,12 +13,11 @@ from pathlib import Path
 
 from dataset_tools import BUILTIN_DATASETS, PrepareConfig, prepare_builtin, prepare_dataset
 from dataset_tools.folder import ENGINES
-from pretraining.cli import parse_args, run_main
+from pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    p = cli_parser(__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="interaction file")
     source.add_argument("--dataset", choices=sorted(BUILTIN_DATASETS),
@@ -31,12 +30,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--items-item-col", help="item id column of --items (default: --item-col)")
     p.add_argument("--time-col", help="Unix-seconds timestamp column (recbole: timestamp)")
     p.add_argument("--rating-col", help="rating column (needed for --min-rating)")
-    p.add_argument("--min-rating", type=float, help="keep interactions rated at least this")
-    p.add_argument("--k-core", type=int, default=5,
-                   help="users and items need at least K interactions (0 or 1: off)")
-    p.add_argument("--dedupe", choices=["first", "last", "all"], default="first",
-                   help="which copy of a repeated user-item pair to keep")
-    p.add_argument("--max-history", type=int, help="keep each user's last N interactions")
+    add_settings(p.add_argument_group("cleaning (--input)"), PrepareConfig)
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="how --input is cleaned. duckdb: out of core, for logs larger than memory; "
                    "pandas: in memory; "
@@ -45,7 +39,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", "--output-dir", type=Path, required=True,
                    help="dataset folder to write: new, empty or an earlier dataset "
                    "folder (replaced atomically)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parse_args(p, argv)
     if args.input is not None and args.format is None:
         p.error("--input needs --format")
@@ -70,10 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.dataset is not None:
         folder = prepare_builtin(args.dataset, args.output)
     else:
-        config = PrepareConfig(k_core=args.k_core, min_rating=args.min_rating,
-                               dedupe=args.dedupe, max_history=args.max_history)
         folder = prepare_dataset(
-            args.input, args.format, args.output, config, items_path=args.items,
+            args.input, args.format, args.output, PrepareConfig(**settings(args, PrepareConfig)),
+            items_path=args.items,
             user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
             rating_col=args.rating_col, items_item_col=args.items_item_col, engine=args.engine,
         )

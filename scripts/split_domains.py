@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dataset_tools import SplitRule, describe_split, split_domains
-from pretraining.cli import parse_args, run_main
+from pretraining.cli import cli_parser, parse_args, run_main
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    p = cli_parser(__doc__)
     p.add_argument("--dataset", required=True,
                    help="built-in name (ml-100k, ml-1m, ...) or a dataset folder")
     p.add_argument("--cache-dir", type=Path,
@@ -49,7 +48,6 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="target dataset folder to write")
     p.add_argument("--source-name", help="source dataset name (default: its folder's name)")
     p.add_argument("--target-name", help="target dataset name (default: its folder's name)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parse_args(p, argv)
 
 

@@ -5,22 +5,20 @@ print the table (about 10 minutes on 2 CPU cores; rerunning reuses finished runs
     python scripts/transfer_demo.py [--output-dir runs/demo] [--pretrain-epochs 5]
 """
 
-import argparse
 from pathlib import Path
 
 from downstream.demo import transfer_demo
-from pretraining.cli import HelpFormatter, run_main
+from pretraining.cli import cli_parser, run_main
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = cli_parser(__doc__, config_file=False)
     parser.add_argument("--source", default="ml-1m")
     parser.add_argument("--target", default="ml-100k")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--encoder", default="minilm", help="text encoder (folder or minilm)")
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=10)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
     return transfer_demo(args.source, args.target, args.output_dir, args.encoder,
                          args.pretrain_epochs, args.finetune_epochs, ("--report-to", "none"))

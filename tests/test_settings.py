@@ -22,6 +22,7 @@ from pretraining.cli import (
     parse_args,
     pretrain_parser,
     protocol_config,
+    settings,
     training_config,
 )
 from pretraining.diffrec import DiffRecConfig
@@ -29,7 +30,7 @@ from pretraining.evaluation import EvaluationProtocol
 from pretraining.presets import PRESETS
 from pretraining.recommender import RecommenderConfig
 from pretraining.trainer import TrainingConfig
-from tests.helpers import ROOT, SMALL
+from tests.helpers import ROOT, SMALL, load_script
 
 PRETRAINING_CONFIGS = [RecommenderConfig, DiffRecConfig, TrainingConfig, EvaluationProtocol,
                        RunSettings]
@@ -114,6 +115,23 @@ def test_finetuning_settings_left_out_stay_unset():
     args = parse_args(finetune_parser("t"), ["--pretrained", "runs/base"])
     assert (args.backbone, args.loss, args.num_negatives, args.repeat_bias) == (
         None, None, None, False)
+
+
+def test_the_data_scripts_flags_are_their_configs_fields(tmp_path, capsys):
+    from dataset_tools import PrepareConfig
+    from dataset_tools.synthetic import SyntheticConfig
+
+    synthetic = load_script("generate_synthetic").parse_arguments
+    args = synthetic(["--interactions", "1000", "--items", "50", "--topics", "5",
+                      "--output-dir", str(tmp_path)])
+    assert SyntheticConfig(**settings(args, SyntheticConfig)) == SyntheticConfig(
+        num_interactions=1000, num_items=50, num_topics=5)
+    with pytest.raises(SystemExit):  # a field without a default is a required flag
+        synthetic(["--interactions", "1000", "--output-dir", str(tmp_path)])
+    assert "the following arguments are required: --items" in capsys.readouterr().err
+    args = load_script("prepare_data").parse_arguments(
+        ["--input", "log.csv", "--format", "csv", "--output", str(tmp_path), "--k-core", "3"])
+    assert PrepareConfig(**settings(args, PrepareConfig)) == PrepareConfig(k_core=3)
 
 
 # --- presets -------------------------------------------------------------------------------
