@@ -8,7 +8,9 @@ element by lambda ~ N(delta, delta) (`uncertainty` = delta, 0.001 in the referen
 history is read through the lens of the noised target. A Transformer over the history
 (bidirectional, padding never attended, learned positions counted from the right end)
 predicts x_0 at its last position; `SequentialRecommender` trains that prediction with
-the cross-entropy against all items, DiffuRec's only loss.
+the cross-entropy against all items, DiffuRec's only loss. While the layers run,
+`step_context` holds the step embedding, carried by every position, for layers conditioned
+on the step (`diffusion_step` adapters).
 
 Inference: reverse sampling. Each of `num_seeds` seeded samples starts from pure noise at
 step N and runs every step of the reverse process, x_{n-1} drawn from the posterior given
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretraining.diffrec import MAX_SEEDS, seed_noise, sinusoidal_embedding
+from pretraining.diffrec import MAX_SEEDS, StepContext, seed_noise, sinusoidal_embedding
 from pretraining.sasrec import SASRecBlock, SASRecConfig, _init_weights
 from pretraining.schedules import SCHEDULES, build_schedule
 
@@ -74,22 +76,26 @@ class DiffuRec(nn.Module):
         self.input_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(d)
+        self.step_context = StepContext()
         self.apply(_init_weights)
 
     def scoring_vectors(self, predicted: torch.Tensor) -> torch.Tensor:
         """The predicted x_0 as the softmax over the catalog reads it: unchanged."""
         return predicted
 
+    def step_embedding(self, steps: torch.Tensor) -> torch.Tensor:
+        """Steps [B] -> their embeddings [B, d] (the sinusoid through `step_mlp`)."""
+        return self.step_mlp(sinusoidal_embedding(steps, self.config.hidden_size))
+
     def embed(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor,
-              noised_target: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+              noised_target: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """The Transformer's input [B, L, d]: each history item [B, L, d] plus its position
-        plus lambda * (x_n + step embedding), x_n = `noised_target` [B, d] at `steps` [B];
-        zero at padding."""
+        plus lambda * (x_n + step), x_n = `noised_target` [B, d], `step` its step's
+        embedding [B, d]; zero at padding."""
         length = item_vectors.shape[1]
         if length > self.config.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.config.max_len}; "
                              "truncate inputs to the model's max_len")
-        step = self.step_mlp(sinusoidal_embedding(steps, self.config.hidden_size))
         guide = (noised_target + step.to(noised_target.dtype))[:, None]  # [B, 1, d]
         delta = self.config.uncertainty
         scale = (torch.normal(delta, delta, item_vectors.shape, device=item_vectors.device)
@@ -102,11 +108,13 @@ class DiffuRec(nn.Module):
     def forward(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor,
                 noised_target: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """The predicted x_0 [B, d], read at the last history position."""
-        x = self.embed(item_vectors, padding_mask, noised_target, steps)
+        step = self.step_embedding(steps)
+        x = self.embed(item_vectors, padding_mask, noised_target, step)
         keep = padding_mask.unsqueeze(-1).to(x.dtype)
         attn_mask = padding_mask[:, None, None, :]  # every real item sees every real item
-        for layer in self.layers:
-            x = layer(x, attn_mask) * keep
+        with self.step_context.use(step[:, None], x.shape[1]):  # at every position
+            for layer in self.layers:
+                x = layer(x, attn_mask) * keep
         return self.final_norm(x[:, -1])
 
     def training_losses(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor,

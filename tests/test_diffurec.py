@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from adapters import DiffusionStepConfig, get_adapted_model
 from pretraining.diffurec import DiffuRec, DiffuRecConfig
 from pretraining.recommender import RecommenderConfig, SequentialRecommender
-from tests.helpers import run_pretrain
+from tests.helpers import perturb_adapters, run_pretrain
 
 TINY = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_len": 6,
         "dropout": 0.0, "num_steps": 5, "num_seeds": 3}
@@ -29,7 +30,7 @@ def histories() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_noised_target_enters_every_history_position_and_no_padding():
     model, (items, mask) = backbone(uncertainty=0.5), histories()
-    steps = torch.tensor([2, 4])
+    steps = model.step_embedding(torch.tensor([2, 4]))
     first = model.embed(items, mask, torch.randn(2, TINY["hidden_size"]), steps)
     second = model.embed(items, mask, torch.randn(2, TINY["hidden_size"]), steps)
     changed = (first - second).abs().sum(-1) > 0
@@ -55,17 +56,36 @@ def test_shapes_and_seeded_reverse_sampling():
     assert not torch.allclose(samples[:, 0], samples[:, 1])  # the seeds differ
 
 
-def test_the_recommender_trains_diffurec_on_the_cross_entropy_alone():
+def recommender() -> SequentialRecommender:
     torch.manual_seed(0)
-    model = SequentialRecommender(RecommenderConfig(num_items=NUM_ITEMS, backbone="diffurec",
-                                                    backbone_config=TINY))
-    batch = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
-             "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
+    return SequentialRecommender(RecommenderConfig(num_items=NUM_ITEMS, backbone="diffurec",
+                                                   backbone_config=TINY))
+
+
+BATCH = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
+         "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
+
+
+def test_the_recommender_trains_diffurec_on_the_cross_entropy_alone():
+    model, batch = recommender(), BATCH
     losses = model.train().loss(batch)
     assert set(losses["terms"]) == {"ce"} and "mse" not in losses
     torch.testing.assert_close(losses["loss"], losses["ce"])
     scores = model.eval().scores({"input_ids": batch["input_ids"]})
     assert scores.shape == (2, NUM_ITEMS + 1) and torch.isfinite(scores[:, 1:]).all()
+
+
+@pytest.mark.parametrize("config", [DiffusionStepConfig(reduction_factor=4),
+                                    DiffusionStepConfig(step_mlp_only=True)],
+                         ids=["bottlenecks", "step-mlp-only"])
+def test_diffusion_step_adapters_start_as_the_identity_and_then_act(config):
+    model = recommender().eval()
+    inputs = {"input_ids": BATCH["input_ids"]}
+    scores = model.scores(inputs)
+    get_adapted_model(model, config)
+    assert torch.equal(model.scores(inputs), scores)
+    perturb_adapters(model, 0.3)
+    assert not torch.allclose(model.scores(inputs), scores)
 
 
 @pytest.mark.parametrize("settings", [{"num_steps": 1}, {"uncertainty": -1.0},
