@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 # Singular values below this share of the largest count as zero: float32 item vectors
 # carry about 7 significant digits, so smaller ones are rounding, not directions.
@@ -119,7 +120,12 @@ def embedding_parameter_ids(model: nn.Module) -> set[int]:
     ids = {id(param) for module in model.modules() if isinstance(module, nn.Embedding)
            for param in module.parameters(recurse=False)}
     for name in getattr(model, "catalog_parameter_names", list)():
-        ids.add(id(model.get_parameter(name)))
+        owner, _, attribute = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if parametrize.is_parametrized(module, attribute):  # frozen matched rows + the others
+            ids.update(id(param) for param in module.parametrizations[attribute].parameters())
+        else:
+            ids.add(id(module.get_parameter(attribute)))
     return ids
 
 

@@ -10,9 +10,11 @@ import torch
 from peft.tuners.lora import Embedding as LoRAEmbedding
 
 from adapters import HoulsbyConfig, LoRAConfig, get_adapted_model, trainable_share
+from downstream.matching import ItemMatching, freeze_matched_rows
 from downstream.transfer import adapts_encoder_layers, target_config
 from modality_encoders import build_item_encoder, resolve_item_encoder_config
 from pretraining import RecommenderConfig, SequentialRecommender
+from pretraining.model_stats import parameter_split
 from tests.helpers import random_item_batch, save_bert, text_content
 
 NUM_ITEMS, HIDDEN = 30, 16
@@ -130,3 +132,18 @@ def test_the_id_part_of_a_text_id_encoder_takes_lora_by_name(tmp_path):
     assert not adapts_encoder_layers(only_table, "bert", ("id_embedding",))
     assert adapts_encoder_layers(only_table.replace(target_modules=("query", "id_embedding")),
                                  "bert", ("id_embedding",))
+
+
+def test_model_stats_count_a_table_split_into_frozen_matched_rows_and_the_others():
+    """Under LoRA with matched items the table is its frozen matched rows plus the others
+    (a parametrisation): still embedding parameters, the factors not."""
+    model = get_adapted_model(id_model(), LoRAConfig(rank=2, adapt="item_encoder"))
+    matching = ItemMatching(fields=("title",), target=(1, 2, 3), source=(1, 2, 3),
+                            target_items=NUM_ITEMS, source_items=NUM_ITEMS, ambiguous=0,
+                            blank=0, source_dataset={})
+    freeze_matched_rows(model, matching, model.catalog_parameter_names())
+    split = parameter_split(model)
+    positions = 12 * HIDDEN
+    assert split["embedding"] == (NUM_ITEMS + 1) * HIDDEN + positions
+    assert split["trainable"] == 2 * (NUM_ITEMS + 1 + HIDDEN)  # the factors
+    assert split["trainable_embedding"] == 0
