@@ -5,17 +5,30 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft.tuners.lora import Embedding as LoRAEmbedding
+from safetensors.torch import load_file
 
 from adapters import HoulsbyConfig, LoRAConfig, get_adapted_model, trainable_share
+from downstream import evaluate_any_run
 from downstream.matching import ItemMatching, freeze_matched_rows
 from downstream.transfer import adapts_encoder_layers, target_config
 from modality_encoders import build_item_encoder, resolve_item_encoder_config
 from pretraining import RecommenderConfig, SequentialRecommender
+from pretraining.cli import evaluate_parser, parse_args
 from pretraining.model_stats import parameter_split
-from tests.helpers import random_item_batch, save_bert, text_content
+from tests.helpers import (
+    MODEL,
+    TRAIN,
+    finetune,
+    load_script,
+    random_item_batch,
+    save_bert,
+    text_content,
+)
 
 NUM_ITEMS, HIDDEN = 30, 16
 
@@ -147,3 +160,33 @@ def test_model_stats_count_a_table_split_into_frozen_matched_rows_and_the_others
     assert split["embedding"] == (NUM_ITEMS + 1) * HIDDEN + positions
     assert split["trainable"] == 2 * (NUM_ITEMS + 1 + HIDDEN)  # the factors
     assert split["trainable_embedding"] == 0
+
+
+def test_a_text_id_model_transfers_with_lora_on_its_id_table(tiny_dataset_dir, target_dir,
+                                                             tmp_path):
+    """`--target-modules id_embedding` on a text+id base, items matched by title: the
+    checkpoint holds the table's factors and fresh rows only, the text side stays cached,
+    and the run reloads to its metrics."""
+    bert = save_bert(tmp_path / "bert", dropout=0.0)
+    base = tmp_path / "base"
+    load_script("pretrain_text").main([
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(base), "--epochs", "1",
+        "--encoder", str(bert), "--text-template", "{title} ({genre})",
+        "--encoder-cache-dir", str(tmp_path / "cache"), "--item-encoder", "text+id",
+        *MODEL, *TRAIN])
+    run = tmp_path / "lora"
+    metrics = finetune(("lora",), "--pretrained", str(base), "--dataset", str(target_dir),
+                       "--output-dir", str(run), "--epochs", "1", "--adapt", "item_encoder",
+                       "--target-modules", "id_embedding", "--rank", "2",
+                       "--match-items-by", "title", "--encoder-cache-dir",
+                       str(tmp_path / "cache"))
+    saved = load_file(run / "best_model" / "adapter_model.safetensors")
+    table = "item_encoder.id_embedding"
+    assert set(saved) == {f"{table}.lora_embedding_A.default", f"{table}.lora_embedding_B.default",
+                          f"{table}.base_layer.parametrizations.weight.original"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["item_encoder_config"]["freeze"] is True  # above the cache
+    assert config["transfer"]["item_matching"]["matched"] > 0
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
