@@ -14,11 +14,9 @@ from adapters.base import (
     ADAPTERS,
     EXTRAS,
     AdapterLayer,
-    format_trainable_share,
     freeze_except_adapters,
     get_adapted_model,
     register_adapter,
-    trainable_share,
 )
 from adapters.diffusion_step import DiffusionStepConfig, StepModulatedBottleneck
 from adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig, PfeifferConfig
@@ -26,6 +24,7 @@ from adapters.lora import LoRAConfig
 from adapters.placement import parse_layers, parse_sites
 from adapters.prefix import GatedPrefixAttention, PrefixAttention, PrefixConfig, fold_prefixes
 from adapters.prompt import PromptAttention, PromptConfig
+from dataset_tools.parameters import format_trainable_share, trainable_share
 
 __all__ = [
     "ADAPTERS",

@@ -271,20 +271,6 @@ def freeze_except_adapters(model: nn.Module, extras: Iterable[str] = ()) -> nn.M
     return model
 
 
-def trainable_share(model: nn.Module) -> tuple[int, int, float]:
-    """(trainable, total, percent) over the model's unique parameters."""
-    params = list(model.parameters())  # .parameters() already de-duplicates shared tensors
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    return trainable, total, 100.0 * trainable / total if total else 0.0
-
-
-def format_trainable_share(model: nn.Module) -> str:
-    """`trainable params: 1,234 || all params: 56,789 || trainable%: 2.17`"""
-    trainable, total, percent = trainable_share(model)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.2f}"
-
-
 def _has_submodule(root: nn.Module, path: str) -> bool:
     try:
         root.get_submodule(path)

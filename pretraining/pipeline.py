@@ -18,8 +18,8 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from adapters import format_trainable_share, trainable_share
 from dataset_tools import SequenceData, atomic_write, load_dataset_folder, resolve_dataset
+from dataset_tools.parameters import format_trainable_share, trainable_share
 from modality_encoders import build_item_content, normalize_item_encoder_config
 from pretraining.cli import (
     ITEM_ENCODER_PREFIX,
