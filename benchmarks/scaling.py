@@ -203,9 +203,13 @@ def run(command: list[str], run_dir: Path) -> None:
     resume = ["--resume"] if (run_dir / "config.json").is_file() else []
     print("+", shlex.join([*command, *resume]), flush=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
-        subprocess.run([*command, *resume], check=True, cwd=ROOT, stdout=log,
-                       stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with log.open("a") as output:
+        done = subprocess.run([*command, *resume], cwd=ROOT, stdout=output,
+                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise SystemExit(f"{Path(command[1]).name} into {run_dir} failed (exit "
+                         f"{done.returncode}): see {log}; rerun to resume the study")
 
 
 def run_all(commands: list[tuple[list[str], Path]], jobs: int) -> None:

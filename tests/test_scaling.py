@@ -126,3 +126,10 @@ def test_fits_follow_each_axis():
     assert math.isclose(curves["progressive", "data"]["exponent"], 0.2)
     assert math.isclose(curves["progressive", "model"]["exponent"], 0.1)
     assert math.isclose(curves["scratch", "model"]["exponent"], 0.05)
+
+
+def test_a_failed_run_stops_the_study_with_one_line_naming_its_log(tmp_path):
+    command = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+    with pytest.raises(SystemExit, match=r"failed \(exit 3\): see .*seed0\.log; rerun"):
+        scaling.run(command, tmp_path / "run" / "seed0")
+    assert "boom" in (tmp_path / "run" / "seed0.log").read_text()
