@@ -15,16 +15,19 @@ scale / shift map start at zero, so a freshly injected adapter is the identity.
 The bottleneck wraps each site's output projection (its last nn.Linear, whose output is
 the site's output) rather than the site: DiffRec's history-caching inference calls the
 attention's projections directly, and so runs through the adapter too. The layers read
-z_n from the backbone's `step_context` (see `pretraining.diffrec.StepContext`), and refuse
-to run outside the denoiser's forward pass, where it holds no step.
+z_n from the backbone's `step_context`, and refuse to run outside the denoiser's forward
+pass, where it holds no step. What a backbone provides for these adapters is
+`DiffusionStepHost`, defined here so that backbones follow the adapters' contract.
 
 `step_mlp_only` instead tunes the backbone's step-embedding MLP (`step_mlp`) alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,8 +42,41 @@ from adapters.base import (
 from adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig
 from adapters.placement import parse_sites
 
-if TYPE_CHECKING:  # the type only: pretraining.pipeline imports adapters
-    from pretraining.diffrec import StepContext
+
+@dataclass
+class StepContext:
+    """The step embedding [B, 1, d], or [B, noised, d] with a step per position
+    (the output of the host's `step_mlp`), of the rows the host's layers are denoising.
+
+    `active` only while the denoiser's layers run (the host enters `use` around them): on
+    noised positions, the last `noised` positions of the layers' input, or on positions
+    that carry no step (e.g. DiffRec's history cache: no embedding, `noised` 0). Outside,
+    a layer conditioned on the step has none to read: e.g. a recompute by activation
+    checkpointing in the backward pass, after the forward pass cleared the context.
+    """
+
+    embedding: torch.Tensor | None = None
+    noised: int = 0
+    active: bool = False
+
+    @contextmanager
+    def use(self, embedding: torch.Tensor | None, noised: int) -> Iterator[None]:
+        self.embedding, self.noised, self.active = embedding, noised, True
+        try:
+            yield
+        finally:  # do not keep the tensor (and its graph) alive past the forward pass
+            self.embedding, self.noised, self.active = None, 0, False
+
+
+class DiffusionStepHost(Protocol):
+    """A diffusion backbone that `diffusion_step` adapters can go into: besides the
+    `adapter_sites` of every host, a `step_context` it fills while its layers denoise, the
+    `step_mlp` that makes the step embedding (tuned alone with `step_mlp_only`), and
+    `config.hidden_size`, the width of that embedding."""
+
+    step_context: StepContext
+    step_mlp: nn.Module
+    config: Any
 
 
 @dataclass(frozen=True)
@@ -109,7 +145,7 @@ class TrainableStepMLP(AdapterLayer):
 
 @register_adapter("diffusion_step", DiffusionStepConfig)
 class DiffusionStepInjector:
-    def inject(self, host: nn.Module, config: DiffusionStepConfig) -> None:
+    def inject(self, host: DiffusionStepHost, config: DiffusionStepConfig) -> None:
         context = getattr(host, "step_context", None)
         if context is None:
             raise ValueError(f"diffusion_step adapters need a diffusion backbone (--backbone "

@@ -14,8 +14,8 @@ step, uniform until every step has a full history; the MSE of each sequence is
 weighted by 1 / (N p_n) so that the weighted loss is unbiased (Eq. 18). The MSE
 of a target is the mean over the d dimensions of (h^0 - f(h^n, n))^2, or with
 `mse_reduction="sum"` the paper's squared norm ||h^0 - f(h^n, n)||^2 (Eq. 13, 17),
-d times larger. The recommendation
-loss (Eq. 8, 13) is computed by `SequentialRecommender` over the whole catalog.
+d times larger. The recommendation loss (Eq. 8, 13) over the whole catalog is computed
+by the scorer (`pretraining.diffusion_scorer`), which also averages the seeds at inference.
 
 Inference: each of `num_seeds` seeded samples starts from pure noise at step N;
 `one_step` predicts h^0 in one step (Algorithm 3), `reverse` runs every step of
@@ -38,19 +38,20 @@ itself), so the inference code is unchanged.
 
 While the denoiser's layers run, `step_context` holds the step embedding of the rows
 being denoised, so that layers conditioned on the step (`diffusion_step` adapters) can
-read it without a change to the blocks' call signature; outside, they refuse to run.
+read it without a change to the blocks' call signature; outside, they refuse to run. The
+contract is the adapters' (`adapters.diffusion_step.DiffusionStepHost`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from adapters.diffusion_step import StepContext
+from pretraining.diffusion_scorer import DiffusionScorer
 from pretraining.sasrec import CausalSelfAttention, SASRecBlock, SASRecConfig, _init_weights
 from pretraining.schedules import SCHEDULES, build_schedule
 
@@ -194,53 +195,6 @@ class ImportanceStepSampler(nn.Module):
         self.counts += in_batch
 
 
-@dataclass
-class DiffusionQuery:
-    """What DiffRec's candidates are scored against.
-
-    `predicted` [B, S, d]: each seed's predicted h^0, as scored (`DiffRec.scoring_vectors`);
-    `log_normalizer` [B, S]: each seed's logsumexp of the logits over the whole catalog
-    (items 1..N); `input_ids` [B, L]: the rows' inputs, whose items get the repeat bias
-    (None without one).
-    """
-
-    predicted: torch.Tensor
-    log_normalizer: torch.Tensor
-    input_ids: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.predicted)
-
-    @property
-    def device(self) -> torch.device:
-        return self.predicted.device
-
-
-@dataclass
-class StepContext:
-    """The step embedding [B, 1, d], or [B, noised, d] with a step per position
-    (`step_mlp` output), of the rows the layers are denoising.
-
-    `active` only while the denoiser's layers run: on noised positions, the last `noised`
-    positions of the layers' input, or on the history cache (`_encode_history`), whose
-    positions carry no step (no embedding, `noised` 0). Outside, a layer conditioned on the
-    step has none to read: e.g. a recompute by activation checkpointing in the backward
-    pass, after the forward pass cleared the context.
-    """
-
-    embedding: torch.Tensor | None = None
-    noised: int = 0
-    active: bool = False
-
-    @contextmanager
-    def use(self, embedding: torch.Tensor | None, noised: int) -> Iterator[None]:
-        self.embedding, self.noised, self.active = embedding, noised, True
-        try:
-            yield
-        finally:  # do not keep the tensor (and its graph) alive past the forward pass
-            self.embedding, self.noised, self.active = None, 0, False
-
-
 def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
     """z_n (Eq. 15): z(2j) = sin(n / 10000^(2j/d)), z(2j+1) = cos(...); [B] -> [B, d]."""
     half = (dim + 1) // 2
@@ -265,6 +219,8 @@ class DiffRec(nn.Module):
     adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
     attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
+    # Softmax of h^0 over the catalog, seed-averaged; how it samples may change after training.
+    scorer = DiffusionScorer(inference_settings=("inference", "num_seeds", "inference_steps"))
 
     def __init__(self, config: DiffRecConfig) -> None:
         super().__init__()

@@ -7,10 +7,10 @@ through a small MLP, as DiffRec's) is added into every history position, scaled 
 element by lambda ~ N(delta, delta) (`uncertainty` = delta, 0.001 in the reference): the
 history is read through the lens of the noised target. A Transformer over the history
 (bidirectional, padding never attended, learned positions counted from the right end)
-predicts x_0 at its last position; `SequentialRecommender` trains that prediction with
-the cross-entropy against all items, DiffuRec's only loss. While the layers run,
-`step_context` holds the step embedding, carried by every position, for layers conditioned
-on the step (`diffusion_step` adapters).
+predicts x_0 at its last position; the scorer (`pretraining.diffusion_scorer`) trains that
+prediction with the cross-entropy against all items, DiffuRec's only loss. While the layers
+run, `step_context` holds the step embedding, carried by every position, for layers
+conditioned on the step (`diffusion_step` adapters, `adapters.diffusion_step.DiffusionStepHost`).
 
 Inference: reverse sampling. Each of `num_seeds` seeded samples starts from pure noise at
 step N and runs every step of the reverse process, x_{n-1} drawn from the posterior given
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretraining.diffrec import MAX_SEEDS, StepContext, seed_noise, sinusoidal_embedding
+from adapters.diffusion_step import StepContext
+from pretraining.diffrec import MAX_SEEDS, seed_noise, sinusoidal_embedding
+from pretraining.diffusion_scorer import DiffusionScorer
 from pretraining.sasrec import SASRecBlock, SASRecConfig, _init_weights
 from pretraining.schedules import SCHEDULES, build_schedule
 
@@ -65,6 +67,7 @@ class DiffuRec(nn.Module):
     adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
     attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
+    scorer = DiffusionScorer()  # softmax of x_0 over the catalog, seed-averaged
 
     def __init__(self, config: DiffuRecConfig) -> None:
         super().__init__()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretraining.scoring import DotProductScorer
+
 
 @dataclass
 class SASRecConfig:
@@ -106,6 +108,7 @@ class SASRec(nn.Module):
     adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
     attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
+    scorer = DotProductScorer()  # scores = last state . item vectors (pretraining.scoring)
 
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()

@@ -5,13 +5,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import pretraining.recommender as recommender_module
+import pretraining.diffusion_scorer as diffusion_scorer_module
 from pretraining import RecommenderConfig, SequentialRecommender
 from pretraining.cli import parse_args, pretrain_parser
 from pretraining.evaluation import chunked_target_ranks, item_chunks, target_ranks, top_k_items
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from pretraining.pipeline import pretrain
-from pretraining.recommender import HistoryQuery, history_indicator, seen_items
+from pretraining.scoring import HistoryQuery, history_indicator, seen_items
 
 NUM_ITEMS = 30
 BACKBONE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,
@@ -83,7 +83,7 @@ def test_every_loss_path_adds_the_same_offsets():
     torch.testing.assert_close(
         full_softmax_loss(states, catalog, BATCH["target_ids"], offsets), loss)
     # The local-catalog path (trained item encoders, sampled softmax) on every item.
-    torch.testing.assert_close(model._loss_on_needed_items(BATCH)["loss"], loss)
+    torch.testing.assert_close(model.scorer.loss_on_needed_items(model, BATCH)["loss"], loss)
     has_target = BATCH["target_ids"] > 0
     every_item = torch.arange(1, NUM_ITEMS + 1)
     sampled = sampled_softmax_loss(states[has_target], catalog, BATCH["target_ids"][has_target],
@@ -205,7 +205,7 @@ def test_chunked_repeat_bias_scores_equal_the_dense_ones_without_a_catalog_wide_
         with torch.no_grad():
             model.repeat_bias.fill_(-1.0)
         # DiffRec's normaliser over the catalog runs in chunks of its own: make them small.
-        monkeypatch.setattr(recommender_module, "GENERATIVE_NORMALIZER_ELEMENTS", 2 * 3 * 7)
+        monkeypatch.setattr(diffusion_scorer_module, "NORMALIZER_ELEMENTS", 2 * 3 * 7)
     batch = {"input_ids": BATCH["input_ids"]}
     targets = torch.tensor([3, 9])
     with torch.no_grad(), CatalogWideTensors(NUM_ITEMS) as recorder:
