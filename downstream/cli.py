@@ -19,8 +19,10 @@ from adapters import ADAPTERS
 from adapters.base import COMPONENTS, EXTRAS, AdapterConfig
 from adapters.placement import LAYER_SPEC_HELP
 from downstream.transfer import finetune
+from modality_encoders import ContentEncoderSettings
 from pretraining.cli import (
     CommandLineError,
+    RunSettings,
     add_protocol_arguments,
     add_settings,
     add_training_arguments,
@@ -43,12 +45,12 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
                         help="run folder of a pretraining script (or its best_model/)")
     add_training_arguments(parser)
     add_protocol_arguments(parser)
-    encoder = parser.add_argument_group("item encoder of the target (content models)")
-    encoder.add_argument("--encoder", help="the pretrained encoder's folder, if it moved")
-    encoder.add_argument("--text-template", help="item text template for the target's fields")
-    encoder.add_argument("--image-store", type=Path, help="the target items' LMDB image store")
-    encoder.add_argument("--encoder-cache-dir", type=Path,
-                         help="where encoder outputs are cached (unset: DATASET/cache)")
+    encoder = parser.add_argument_group(
+        "item encoder of the target (content models; unset: the pretrained model's: give the "
+        "encoder's folder if it moved, the target's text template or image store)")
+    add_settings(encoder, ContentEncoderSettings, ("encoder", "template", "image_store"),
+                 unset=True)
+    add_settings(encoder, RunSettings, ("encoder_cache_dir",))
     model = parser.add_argument_group(
         "model (unset: the pretrained model's; --backbone is checked against it, the "
         "objective replaces its for training, evaluation always ranks the whole catalog; "

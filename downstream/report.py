@@ -54,7 +54,7 @@ from dataset_tools import (
 )
 from dataset_tools.domains import MULTI_VALUE_SEPARATORS
 from downstream.transfer import BASELINES, load_any_checkpoint
-from pretraining.cli import cli_parser
+from pretraining.cli import RunSettings, add_settings, cli_parser
 from pretraining.model_stats import EmbeddingStatistics, embedding_statistics, parameter_split
 from pretraining.pipeline import METRICS, RUN_CONFIG
 from pretraining.recommender import WEIGHTS_NAME, first_line
@@ -687,10 +687,6 @@ def report_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-models", action="store_true",
                         help="do not load the runs' models: no item maps, embedding statistics "
                         "or parameter split")
-    parser.add_argument("--encoder-cache-dir", type=Path,
-                        help="where encoder outputs are cached (unset: DATASET/cache)")
-    parser.add_argument("--cache-dir", type=Path,
-                        help="where built-in datasets are prepared "
-                        "(default $PEFTREC_CACHE or ~/.cache/peftrec)")
+    add_settings(parser, RunSettings, ("encoder_cache_dir", "cache_dir"))
     parser.add_argument("--seed", type=int, default=0, help="sampling of the item maps, t-SNE")
     return parser

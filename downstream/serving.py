@@ -51,7 +51,7 @@ from adapters.checkpoint import is_adapter_checkpoint, read_adapter_config
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, atomic_write, read_items
 from downstream.transfer import load_any_checkpoint
 from modality_encoders import item_encoder_modality, item_table_content
-from pretraining.cli import CommandLineError, add_settings, base_parser
+from pretraining.cli import CommandLineError, RunSettings, add_settings, base_parser
 from pretraining.data import collate_left_padded
 from pretraining.evaluation import EvaluationProtocol, top_k_items
 from pretraining.pipeline import run_dataset
@@ -287,8 +287,7 @@ def recommend_parser(description: str) -> argparse.ArgumentParser:
                         "(.csv, .tsv or .jsonl with the columns of the run's text template) "
                         "instead of the run's catalog; histories then name its ids")
     parser.add_argument("--item-col", default="item_id", help="the --items column of item ids")
-    parser.add_argument("--encoder-cache-dir", type=Path,
-                        help="where encoder outputs are cached (unset: DATASET/cache)")
+    add_settings(parser, RunSettings, ("encoder_cache_dir",))
     add_settings(parser, TrainingConfig, ("eval_batch_size", "cpu"))
     add_settings(parser, EvaluationProtocol, ("item_chunk_size",))
     return parser

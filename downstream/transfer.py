@@ -488,8 +488,8 @@ def encoder_overrides(args: argparse.Namespace) -> dict:
     overrides = {}
     if getattr(args, "encoder", None):
         overrides["encoder"] = args.encoder
-    if getattr(args, "text_template", None):
-        overrides["template"] = args.text_template
+    if getattr(args, "template", None):
+        overrides["template"] = args.template
     if getattr(args, "image_store", None):
         overrides["image_store"] = str(Path(args.image_store).absolute())
     return overrides

@@ -23,7 +23,7 @@ ID fusion encoders, `fusion.py`) overrides those two and builds on `content_cata
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from modality_encoders.heads import (
     DEFAULT_EXPERTS,
     DEFAULT_HEAD,
     HEAD_SETTINGS,
+    HEADS,
     build_head,
     check_head_settings,
     head_shapes,
@@ -58,23 +59,53 @@ FUSIONS = ("sum", "gate")
 class ContentEncoderSettings:
     """`RecommenderConfig.item_encoder_config` of text and image encoders."""
 
-    encoder: str  # folder, cached hub name, or "minilm"
-    pooling: str = "mean"  # "cls" or "mean"
-    freeze: bool = True  # frozen + cached outputs, or trained inside the step
-    trainable_layers: int = -1  # with freeze=False: top k layers trainable (-1: all)
-    encode_batch_size: int = 64  # items encoded at once (caches, catalogs, a trained step)
+    # A field with help text is a flag of the content scripts (pretraining.cli).
+    encoder: str = field(metadata={
+        "help": "text: a transformers encoder folder, a hub name already in the local cache, "
+        "or 'minilm' (the installed all-MiniLM-L6-v2); image: a ViT or ViTMAE model folder "
+        "(or a hub name in the local cache)"})
+    pooling: str = field(default="mean", metadata={
+        "choices": POOLINGS, "help": "CLS token, or the mean over tokens (text: the attention "
+        "mask; images: the patches)"})
+    # Frozen with cached outputs, or trained inside the step.
+    freeze: bool = field(default=True, metadata={
+        "flag": "freeze-encoder", "help": "keep the encoder frozen and cache its outputs"})
+    trainable_layers: int = field(default=-1, metadata={
+        "help": "with --train-encoder: train only the top K layers and cache the hidden "
+        "states below them (-1: all layers)"})
+    encode_batch_size: int = field(default=64, metadata={
+        "help": "items encoded at once when building caches and catalogs, and by a trained "
+        "encoder in the step (chunks of similar text length)"})
     encoder_fingerprint: str | None = None  # recorded at build time, checked on load
     encoder_hidden_size: int | None = None
-    template: str | None = None  # text: ItemTextTemplate
-    max_text_length: int = 64  # text: tokens per item
-    image_store: str | None = None  # image: LMDB store folder
-    head: str = DEFAULT_HEAD  # output head above the pooled outputs (heads.HEADS)
-    head_hidden_size: int | None = None  # mlp: hidden width (resolved: the encoder's)
-    num_experts: int | None = None  # moe: experts (resolved: DEFAULT_EXPERTS)
-    head_dropout: float = 0.0  # mlp, moe: dropout inside the head
-    moe_noise: bool = False  # moe: noisy gating in training
-    fusion: str | None = None  # content + ID encoders only: "sum" or "gate"
-    whitening: str = "none"  # frozen: whiten the cached outputs per catalog (WHITENINGS)
+    template: str | None = field(default=None, metadata={  # text: an ItemTextTemplate
+        "flag": "text-template", "help": "item text from item table columns, e.g. "
+        "'{title}. {genre}' (unset: the built-in dataset's template)"})
+    max_text_length: int = field(default=64, metadata={"help": "text: tokens per item"})
+    image_store: str | None = field(default=None, metadata={
+        "help": "LMDB image store keyed by the dataset's item ids "
+        "(scripts/build_image_store.py)"})
+    head: str = field(default=DEFAULT_HEAD, metadata={
+        "flag": "item-head", "choices": HEADS,
+        "help": "output head above the pooled encoder outputs: linear (one affine map), mlp "
+        "(linear shortcut + a GELU MLP), moe (UniSRec's mixture of whitening experts)"})
+    head_hidden_size: int | None = field(default=None, metadata={
+        "help": "--item-head mlp: hidden width (unset: the encoder's hidden size)"})
+    num_experts: int | None = field(default=None, metadata={
+        "help": f"--item-head moe: experts (unset: {DEFAULT_EXPERTS})"})
+    head_dropout: float = field(default=0.0, metadata={
+        "help": "--item-head mlp/moe: dropout inside the head"})
+    moe_noise: bool = field(default=False, metadata={
+        "help": "--item-head moe: UniSRec's noisy gating in training"})
+    fusion: str | None = field(default=None, metadata={
+        "choices": FUSIONS,
+        "help": "--item-encoder text+id or image+id: content + ID vector (sum; unset: sum), "
+        "or content + a learned sigmoid gate times the ID vector (gate)"})
+    whitening: str = field(default="none", metadata={
+        "choices": WHITENINGS,
+        "help": "frozen encoder: whiten its cached outputs with the catalog's own statistics "
+        "before the head (center: subtract the mean; zca: mean and covariance); recomputed "
+        "on each dataset, so a transferred model sees the target's catalog whitened"})
 
     @classmethod
     def from_dict(cls, config: dict | None) -> ContentEncoderSettings:

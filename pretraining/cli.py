@@ -28,9 +28,7 @@ import yaml
 
 from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
 from modality_encoders import (
-    FUSIONS,
-    HEADS,
-    WHITENINGS,
+    ContentEncoderSettings,
     item_encoder_modality,
     resolve_item_encoder_config,
 )
@@ -54,8 +52,12 @@ DIFFUSION_GROUP = "diffusion (--backbone diffrec)"
 
 @dataclass
 class RunSettings:
-    """Settings of a training run outside the model, training and protocol configs."""
+    """Settings of the scripts outside the model, training and protocol configs: where the
+    caches are, what a training run samples and starts from."""
 
+    cache_dir: Path | None = field(default=None, metadata={
+        "help": "where built-in datasets are prepared (unset: $PEFTREC_CACHE or "
+        "~/.cache/peftrec)"})
     train_windows: str = field(default="last", metadata={
         "choices": TRAIN_WINDOWS,
         "help": "train on each user's most recent max_len window, tile the whole history "
@@ -70,6 +72,9 @@ class RunSettings:
         "metavar": "E",
         "help": "no update to the item encoder in the first E epochs, then joint training "
         "(without --init-items-from: the random initial items stay fixed for E epochs)"})
+    encoder_cache_dir: Path | None = field(default=None, metadata={
+        "help": "where content encoders' outputs are cached (unset: the dataset folder's "
+        "cache/)"})
     init_denoiser_from: Path | None = field(default=None, metadata={
         "metavar": "DIR",
         "help": "start the denoiser's Transformer (and the repeat bias) from this SASRec run "
@@ -102,13 +107,18 @@ def add_settings(
     names: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     unset: bool = False,
+    defaults: dict | None = None,
+    required: Sequence[str] = (),
 ) -> None:
     """One flag per flag field of `config_class` (`names` only, if given; less `exclude`).
 
     `unset`: the flags default to None, not to the field's default, so that whatever the
     caller applies them to (a pretrained model's settings, a run's own) keeps its value.
-    Types: see `typed_options`.
+    `defaults`: field name -> this script's default, where it is not the field's (e.g. an
+    image encoder pools the CLS token); `required`: fields this script needs given, whatever
+    their default (a field without one always is). Types: see `typed_options`.
     """
+    defaults = defaults or {}
     hints = typing.get_type_hints(config_class)
     for setting in flag_fields(config_class):
         if (names is not None and setting.name not in names) or setting.name in exclude:
@@ -116,8 +126,11 @@ def add_settings(
         options = {"dest": setting.name, "help": setting.metadata["help"]}
         if unset:
             options["default"] = None
-        elif setting.default is setting.default_factory is dataclasses.MISSING:
-            options["required"] = True  # a field without a default
+        elif setting.name in defaults:
+            options["default"] = defaults[setting.name]
+        elif setting.name in required or setting.default is setting.default_factory is (
+                dataclasses.MISSING):
+            options["required"] = True
         else:
             options["default"] = _default(setting)
         if "metavar" in setting.metadata:
@@ -189,9 +202,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="built-in name (ml-100k, ml-1m, or its domain split ml-1m-old / "
                         "ml-1m-new) or a folder written by "
                         "scripts/prepare_data.py")
-    parser.add_argument("--cache-dir", type=Path,
-                        help="where built-in datasets are prepared "
-                        "(default $PEFTREC_CACHE or ~/.cache/peftrec)")
+    add_settings(parser, RunSettings, ("cache_dir",))
     return parser
 
 
@@ -228,57 +239,16 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
                        help=f"{modality}: the content vector; {modality}+id: plus a learned "
                        "per-item ID vector (a table that starts at zero; see --fusion)")
     if modality == "text":
-        group.add_argument("--encoder", default="minilm",
-                           help="transformers encoder: a local folder, a hub name already in "
-                           "the local cache, or 'minilm' (the installed all-MiniLM-L6-v2)")
-        group.add_argument("--text-template",
-                           help="item text from item table columns, e.g. '{title}. {genre}' "
-                           "(default: the built-in dataset's template)")
-        group.add_argument("--max-text-length", type=int, default=64, help="tokens per item")
+        add_settings(group, ContentEncoderSettings, exclude=("image_store",),
+                     defaults={"encoder": "minilm"})
     else:
-        group.add_argument("--encoder", required=True,
-                           help="ViT or ViTMAE model folder (or a hub name in the local cache)")
-        group.add_argument("--image-store", type=Path, required=True,
-                           help="LMDB image store keyed by the dataset's item ids "
-                           "(scripts/build_image_store.py)")
-    group.add_argument("--pooling", choices=["cls", "mean"],
-                       default="mean" if modality == "text" else "cls",
-                       help="CLS token, or the mean over tokens (text: the attention mask; "
-                       "images: the patches)")
-    group.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true",
-                       default=True, help="keep the encoder frozen and cache its outputs")
-    group.add_argument("--train-encoder", dest="freeze_encoder", action="store_false",
+        add_settings(group, ContentEncoderSettings, exclude=("template", "max_text_length"),
+                     defaults={"pooling": "cls"}, required=("image_store",))
+    group.add_argument("--train-encoder", dest="freeze", action="store_false",
                        default=argparse.SUPPRESS,
                        help="train the encoder end to end (sampled softmax over the items "
-                       "each batch needs; see --trainable-layers)")
-    group.add_argument("--trainable-layers", type=int, default=-1,
-                       help="with --train-encoder: train only the top K layers and cache the "
-                       "hidden states below them (-1: all layers)")
-    group.add_argument("--encoder-cache-dir", type=Path,
-                       help="where encoder outputs are cached; unset: the dataset "
-                       "folder's cache/")
-    group.add_argument("--encode-batch-size", type=int, default=64,
-                       help="items encoded at once when building caches and catalogs, and "
-                       "by a trained encoder in the step (chunks of similar text length)")
-    group.add_argument("--item-head", choices=list(HEADS), default="linear",
-                       help="output head above the pooled encoder outputs: linear (one "
-                       "affine map), mlp (linear shortcut + a GELU MLP), moe (UniSRec's "
-                       "mixture of whitening experts)")
-    group.add_argument("--head-hidden-size", type=int,
-                       help="--item-head mlp: hidden width (unset: the encoder's hidden size)")
-    group.add_argument("--num-experts", type=int, help="--item-head moe: experts (unset: 8)")
-    group.add_argument("--head-dropout", type=float, default=0.0,
-                       help="--item-head mlp/moe: dropout inside the head")
-    group.add_argument("--moe-noise", action="store_true",
-                       help="--item-head moe: UniSRec's noisy gating in training")
-    group.add_argument("--whitening", choices=list(WHITENINGS), default="none",
-                       help="frozen encoder: whiten its cached outputs with the catalog's own "
-                       "statistics before the head (center: subtract the mean; zca: mean and "
-                       "covariance); recomputed on each dataset, so a transferred model sees "
-                       "the target's catalog whitened")
-    group.add_argument("--fusion", choices=list(FUSIONS),
-                       help=f"--item-encoder {modality}+id: content + ID vector (sum; unset: "
-                       "sum), or content + a learned sigmoid gate times the ID vector (gate)")
+                       "each batch needs; see --trainable-layers), as --no-freeze-encoder")
+    add_settings(group, RunSettings, ("encoder_cache_dir",))
 
 
 def pretrain_parser(description: str, modality: str | None = None) -> argparse.ArgumentParser:
@@ -376,10 +346,11 @@ def _preset_settings(name: str, parser: argparse.ArgumentParser) -> dict:
 
 def _setting_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Setting name -> destination: every flag's name, with _ for - (a switch's `--no-`
-    form excluded), and every destination itself (`diffusion_steps` and `num_steps`)."""
+    form and `--train-encoder`, which set the opposite, excluded), and every destination
+    itself (`diffusion_steps` and `num_steps`)."""
     names = {}
     for action in parser._actions:
-        options = action.option_strings
+        options = [] if isinstance(action, argparse._StoreFalseAction) else action.option_strings
         if isinstance(action, argparse.BooleanOptionalAction):
             options = options[:1]
         names.update({option.lstrip("-").replace("-", "_"): action.dest
@@ -467,26 +438,20 @@ def model_config(
 
 
 def item_encoder_config(args: argparse.Namespace, item_encoder: str, data: SequenceData | None):
-    """The content encoder's settings from the flags, resolved (fingerprint, hidden size)."""
-    config = {"encoder": args.encoder, "pooling": args.pooling, "freeze": args.freeze_encoder,
-              "trainable_layers": args.trainable_layers,
-              "encode_batch_size": args.encode_batch_size, "head": args.item_head,
-              "head_hidden_size": args.head_hidden_size, "num_experts": args.num_experts,
-              "head_dropout": args.head_dropout, "moe_noise": args.moe_noise,
-              "fusion": args.fusion, "whitening": args.whitening}
+    """The content encoder's settings from the flags, resolved (template, fingerprint, hidden
+    size)."""
+    config = settings(args, ContentEncoderSettings)
     if item_encoder_modality(item_encoder) == "text":
-        template = args.text_template
-        if template is None:
+        if config["template"] is None:
             if data is None:
                 raise CommandLineError("the text encoder needs --text-template")
             try:
-                template = default_template(data.name).template
+                config["template"] = default_template(data.name).template
             except DataError as error:
                 raise CommandLineError(f"{error} (--text-template)") from None
-        ItemTextTemplate(template)  # a malformed template fails now, not mid-run
-        config.update(template=template, max_text_length=args.max_text_length)
+        ItemTextTemplate(config["template"])  # a malformed template fails now, not mid-run
     else:
-        config["image_store"] = str(Path(args.image_store).absolute())
+        config["image_store"] = str(Path(config["image_store"]).absolute())
     return resolve_item_encoder_config(item_encoder, config)
 
 

@@ -23,16 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dataset_tools import SplitRule, describe_split, split_domains
-from pretraining.cli import cli_parser, parse_args, run_main
+from pretraining.cli import RunSettings, add_settings, cli_parser, parse_args, run_main
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli_parser(__doc__)
     p.add_argument("--dataset", required=True,
                    help="built-in name (ml-100k, ml-1m, ...) or a dataset folder")
-    p.add_argument("--cache-dir", type=Path,
-                   help="where built-in datasets are prepared (default $PEFTREC_CACHE or "
-                   "~/.cache/peftrec)")
+    add_settings(p, RunSettings, ("cache_dir",))
     p.add_argument("--field", required=True,
                    help="item table column that decides the domain (e.g. genre)")
     rule = p.add_mutually_exclusive_group(required=True)

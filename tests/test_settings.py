@@ -42,7 +42,7 @@ def options(parser) -> dict:
 
 @pytest.mark.parametrize("config_class", PRETRAINING_CONFIGS, ids=lambda c: c.__name__)
 def test_every_setting_with_help_is_a_flag_with_the_fields_default_and_help(config_class):
-    flags = options(pretrain_parser("t"))
+    flags = options(pretrain_parser("t", "text"))
     for setting in flag_fields(config_class):
         if setting.name == "unfreeze_every":  # full fine-tuning's alone
             continue
@@ -115,6 +115,33 @@ def test_finetuning_settings_left_out_stay_unset():
     args = parse_args(finetune_parser("t"), ["--pretrained", "runs/base"])
     assert (args.backbone, args.loss, args.num_negatives, args.repeat_bias) == (
         None, None, None, False)
+
+
+def test_the_content_encoder_flags_are_its_settings_fields(tmp_path):
+    from modality_encoders import ContentEncoderSettings
+
+    flags = options(pretrain_parser("t", "text"))
+    image = options(pretrain_parser("t", "image"))
+    for setting in flag_fields(ContentEncoderSettings):
+        if setting.name != "image_store":
+            assert flags[flag_name(setting)].help == setting.metadata["help"], setting.name
+    assert (flags["--encoder"].default, flags["--pooling"].default) == ("minilm", "mean")
+    assert (image["--pooling"].default, image["--encoder"].required,
+            image["--image-store"].required) == ("cls", True, True)
+    assert "--image-store" not in flags and "--text-template" not in image
+    # The fine-tuning scripts' target overrides are the same settings, unset by default.
+    target = options(finetune_parser("t"))
+    for flag in ("--encoder", "--text-template", "--image-store"):
+        assert (target[flag].help, target[flag].default) == (flags.get(
+            flag, image.get(flag)).help, None)
+    args = parse_args(pretrain_parser("t", "text"), ["--train-encoder"])
+    assert args.freeze is False
+    config = tmp_path / "run.yaml"
+    config.write_text("freeze_encoder: false\n")
+    assert parse_args(pretrain_parser("t", "text"), ["--config", str(config)]).freeze is False
+    config.write_text("train_encoder: true\n")  # sets the opposite of its value: not a name
+    with pytest.raises(CommandLineError, match="unknown settings"):
+        parse_args(pretrain_parser("t", "text"), ["--config", str(config)])
 
 
 def test_the_data_scripts_flags_are_their_configs_fields(tmp_path, capsys):

@@ -210,6 +210,7 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_old_behaviour(
 
 
 def test_a_run_with_a_setting_this_version_lacks_is_refused_by_name(tiny_dataset_dir, tmp_path):
+    from dataset_tools.integrity import write_checksums
     from pretraining.recommender import CheckpointError, SequentialRecommender
 
     run = tmp_path / "run"
@@ -219,6 +220,7 @@ def test_a_run_with_a_setting_this_version_lacks_is_refused_by_name(tiny_dataset
         model = config["model"] if "model" in config else config["config"]
         model["backbone_config"]["rotary"] = True  # as if written by a newer peftrec
         config_file.write_text(json.dumps(config))
+    write_checksums(run / "best_model")
     log = (run / "log.jsonl").read_text()
     with pytest.raises(CheckpointError, match=r"cannot --resume .*unknown sasrec settings "
                                               r"\['rotary'\].*Upgrade peftrec"):
@@ -295,7 +297,7 @@ REQUIRED_FROM_CONFIG = [
     ("finetune", "pretrained: runs/base\n", {"pretrained": Path("runs/base")}),
     ("evaluate", "run: runs/base\n", {"run": Path("runs/base")}),
     ("pretrain_image", "encoder: vit\nimage-store: data/images\n",
-     {"encoder": "vit", "image_store": Path("data/images")}),
+     {"encoder": "vit", "image_store": "data/images"}),
     ("prepare_data", "dataset: ml-1m\noutput: data/ml-1m\n",
      {"dataset": "ml-1m", "output": Path("data/ml-1m")}),
     ("prepare_data", "input: log.csv\nformat: csv\noutput: data/x\n",
