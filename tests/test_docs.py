@@ -87,3 +87,17 @@ def test_readme_test_command_is_the_one_ci_runs():
     blocks = "\n".join(FENCE.findall(README.read_text()))
     assert re.search(r"^make test\b", blocks, re.MULTILINE), \
         "README.md shows no `make test` in a code block, the command .ci/run runs"
+
+
+def test_every_flag_the_command_reference_names_is_a_scripts_flag():
+    """The flags users type, as the reference names them, are still some script's."""
+    from downstream.sweep import script_parser
+
+    flags = set()
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        flags |= set(script_parser(path.stem)._option_string_actions)
+    rows = re.findall(r"^\| (.+?) \| ", (ROOT / "docs" / "command-reference.md").read_text(),
+                      re.MULTILINE)
+    named = {flag for row in rows for flag in re.findall(r"--[a-z][a-z0-9-]*[a-z0-9](?![\w-])",
+                                                         row)}
+    assert named and not named - flags, f"no script has {sorted(named - flags)}"
