@@ -125,9 +125,13 @@ def backbone_scorer(backbone: str) -> Scorer:
     return BACKBONES[backbone][1].scorer
 
 
-# Every backbone's inference settings (see set_inference): scripts/evaluate.py's flags.
-INFERENCE_SETTINGS = tuple(dict.fromkeys(
-    name for backbone in BACKBONES for name in backbone_scorer(backbone).inference_settings))
+def inference_settings() -> tuple[str, ...]:
+    """Every registered backbone's inference settings (see `set_inference`)."""
+    return tuple(dict.fromkeys(
+        name for backbone in BACKBONES for name in backbone_scorer(backbone).inference_settings))
+
+
+INFERENCE_SETTINGS = inference_settings()  # scripts/evaluate.py's flags
 
 
 class SequentialRecommender(nn.Module):
@@ -172,9 +176,10 @@ class SequentialRecommender(nn.Module):
         `inference_settings`, e.g. DiffRec's `inference`, `num_seeds`, `inference_steps`)
         and the same weights: a trained model's trade-off of cost against quality, chosen
         at evaluation or serving time without retraining."""
-        unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+        known = inference_settings()
+        unknown = sorted(set(settings) - set(known))
         if unknown:
-            raise ValueError(f"{unknown} are not inference settings; use {INFERENCE_SETTINGS}")
+            raise ValueError(f"{unknown} are not inference settings; use {known}")
         own = self.scorer.inference_settings
         if not set(settings) <= set(own):
             owners = [backbone_cls.__name__ for _, backbone_cls in BACKBONES.values()
