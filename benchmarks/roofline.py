@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from results import write_result
 from tables import markdown
 
 HIDDEN, LAYERS, HEADS, FFN = 64, 2, 2, 256
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass(frozen=True)
@@ -67,22 +69,22 @@ def forward_products(batch: int, length: int, logit_rows: int, items: int) -> li
     ]
 
 
-def gflops(product: Product, repeats: int) -> float:
+def gflops(product: Product, repeats: int, clock: Callable[[], float]) -> float:
     """GFLOP/s of one product of this shape: the best of `repeats` timings, each of enough
     calls to last about 50 ms (best, not median: on a shared machine the slower timings
     measure the other jobs)."""
     a = torch.randn(product.batch, product.m, product.k)
     b = torch.randn(product.batch, product.k, product.n)
     out = torch.empty(product.batch, product.m, product.n)
-    started = time.perf_counter()
+    started = clock()
     torch.matmul(a, b, out=out)  # warm-up, and a first estimate of the call's time
-    calls = max(1, int(0.05 / max(time.perf_counter() - started, 1e-6)))
+    calls = max(1, int(0.05 / max(clock() - started, 1e-6)))
     best = float("inf")
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = clock()
         for _ in range(calls):
             torch.matmul(a, b, out=out)
-        best = min(best, (time.perf_counter() - started) / calls)
+        best = min(best, (clock() - started) / calls)
     return product.flops / product.count / best / 1e9
 
 
@@ -100,7 +102,8 @@ def model(num_items: int, length: int):
                          "ffn_size": FFN, "max_len": length}))
 
 
-def time_training_step(batch: int, length: int, items: int, steps: int) -> float:
+def time_training_step(batch: int, length: int, items: int, steps: int,
+                       clock: Callable[[], float]) -> float:
     """Seconds per full-softmax step (loss, backward, AdamW), after two warm-up steps."""
     recommender = model(items, length).train()
     optimizer = torch.optim.AdamW(recommender.parameters(), lr=1e-3)
@@ -114,13 +117,14 @@ def time_training_step(batch: int, length: int, items: int, steps: int) -> float
 
     for window in windows[:2]:
         step(window)
-    started = time.perf_counter()
+    started = clock()
     for window in windows[2:]:
         step(window)
-    return (time.perf_counter() - started) / steps
+    return (clock() - started) / steps
 
 
-def time_evaluation(users: int, length: int, items: int, batch: int) -> tuple[float, float]:
+def time_evaluation(users: int, length: int, items: int, batch: int,
+                    clock: Callable[[], float]) -> tuple[float, float]:
     """Seconds of `evaluate` over `users` users, and of its forward (`query`) alone."""
     from accelerate import Accelerator
 
@@ -131,14 +135,14 @@ def time_evaluation(users: int, length: int, items: int, batch: int) -> tuple[fl
     batches = [{"input_ids": w[:, :-1], "target_ids": w[:, -1]} for w in windows.split(batch)]
     accelerator = Accelerator(cpu=True)
     evaluate(recommender, batches[:1], accelerator)  # warm-up
-    started = time.perf_counter()
+    started = clock()
     evaluate(recommender, batches, accelerator)
-    total = time.perf_counter() - started
-    started = time.perf_counter()
+    total = clock() - started
+    started = clock()
     with torch.no_grad():
         for b in batches:
             recommender.query(b)
-    return total, time.perf_counter() - started
+    return total, clock() - started
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,9 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5,
                         help="timings per matmul shape (the best counts)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: this process's CPU time, which other jobs on a shared "
+                        "machine hardly change (use it with --threads 1: idle threads "
+                        "spinning at barriers would count too)")
     parser.add_argument("--results", metavar="NAME",
                         help="also write benchmarks/results/NAME.{json,md}")
     args = parser.parse_args(argv)
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
 
@@ -174,14 +183,14 @@ def main(argv: list[str] | None = None) -> None:
     for p in train + evaluation:
         shape = (p.batch, p.m, p.k, p.n)
         if shape not in speed:
-            speed[shape] = gflops(p, args.repeats)
+            speed[shape] = gflops(p, args.repeats, clock)
     shapes = [{"product": p.name, "shape": f"{p.batch} x [{p.m}, {p.k}] @ [{p.k}, {p.n}]",
                "GFLOP/s": speed[(p.batch, p.m, p.k, p.n)]} for p in train + per_batch]
 
     step = time_training_step(args.train_batch, args.train_length, args.train_items,
-                              args.steps)
+                              args.steps, clock)
     total, forward = time_evaluation(args.eval_users, args.eval_length, args.eval_items,
-                                     args.eval_batch)
+                                     args.eval_batch, clock)
     forward_only = [p for p in evaluation if p.name != "logits"]
     rows = []
     for name, products, seconds in (
@@ -194,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
     table = markdown(rows, ["workload", "GFLOP", "seconds", "bound seconds", "ratio"])
     shape_table = markdown(shapes, ["product", "shape", "GFLOP/s"])
-    note = (f"CPU, {os.cpu_count()} cores, {args.threads} torch threads; load average "
+    note = (f"CPU, {os.cpu_count()} cores, {args.threads} torch threads, {args.clock} clock "
+            "(seconds are CPU seconds with the cpu clock); load average "
             f"{load_before:.1f} before, {load_after:.1f} after. Training: batch "
             f"{args.train_batch} x {args.train_length}, {args.train_items:,} items, full "
             f"softmax, AdamW. Evaluation: {args.eval_users:,} users x {args.eval_length}, "
