@@ -21,11 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from adapters.placement import check_known, check_layer_spec, parse_layers, parse_sites
+from adapters.placement import (
+    LAYER_SPEC_HELP,
+    check_known,
+    check_layer_spec,
+    parse_layers,
+    parse_sites,
+)
 
 # name -> (config class, injector class)
 ADAPTERS: dict[str, tuple[type, type]] = {}
@@ -45,10 +51,14 @@ EXTRAS: dict[str, str] = {
 class AdapterConfig:
     """Placement and extras, the same for every method; methods subclass it."""
 
+    # A field with help text is a flag of the adapter scripts (pretraining.cli).
     method: str = ""
-    adapt: str = "backbone"  # one of COMPONENTS
-    layers: str = "all"  # "all", "top:K", "bottom:K" or "0,2"
-    extras: tuple[str, ...] = ()  # also trainable: keys of EXTRAS
+    adapt: str = field(default="backbone", metadata={
+        "choices": COMPONENTS, "help": "which part receives adapters"})
+    layers: str = field(default="all", metadata={"help": LAYER_SPEC_HELP})
+    extras: tuple[str, ...] = field(default=(), metadata={  # keys of EXTRAS
+        "flag": "tune", "metavar": "EXTRA[,EXTRA...]",
+        "help": f"also train: comma-separated {list(EXTRAS)}"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extras", tuple(self.extras))

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters import ADAPTERS
-from adapters.base import COMPONENTS, EXTRAS, AdapterConfig
-from adapters.placement import LAYER_SPEC_HELP
+from adapters.base import EXTRAS, AdapterConfig
 from downstream.transfer import finetune
 from modality_encoders import ContentEncoderSettings
 from pretraining.cli import (
@@ -29,6 +28,7 @@ from pretraining.cli import (
     base_parser,
     names_list,
     parse_args,
+    settings,
     typed_options,
 )
 from pretraining.recommender import RecommenderConfig
@@ -95,10 +95,7 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
         group.add_argument("--method", choices=list(methods), default=methods[0])
     else:
         parser.set_defaults(method=methods[0])
-    group.add_argument("--adapt", choices=COMPONENTS, default="backbone",
-                       help="which part receives adapters")
-    group.add_argument("--layers", default="all", help=LAYER_SPEC_HELP)
-    group.add_argument("--tune", default="", help=f"also train: comma-separated {list(EXTRAS)}")
+    add_settings(group, AdapterConfig)
     _add_method_settings(group, methods)
     return parser
 
@@ -113,9 +110,8 @@ def adapter_config(args: argparse.Namespace) -> AdapterConfig:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
         raise CommandLineError(f"{flags}: not a setting of --method {args.method}; drop it or "
                                "choose the method it belongs to")
-    settings = {name: getattr(args, name) for name in own if hasattr(args, name)}
-    extras = tuple(e.strip() for e in args.tune.split(",") if e.strip())
-    return config_class(adapt=args.adapt, layers=args.layers, extras=extras, **settings)
+    method_settings = {name: getattr(args, name) for name in own if hasattr(args, name)}
+    return config_class(**settings(args, AdapterConfig), **method_settings)
 
 
 def run_finetune(args: argparse.Namespace) -> dict:

@@ -105,6 +105,20 @@ def test_the_shared_settings_are_declared_once():
     assert options(finetune_parser("t"))["--loss"].help == field_help["loss"]
 
 
+def test_the_adapter_placement_flags_are_the_adapter_configs_fields():
+    from adapters.base import AdapterConfig
+    from downstream.cli import adapter_config
+
+    flags = options(finetune_parser("t", ("houlsby", "pfeiffer")))
+    for setting in flag_fields(AdapterConfig):
+        assert flags[flag_name(setting)].default == setting.default, setting.name
+    args = parse_args(finetune_parser("t", ("houlsby", "pfeiffer")), [
+        "--pretrained", "runs/base", "--method", "pfeiffer", "--tune", "layernorm,bias"])
+    config = adapter_config(args)
+    assert (config.extras, config.layers, config.sites) == (("layernorm", "bias"), "all",
+                                                            ("ffn",))
+
+
 @pytest.mark.parametrize("parser", [pretrain_parser, evaluate_parser, recommend_parser,
                                     finetune_parser], ids=lambda p: p.__name__)
 def test_help_does_not_repeat_default_none(parser):
