@@ -20,7 +20,7 @@ from dataset_tools import (
     write_synthetic_log,
 )
 from dataset_tools.readers import read_interaction_chunks
-from tests.helpers import write_synthetic_interactions, write_synthetic_items
+from tests.helpers import load_benchmark, write_synthetic_interactions, write_synthetic_items
 
 CSV_COLS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"}
 
@@ -117,3 +117,16 @@ def test_duckdb_engine_without_duckdb_says_how_to_install(tmp_path: Path,
     assert load_dataset_folder(out).num_users > 0  # auto falls back to pandas
     with pytest.raises(DataError, match="engine must be one of auto, duckdb, pandas"):
         prepare_dataset(inter, "csv", tmp_path / "out", engine="spark", **CSV_COLS)
+
+
+def test_preparation_benchmark_compares_both_engines(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture):
+    pytest.importorskip("duckdb")
+    preparation = load_benchmark("preparation")
+    preparation.main(["--sizes", "3000", "--items", "300", "--k-core", "2",
+                      "--work-dir", str(tmp_path)])
+    table = capsys.readouterr().out.splitlines()
+    rows = [line for line in table if line.startswith("| 3,000 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["pandas", "duckdb"]
+    assert all(" | True | " in row for row in rows)  # same fingerprint
+    assert (tmp_path / "log-3000-items-300" / "interactions.tsv").is_file()  # kept for reuse
