@@ -119,9 +119,11 @@ class SpilledLog:
 
         # Chunks whose timestamps were all whole are int64; one fractional chunk makes the
         # whole column float64 (union_by_name widens), as when the file is read at once.
-        rated = "" if config.min_rating is None else f"WHERE rating >= {config.min_rating!r}"
-        con.sql(f"CREATE TABLE log AS SELECT u, i, t, line FROM read_parquet("
-                f"'{self.folder / 'parts'}/*.parquet', union_by_name = true) {rated}")
+        rated = ("" if config.min_rating is None
+                 else f"WHERE rating >= {float(config.min_rating)!r}")  # e.g. 4.0, 1e-05
+        parts = str(self.folder / "parts" / "*.parquet").replace("'", "''")  # a SQL string
+        con.sql("CREATE TABLE log AS SELECT u, i, t, line FROM "
+                f"read_parquet('{parts}', union_by_name = true) {rated}")
         dropped = {"input_interactions": self.rows}
         dropped["rating"], n = self.rows - count(), count()
 
