@@ -132,6 +132,22 @@ GRID = [
      ["--adapt", "item_encoder", "--target-modules", "projection", "--rank", "8", "--alpha",
       "16", "--lr", "5e-3", "--match-items-by", MATCH, "--freeze-matched-items"],
      ("text+id",)),
+    # LoRA on the item table (rank 2: r x (N + d) factors) moves every matched row within a
+    # few percent of the model; the fresh rows train as usual. The learning rate is chosen
+    # on validation between the two rows of each pair (seed 0), then run over the seeds.
+    ("lora item table r2, matched", "adapter_lora",
+     ["--adapt", "item_encoder", "--rank", "2", "--alpha", "4", "--lr", "1e-3",
+      "--match-items-by", MATCH], ("id",)),
+    ("lora item table r2 lr 5e-3, matched", "adapter_lora",
+     ["--adapt", "item_encoder", "--rank", "2", "--alpha", "4", "--lr", "5e-3",
+      "--match-items-by", MATCH], ("id",)),
+    # A fusion model: LoRA on its text head and on its ID table, both rank 2.
+    ("lora head + id table r2, matched", "adapter_lora",
+     ["--adapt", "item_encoder", "--target-modules", "projection,id_embedding", "--rank", "2",
+      "--alpha", "4", "--lr", "1e-3", "--match-items-by", MATCH], ("text+id",)),
+    ("lora head + id table r2 lr 5e-3, matched", "adapter_lora",
+     ["--adapt", "item_encoder", "--target-modules", "projection,id_embedding", "--rank", "2",
+      "--alpha", "4", "--lr", "5e-3", "--match-items-by", MATCH], ("text+id",)),
     # LoRA in every backbone Linear and on the text encoder's output head together.
     ("lora both all + head", "adapter_lora",
      ["--adapt", "both", "--target-modules", "q_proj,k_proj,v_proj,o_proj,fc1,fc2,projection",
