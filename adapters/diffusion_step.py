@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -39,7 +39,7 @@ from adapters.base import (
     replace_submodule,
     select_sites,
 )
-from adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig
+from adapters.houlsby import HOULSBY_FIELDS, Bottleneck, BottleneckSite, HoulsbyConfig
 from adapters.placement import parse_sites
 
 
@@ -81,11 +81,15 @@ class DiffusionStepHost(Protocol):
 
 @dataclass(frozen=True)
 class DiffusionStepConfig(AdapterConfig):
+    # The bottleneck's settings are Houlsby's (their help and choices too).
     method: str = "diffusion_step"
-    sites: tuple[str, ...] = ("attn", "ffn")  # names in the model's `adapter_sites`
-    reduction_factor: int = 16  # bottleneck width = d // reduction_factor (at least 1)
-    non_linearity: str = "swish"  # one of adapters.houlsby.NON_LINEARITIES
-    step_mlp_only: bool = False  # tune only `step_mlp`; no bottlenecks (sites unused)
+    sites: tuple[str, ...] = field(default=("attn", "ffn"),
+                                   metadata=HOULSBY_FIELDS["sites"].metadata)
+    reduction_factor: int = field(default=16,
+                                  metadata=HOULSBY_FIELDS["reduction_factor"].metadata)
+    non_linearity: str = field(default="swish", metadata=HOULSBY_FIELDS["non_linearity"].metadata)
+    step_mlp_only: bool = field(default=False, metadata={
+        "help": "tune only the step-embedding MLP: no bottlenecks (--sites unused)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,7 +12,7 @@ Houlsby = both sites (`attn`, `ffn`), swish; Pfeiffer = `ffn` only, relu.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -31,11 +31,18 @@ NON_LINEARITIES: dict[str, type[nn.Module]] = {"swish": nn.SiLU, "relu": nn.ReLU
 
 @dataclass(frozen=True)
 class HoulsbyConfig(AdapterConfig):
+    # A field with help text is a flag of the adapter scripts (pretraining.cli).
     method: str = "houlsby"
-    sites: tuple[str, ...] = ("attn", "ffn")  # names in the model's `adapter_sites`
-    reduction_factor: int = 16  # bottleneck width = d // reduction_factor (at least 1)
-    non_linearity: str = "swish"  # one of NON_LINEARITIES
-    parallel: bool = False  # add the bottleneck of the site's input instead of its output
+    sites: tuple[str, ...] = field(default=("attn", "ffn"), metadata={
+        "help": "where in each chosen layer, comma-separated names of the model's adapter "
+        "sites: attn (after the attention output), ffn (after the feed-forward); projection "
+        "(a content encoder's output head)"})
+    reduction_factor: int = field(default=16, metadata={
+        "help": "bottleneck width = hidden size // reduction factor (at least 1)"})
+    non_linearity: str = field(default="swish", metadata={
+        "choices": NON_LINEARITIES, "help": "the bottleneck's activation"})
+    parallel: bool = field(default=False, metadata={
+        "help": "add the bottleneck of the site's input instead of its output"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,13 +61,17 @@ class HoulsbyConfig(AdapterConfig):
         return self.sites
 
 
+HOULSBY_FIELDS = {setting.name: setting for setting in fields(HoulsbyConfig)}  # help, choices
+
+
 @dataclass(frozen=True)
 class PfeifferConfig(HoulsbyConfig):
     """Pfeiffer preset: one bottleneck after the feed-forward only, relu."""
 
     method: str = "pfeiffer"
-    sites: tuple[str, ...] = ("ffn",)
-    non_linearity: str = "relu"
+    sites: tuple[str, ...] = field(default=("ffn",), metadata=HOULSBY_FIELDS["sites"].metadata)
+    non_linearity: str = field(default="relu",
+                               metadata=HOULSBY_FIELDS["non_linearity"].metadata)
 
 
 class Bottleneck(AdapterLayer):

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,11 +49,15 @@ PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel names the model it wr
 
 @dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
+    # A field with help text is a flag of the adapter scripts (pretraining.cli).
     method: str = "lora"
-    rank: int = 8
-    alpha: float = 16  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # on the LoRA branch's input only
-    target_modules: tuple[str, ...] | None = None  # None: the model's `lora_targets`
+    rank: int = field(default=8, metadata={"help": "rank r of the low-rank update"})
+    alpha: float = field(default=16, metadata={"help": "the update is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout on the LoRA branch's input only"})
+    target_modules: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "Linear layers to adapt, comma-separated module names (unset: the model's "
+        "own list, its `lora_targets`)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

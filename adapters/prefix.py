@@ -27,7 +27,7 @@ the paper); `fold_prefixes(model)` then replaces each MLP by the tensor it produ
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,14 @@ HEAD_COUNTS = ("num_heads", "num_attention_heads")  # attribute holding the head
 
 @dataclass(frozen=True)
 class PrefixConfig(AdapterConfig):
+    # A field with help text is a flag of the adapter scripts (pretraining.cli).
     method: str = "prefix"
-    num_virtual_tokens: int = 10  # prefix keys/values per chosen layer
-    reparameterize: bool = False  # produce the prefix by an MLP while training
-    reparameterize_hidden: int | None = None  # the MLP's width; None: the attention width
+    num_virtual_tokens: int = field(default=10, metadata={
+        "help": "prefix keys/values per chosen layer"})
+    reparameterize: bool = field(default=False, metadata={
+        "help": "produce the prefix by an MLP while training"})
+    reparameterize_hidden: int | None = field(default=None, metadata={
+        "help": "--reparameterize: the MLP's width (unset: the attention width)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,7 +17,7 @@ DiffRec backbones, BERT-family and ViT/ViTMAE content encoders).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,7 +29,9 @@ from adapters.prefix import GatedPrefixAttention, check_positive_int, linear_of,
 @dataclass(frozen=True)
 class PromptConfig(AdapterConfig):
     method: str = "prompt"
-    num_tokens: int = 10  # prompt tokens per chosen layer
+    # A field with help text is a flag of the adapter scripts (pretraining.cli).
+    num_tokens: int = field(default=10, metadata={
+        "help": "learned prompt tokens per chosen layer"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

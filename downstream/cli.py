@@ -137,18 +137,22 @@ def _method_fields(config_class: type) -> list[str]:
 
 
 def _add_method_settings(group: argparse._ArgumentGroup, methods: Sequence[str]) -> None:
-    """One flag per method setting, typed by the config field's annotation; a setting
-    shared by several methods gets one flag."""
+    """One flag per method setting, typed by the config field's annotation, with its help
+    text and choices; a setting shared by several methods gets one flag (the first
+    method's default is shown)."""
     added: set[str] = set()
     for method in methods:
         config_class, _ = ADAPTERS[method]
         hints = typing.get_type_hints(config_class)
         defaults = config_class()
-        for name in _method_fields(config_class):
-            if name in added:
+        for setting in dataclasses.fields(config_class):
+            if setting.name in PLACEMENT or setting.name in added:
                 continue
-            added.add(name)
+            added.add(setting.name)
+            options = typed_options(hints[setting.name], f"{config_class.__name__}.{setting.name}")
+            if "choices" in setting.metadata:
+                options["choices"] = list(setting.metadata["choices"])
             # Unset flags stay unset (SUPPRESS), so the method's own default applies.
-            group.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
-                               help=f"{method} setting (default: {getattr(defaults, name)!r})",
-                               **typed_options(hints[name], f"{config_class.__name__}.{name}"))
+            group.add_argument("--" + setting.name.replace("_", "-"), default=argparse.SUPPRESS,
+                               help=f"{setting.metadata['help']} ({method} default: "
+                               f"{getattr(defaults, setting.name)!r})", **options)

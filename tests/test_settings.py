@@ -119,6 +119,23 @@ def test_the_adapter_placement_flags_are_the_adapter_configs_fields():
                                                             ("ffn",))
 
 
+def test_every_adapter_setting_is_a_flag_with_its_fields_help_and_choices():
+    from adapters import ADAPTERS
+    from adapters.base import AdapterConfig
+
+    placement = {setting.name for setting in dataclasses.fields(AdapterConfig)}
+    for method, (config_class, _) in ADAPTERS.items():
+        flags = options(finetune_parser("t", (method,)))
+        for setting in dataclasses.fields(config_class):
+            if setting.name not in placement:
+                action = flags["--" + setting.name.replace("_", "-")]
+                assert action.help.startswith(setting.metadata["help"]), (method, setting.name)
+                assert action.choices == (list(setting.metadata["choices"])
+                                          if "choices" in setting.metadata else None)
+    assert options(finetune_parser("t", ("houlsby",)))["--non-linearity"].choices == [
+        "swish", "relu", "gelu"]
+
+
 @pytest.mark.parametrize("parser", [pretrain_parser, evaluate_parser, recommend_parser,
                                     finetune_parser], ids=lambda p: p.__name__)
 def test_help_does_not_repeat_default_none(parser):
