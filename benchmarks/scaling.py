@@ -37,7 +37,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,9 +213,17 @@ def run(command: list[str], run_dir: Path) -> None:
 
 
 def run_all(commands: list[tuple[list[str], Path]], jobs: int) -> None:
-    """Every (command, run folder), `jobs` at a time; the first failure stops the study."""
+    """Every (command, run folder), `jobs` at a time; the first failure stops the study
+    (no run starts after it; those running finish)."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(run, command, run_dir) for command, run_dir in commands]:
+        running: set[Future] = set()
+        for command, run_dir in commands:
+            if len(running) == jobs:
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+            running.add(pool.submit(run, command, run_dir))
+        for future in running:
             future.result()
 
 

@@ -133,3 +133,12 @@ def test_a_failed_run_stops_the_study_with_one_line_naming_its_log(tmp_path):
     with pytest.raises(SystemExit, match=r"failed \(exit 3\): see .*seed0\.log; rerun"):
         scaling.run(command, tmp_path / "run" / "seed0")
     assert "boom" in (tmp_path / "run" / "seed0.log").read_text()
+
+
+def test_a_failure_drops_the_runs_not_yet_started(tmp_path):
+    fail = [sys.executable, "-c", "raise SystemExit(1)"]
+    succeed = [sys.executable, "-c", "pass"]
+    with pytest.raises(SystemExit, match="failed"):
+        scaling.run_all([(fail, tmp_path / "a" / "seed0"), (succeed, tmp_path / "b" / "seed0")],
+                        jobs=1)
+    assert not (tmp_path / "b").exists()
