@@ -14,22 +14,26 @@ another base is refused rather than silently producing wrong scores.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.base import AdapterConfig, adapter_config_from_dict
 from adapters.lora import peft_tensor_name
-from dataset_tools import atomic_directory
+from dataset_tools.checkpoints import (
+    CheckpointError,
+    load_weights,
+    read_json,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class AdapterCheckpointError(ValueError):
+class AdapterCheckpointError(CheckpointError):
     """An adapter checkpoint that is missing, malformed, or meant for another base model."""
 
 
@@ -59,18 +63,15 @@ def save_adapter(
     if missing:
         raise AdapterCheckpointError(f"trainable parameters {missing[:3]} are not in the "
                                      "state dict; pass the model's full state dict")
-    tensors = {name: state[name].detach().contiguous() for name in trainable}
+    tensors = {name: state[name] for name in trainable}
     meta = {
         "adapter": None if config is None else config.to_dict(),
         "base_fingerprint": base_fingerprint,
         "parameters": sorted(tensors),
         **(metadata or {}),
     }
-    with atomic_directory(directory) as tmp:
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+    save_checkpoint(directory, ADAPTER_WEIGHTS_NAME, tensors, {ADAPTER_CONFIG_NAME: meta},
+                     extra_files)
 
 
 def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig | None, dict]:
@@ -83,9 +84,10 @@ def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig | None, di
             f"{ADAPTER_WEIGHTS_NAME}); pass the best_model folder of a fine-tuning run"
         )
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise AdapterCheckpointError(f"{path} is not valid JSON: {error}") from None
+        verify_checkpoint(directory)
+        meta = read_json(path)
+    except CheckpointError as error:
+        raise AdapterCheckpointError(str(error)) from None
     if "base_fingerprint" not in meta or "adapter" not in meta:
         raise AdapterCheckpointError(f"{path} lacks 'adapter' or 'base_fingerprint'")
     try:
@@ -107,7 +109,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, base_fingerpri
             f"{meta['base_fingerprint'][:12]}, this base {base_fingerprint[:12]}); load it "
             "onto the pretrained checkpoint it was trained from"
         )
-    tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
+    tensors = load_weights(directory, ADAPTER_WEIGHTS_NAME)
     parameters = dict(model.named_parameters())
     tensors = {peft_tensor_name(name, parameters): tensor for name, tensor in tensors.items()}
     unexpected = sorted(set(tensors) - set(parameters))

@@ -9,8 +9,8 @@
 
 epochs_done() {  # epochs a run folder has completed (0 before its first)
   local state
-  # An interruption between the trainer's two renames of its state leaves only state.old,
-  # which --resume reads too (pretraining/trainer.py).
+  # state.old is the save before state/, which --resume falls back to (and all there is
+  # after an interruption between the trainer's two renames; pretraining/trainer.py).
   for state in "$1/state/trainer_state.json" "$1/state.old/trainer_state.json"; do
     if [ -f "$state" ]; then
       $PY -c "import json, sys; print(json.load(open(sys.argv[1]))['epoch'])" "$state"

@@ -42,17 +42,15 @@ from accelerate import Accelerator
 from tables import markdown, number
 
 from dataset_tools import SequenceData, default_template
+from dataset_tools.checkpoints import BEST_DIR, METRICS, RUN_CONFIG
 from pretraining.data import item_frequencies
 from pretraining.evaluation import EvaluationProtocol, ranking_metrics, target_ranks
 from pretraining.pipeline import (
-    METRICS,
-    RUN_CONFIG,
     evaluate_model,
     evaluation_dataset,
     load_checkpoint,
     load_data,
 )
-from pretraining.trainer import BEST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_USERS, QUICK_ITEMS = 500, 256

@@ -37,10 +37,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dataset_tools import DataError, SequenceData, load_dataset_folder, resolve_dataset
+from dataset_tools.checkpoints import RUN_CONFIG
 from pretraining.recommender import WEIGHTS_NAME, CheckpointError, SequentialRecommender
 
 MATCHING_FILE = "item_matching.json"
-RUN_CONFIG = "config.json"  # a pretraining run's settings, beside its best_model/
 UNMATCHED_INIT = ("fresh", "source_mean")
 _WHOLE_NUMBER = re.compile(r"([+-]?\d+)\.0+")
 
@@ -319,10 +319,6 @@ def plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | Non
             frozen, order = state.pop(f"{stem}.0.frozen"), state.pop(f"{stem}.0.order")
             state[f"{prefix}{attribute}"] = torch.cat([frozen, trainable])[order]
     return state
-
-
-def write_matching(directory: Path, matching: ItemMatching) -> None:
-    (Path(directory) / MATCHING_FILE).write_text(matching.to_json())
 
 
 def read_matching(directory: Path, record: dict) -> ItemMatching:

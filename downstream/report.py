@@ -52,13 +52,12 @@ from dataset_tools import (
     load_dataset_folder,
     resolve_dataset,
 )
+from dataset_tools.checkpoints import BEST_DIR, METRICS, RUN_CONFIG
 from dataset_tools.domains import MULTI_VALUE_SEPARATORS
 from downstream.transfer import BASELINES, load_any_checkpoint
 from pretraining.cli import RunSettings, add_settings, cli_parser
 from pretraining.model_stats import EmbeddingStatistics, embedding_statistics, parameter_split
-from pretraining.pipeline import METRICS, RUN_CONFIG
 from pretraining.recommender import WEIGHTS_NAME, first_line
-from pretraining.trainer import BEST_DIR
 
 REPORT_HTML = "report.html"
 LOG = "log.jsonl"

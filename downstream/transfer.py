@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-
-from safetensors.torch import load_file
 
 from adapters import fold_prefixes, get_adapted_model, parse_layers
 from adapters.base import (
@@ -53,8 +50,14 @@ from dataset_tools import (
     DataError,
     ItemTextTemplate,
     SequenceData,
-    atomic_write,
     default_template,
+)
+from dataset_tools.checkpoints import (
+    CheckpointError,
+    check_run_folder,
+    load_weights,
+    write_metrics,
+    write_run_config,
 )
 from downstream.matching import (
     MATCHING_FILE,
@@ -65,7 +68,6 @@ from downstream.matching import (
     match_items,
     plain_state_dict,
     read_matching,
-    write_matching,
 )
 from modality_encoders.base import item_table_names
 from modality_encoders.content_encoder import HEAD_SITE
@@ -76,10 +78,7 @@ from modality_encoders.transformer import (
 )
 from pretraining.cli import is_main_process, protocol_config, training_config
 from pretraining.pipeline import (
-    METRICS,
-    RUN_CONFIG,
     build_recommender,
-    check_run_folder,
     dataset_section,
     evaluate_model,
     evaluate_run,
@@ -89,10 +88,10 @@ from pretraining.pipeline import (
     resolve_checkpoint,
     train_run,
     versions,
+    with_later_settings,
 )
 from pretraining.recommender import (
     WEIGHTS_NAME,
-    CheckpointError,
     RecommenderConfig,
     SequentialRecommender,
     checkpoint_fingerprint,
@@ -219,7 +218,7 @@ def transfer_weights(model: SequentialRecommender, base_dir: Path) -> None:
     base kept frozen outside the model (they come from the encoder's own folder); anything
     else means another architecture.
     """
-    base_state = load_file(str(base_dir / WEIGHTS_NAME))
+    base_state = load_weights(base_dir, WEIGHTS_NAME)
     per_item = set(model.catalog_parameter_names())
     target_state = model.state_dict()
     missing, unfitting = [], []
@@ -498,7 +497,7 @@ def encoder_overrides(args: argparse.Namespace) -> dict:
 def _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
                matching: ItemMatching | None = None) -> dict:
     # Checked before evaluating: metrics.json must not silently replace another run's.
-    check_run_folder(output_dir, run_config, args.resume)
+    check_run_folder(output_dir, run_config, args.resume, with_later_settings)
     accelerator = build_accelerator(training_config(args, output_dir))
     model = build_target_model(config, base_dir, data, getattr(args, "encoder_cache_dir", None))
     if matching is not None:  # unmatched items: the average source item (none is known)
@@ -508,11 +507,9 @@ def _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
     metrics = evaluate_model(model, data, protocol_config(args), args.eval_batch_size,
                              accelerator)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(output_dir / RUN_CONFIG, json.dumps(run_config, indent=2, default=str))
-        if matching is not None:
-            write_matching(output_dir, matching)
-        atomic_write(output_dir / METRICS, json.dumps(metrics, indent=2))
+        extra_files = {MATCHING_FILE: matching.to_json()} if matching is not None else {}
+        write_run_config(output_dir, run_config, extra_files)
+        write_metrics(output_dir, metrics)
         print(format_metrics_table({label: metrics}))
     return metrics
 

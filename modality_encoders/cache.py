@@ -1,8 +1,9 @@
 """On-disk cache of a frozen encoder's outputs (safetensors), keyed by what produced them.
 
 The key (a SHA-256 of encoder fingerprint, pooling or layer, item content and dataset
-fingerprint) names the file and is also stored inside it; a file whose stored key or
-shape differs, or that cannot be read, is never used: it is rebuilt and replaced.
+fingerprint) names the file and is also stored inside it, with the SHA-256 of the tensor
+itself; a file whose stored key, content hash or shape differs, or that cannot be read, is
+never used: it is rebuilt and replaced.
 Files are written to a temporary name and renamed, so readers never see half a file.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from dataset_tools.integrity import tensor_sha256
 
 logger = logging.getLogger(__name__)
 TENSOR = "outputs"
@@ -39,7 +42,8 @@ def load_cached(path: Path, key: str, shape: tuple[int, ...] | None = None) -> t
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stored = (handle.metadata() or {}).get("key")
+            metadata = handle.metadata() or {}
+            stored = metadata.get("key")
             if stored != key:
                 logger.warning("ignoring %s: written for another encoder or data (key %s, "
                                "expected %s); rebuilding it", path, str(stored)[:12], key[:12])
@@ -47,6 +51,11 @@ def load_cached(path: Path, key: str, shape: tuple[int, ...] | None = None) -> t
             tensor = handle.get_tensor(TENSOR)
     except (SafetensorError, OSError, ValueError) as error:
         logger.warning("ignoring unreadable cache %s (%s); rebuilding it", path, error)
+        return None
+    # Caches written before content hashes were stored have none.
+    if "sha256" in metadata and tensor_sha256(tensor) != metadata["sha256"]:
+        logger.warning("ignoring %s: truncated or altered (its content's SHA-256 differs from "
+                       "the one recorded when it was written); rebuilding it", path)
         return None
     if shape is not None and tuple(tensor.shape) != tuple(shape):
         logger.warning("ignoring %s: shape %s, expected %s; rebuilding it",
@@ -60,8 +69,10 @@ def save_cached(path: Path, key: str, tensor: torch.Tensor, info: dict | None = 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        metadata = {"key": key, "info": json.dumps(info or {}, default=str)}
-        save_file({TENSOR: tensor.detach().contiguous().cpu()}, tmp, metadata=metadata)
+        tensor = tensor.detach().contiguous().cpu()
+        metadata = {"key": key, "sha256": tensor_sha256(tensor),
+                    "info": json.dumps(info or {}, default=str)}
+        save_file({TENSOR: tensor}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

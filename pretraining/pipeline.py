@@ -1,7 +1,8 @@
 """End-to-end jobs behind the scripts: pretrain a recommender, re-evaluate a run folder.
 
 A run folder holds `config.json` (resolved settings, versions, dataset fingerprint),
-`metrics.json`, `log.jsonl`, `best_model/` and `state/` (see `pretraining.trainer`).
+`metrics.json`, `log.jsonl`, `best_model/` and `state/` (see `dataset_tools.checkpoints`
+and `pretraining.trainer`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from dataset_tools import SequenceData, atomic_write, load_dataset_folder, resolve_dataset
+from dataset_tools.checkpoints import (
+    BEST_DIR,
+    RUN_CONFIG,
+    check_run_folder,
+    load_weights,
+    read_json,
+    write_metrics,
+    write_run_config,
+)
 from dataset_tools.parameters import format_trainable_share, trainable_share
 from modality_encoders import build_item_content, normalize_item_encoder_config
 from pretraining.cli import (
@@ -41,10 +50,8 @@ from pretraining.recommender import (
     first_line,
     load_recommender_config,
 )
-from pretraining.trainer import BEST_DIR, Trainer, build_accelerator, check_process_count
+from pretraining.trainer import Trainer, build_accelerator, check_process_count
 
-RUN_CONFIG = "config.json"
-METRICS = "metrics.json"
 METRIC_COLUMNS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
 
 
@@ -149,7 +156,7 @@ def item_source_checkpoint(source: Path, config: RecommenderConfig) -> Path:
 def copy_item_encoder(checkpoint: Path, model: SequentialRecommender) -> None:
     """Overwrite `model`'s item encoder with the one saved in `checkpoint`."""
     state = {name.removeprefix(ITEM_ENCODER_PREFIX): tensor
-             for name, tensor in load_file(checkpoint / WEIGHTS_NAME).items()
+             for name, tensor in load_weights(checkpoint, WEIGHTS_NAME).items()
              if name.startswith(ITEM_ENCODER_PREFIX)}
     try:
         model.item_encoder.load_state_dict(state)
@@ -171,7 +178,7 @@ def denoiser_source_checkpoint(source: Path) -> Path:
 def copy_sasrec_transformer(checkpoint: Path, model: SequentialRecommender) -> None:
     """Start `model`'s DiffRec denoiser (and its repeat bias, when both have one) from the
     SASRec saved in `checkpoint` (see `DiffRec.load_sasrec_transformer`)."""
-    weights = load_file(checkpoint / WEIGHTS_NAME)
+    weights = load_weights(checkpoint, WEIGHTS_NAME)
     origin = load_recommender_config(checkpoint)
     state = {name.removeprefix("backbone."): tensor for name, tensor in weights.items()
              if name.startswith("backbone.")}
@@ -218,16 +225,13 @@ def train_run(
     `extra_files`, name -> text, beside it), build the model (after seeding), train with the
     Trainer, evaluate the best checkpoint (loaded by `load_best`), write metrics.json and
     print the table. Returns the metrics."""
-    check_run_folder(output_dir, run_config, args.resume)
+    check_run_folder(output_dir, run_config, args.resume, with_later_settings)
     trainer_config = training_config(args, output_dir)
     accelerator = build_accelerator(trainer_config)
     set_seed(args.seed)  # before the model exists: its initial weights depend on the seed
     model = build_model()  # bad settings fail here, before the run folder is written
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(output_dir / RUN_CONFIG, json.dumps(run_config, indent=2, default=str))
-        for name, text in (extra_files or {}).items():
-            (output_dir / name).write_text(text)
+        write_run_config(output_dir, run_config, extra_files)
     trainable, total, percent = trainable_share(model)
     max_len = model.config.backbone_settings().max_len
     protocol = protocol_config(args)
@@ -249,7 +253,7 @@ def train_run(
     metrics["checkpoint_mb"] = sum(
         f.stat().st_size for f in (output_dir / BEST_DIR).glob("*.safetensors")) / 2**20
     if accelerator.is_main_process:
-        atomic_write(output_dir / METRICS, json.dumps(metrics, indent=2))
+        write_metrics(output_dir, metrics)
         print(format_metrics_table({label: metrics}))
     return metrics
 
@@ -329,7 +333,7 @@ def run_dataset(run_dir: Path, dataset: str | None = None,
     if not (run_dir / RUN_CONFIG).is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no {RUN_CONFIG}); pass --run DIR "
                               "of a finished or interrupted training run")
-    run_config = json.loads((run_dir / RUN_CONFIG).read_text())
+    run_config = read_json(run_dir / RUN_CONFIG)
     return load_data(dataset or run_config["dataset"]["path"], cache_dir)
 
 
@@ -377,7 +381,7 @@ SETTINGS_ADDED_LATER = {"dataset": {"train_windows": "last"},
                         "model": {"item_encoder_config": {}, "repeat_bias": False}}
 
 
-def _with_later_settings(section: str, settings: dict) -> dict:
+def with_later_settings(section: str, settings: dict) -> dict:
     """`settings` with the settings added since at the values older runs ran with: those of
     SETTINGS_ADDED_LATER, and the backbone's own (dataclass fields added with their old
     behaviour as the default). As read back from JSON: tuples compare as lists."""
@@ -389,30 +393,6 @@ def _with_later_settings(section: str, settings: dict) -> dict:
         settings["item_encoder_config"] = normalize_item_encoder_config(
             settings.get("item_encoder", "id"), settings["item_encoder_config"])
     return settings
-
-
-def check_run_folder(output_dir: Path, run_config: dict, resume: bool) -> None:
-    """Refuse to overwrite a run, or to resume one with another model or dataset."""
-    existing = output_dir / RUN_CONFIG
-    if not existing.is_file():
-        return
-    if not resume:
-        raise ValueError(f"{output_dir} already holds a run; pass --resume to continue it "
-                         "or choose another --output-dir")
-    previous = json.loads(existing.read_text())
-    for section in ("dataset", "model", "transfer"):
-        try:
-            before = _with_later_settings(section, previous.get(section) or {})
-        except ValueError as error:
-            raise CheckpointError(f"cannot --resume {output_dir}: {existing}: {error}") from None
-        now = _with_later_settings(section, run_config.get(section) or {})
-        if before != now:
-            changed = sorted(key for key in set(before) | set(now)
-                             if before.get(key) != now.get(key))
-            raise CheckpointError(
-                f"cannot --resume {output_dir}: its {section} settings differ ({changed}); "
-                "use the original settings or another --output-dir"
-            )
 
 
 def versions() -> dict:

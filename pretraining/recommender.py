@@ -17,18 +17,22 @@ Batches are dicts of `input_ids` [B, L] (left-padded with 0) and `target_ids`
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_model
 from torch import nn
 
 from adapters.base import current_parameter_name, extra_parameter_ids, layer_path, num_layers
-from dataset_tools import atomic_directory
+from dataset_tools.checkpoints import (
+    CheckpointError,
+    read_json,
+    save_checkpoint,
+    verify_checkpoint,
+    weights_fingerprint,
+)
 from modality_encoders import (
     EncoderMismatchError,
     ItemContent,
@@ -65,10 +69,6 @@ def build_backbone_config(backbone: str, settings: dict):
             "hand? Upgrade peftrec or remove them"
         )
     return config_cls(**settings)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, malformed, or does not fit the model or data."""
 
 
 @dataclass
@@ -271,12 +271,9 @@ class SequentialRecommender(nn.Module):
         `state_dict` comes from `accelerator.get_state_dict(model)` when the parameters are
         sharded (FSDP/DeepSpeed); by default it is this module's own.
         """
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        with atomic_directory(directory) as tmp:
-            meta = {"architecture": ARCHITECTURE, "config": asdict(self.config)}
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            tensors = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {"architecture": ARCHITECTURE, "config": asdict(self.config)}
+        save_checkpoint(directory, WEIGHTS_NAME, self.state_dict() if state_dict is None
+                        else state_dict, {CONFIG_NAME: meta})
 
     @classmethod
     def from_pretrained(
@@ -320,10 +317,8 @@ def load_recommender_config(directory: str | Path) -> RecommenderConfig:
             f"{directory} is not a peftrec checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
             "pass the run folder written by a pretraining script"
         )
-    try:
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{directory / CONFIG_NAME} is not valid JSON: {error}") from None
+    verify_checkpoint(directory)  # every load of a checkpoint reads its config first
+    meta = read_json(directory / CONFIG_NAME)
     if meta.get("architecture") != ARCHITECTURE:
         raise CheckpointError(
             f"{directory} holds a {meta.get('architecture')!r} checkpoint, not a {ARCHITECTURE}"
@@ -356,12 +351,8 @@ def _item_encoder_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
 
 def checkpoint_fingerprint(directory: str | Path) -> str:
-    """SHA-256 of the weights file: identifies a base model for adapters and resumes."""
-    digest = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_NAME, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """SHA-256 of a recommender checkpoint's weights file (see dataset_tools.checkpoints)."""
+    return weights_fingerprint(directory, WEIGHTS_NAME)
 
 
 def first_line(error: Exception) -> str:

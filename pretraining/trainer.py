@@ -2,8 +2,11 @@
 
 Run folder layout (DESIGN.md, command-line contract):
     best_model/    best checkpoint by validation metric (config.json + model.safetensors)
-    state/         `accelerator.save_state` + trainer_state.json, rewritten atomically
-    log.jsonl      one JSON object per epoch (main process only)
+    state/         `accelerator.save_state` + trainer_state.json, rewritten atomically, with
+                   checksums; state.old/ keeps the save before it, which a resume falls
+                   back to when state/ is damaged
+    log.jsonl      one JSON object per epoch (main process only); a resume drops the rows
+                   of epochs after its saved state, which it trains again
 
 A NaN or inf training loss (`on_nan`) stops the run with an error that names the step, the
 batch's users and the last saved state, or skips that optimizer step ("skip"), counted in
@@ -30,6 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from dataset_tools import atomic_write
+from dataset_tools.checkpoints import BEST_DIR, STATE_DIR, CheckpointError
+from dataset_tools.integrity import damaged_file, write_checksums
 from pretraining.evaluation import EvaluationProtocol, evaluate
 from pretraining.pcgrad import pcgrad_objective
 
@@ -38,8 +44,7 @@ SCHEDULERS = ("constant", "cosine", "step", "one_cycle")
 # peaks at --lr after ONE_CYCLE_RISE of the run and ends at --lr / ONE_CYCLE_DIV / 1e4.
 ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV, ONE_CYCLE_RISE = 25.0, 1e4, 0.3
 ON_NAN = ("stop", "skip")
-STATE_DIR = "state"
-BEST_DIR = "best_model"
+LOG = "log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 SHOWN_USERS = 32  # users a non-finite loss report lists by name; the rest are counted
 
@@ -270,6 +275,8 @@ class Trainer:
         acc = self.accelerator
         if self.config.resume:
             self._load_state()
+            if acc.is_main_process:  # epochs after the saved state (all without one) train again
+                self._drop_log_rows_after(self.state.epoch)
         acc.init_trackers("peftrec", config=_flat_hparams(self.config))
         state, config = self.state, self.config
         while (state.epoch < config.epochs and not self._patience_spent()
@@ -453,9 +460,24 @@ class Trainer:
                 "continues from it)")
 
     def _saved_state(self) -> Path | None:
-        # An interruption between the two renames of `_save_state` leaves only `state.old`.
-        candidates = [self.output_dir / STATE_DIR, self.output_dir / f"{STATE_DIR}.old"]
-        return next((c for c in candidates if (c / TRAINER_STATE).is_file()), None)
+        """The newest saved state whose files verify: state/, else the save before it
+        (state.old/, also all there is after an interruption between the renames of
+        `_save_state`); None if nothing was saved. Raises if every saved state is damaged."""
+        damage = []
+        for candidate in (self.output_dir / STATE_DIR, self.output_dir / f"{STATE_DIR}.old"):
+            if not (candidate / TRAINER_STATE).is_file():
+                continue
+            problem = damaged_file(candidate)
+            if problem is None:
+                if damage:
+                    self.accelerator.print(f"--resume: {damage[0]}; falling back to the "
+                                           f"previous saved state, {candidate}")
+                return candidate
+            damage.append(problem)
+        if damage:
+            raise CheckpointError(f"cannot --resume {self.output_dir}: {'; '.join(damage)}; "
+                                  "start the run again (without --resume)")
+        return None
 
     def _patience_spent(self) -> bool:
         return self.state.bad_epochs >= self.config.patience
@@ -476,7 +498,6 @@ class Trainer:
                                 self.output_dir / BEST_DIR)
         else:
             state.bad_epochs += 1
-        self._save_state()
         row = {
             "epoch": state.epoch,
             "step": state.global_step,
@@ -487,9 +508,10 @@ class Trainer:
             "lr": self.epoch_lr,  # the rate of the epoch's last step
             "skipped_steps": state.skipped_steps,  # in the whole run so far (--on-nan skip)
         }
-        if acc.is_main_process:
-            with open(self.output_dir / "log.jsonl", "a") as log:
+        if acc.is_main_process:  # before the state: a resume from the one before drops it
+            with open(self.output_dir / LOG, "a") as log:
                 log.write(json.dumps(row) + "\n")
+        self._save_state()
         acc.log(_tracker_metrics(row), step=state.epoch)
         acc.print(
             f"epoch {state.epoch}: loss {train_loss:.4f}  valid {self.config.metric} {score:.4f}"
@@ -508,11 +530,12 @@ class Trainer:
         acc.save_state(str(tmp), safe_serialization=True)  # see `_load_state` on what loads it
         if acc.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
+            write_checksums(tmp)
+            # The previous save stays as state.old: what a resume falls back to.
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
                 final.rename(old)
             tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
     def _apply_configured_lr(self) -> None:
@@ -548,6 +571,24 @@ class Trainer:
             f"resumed from {found}: epoch {self.state.epoch}, "
             f"batch {self.state.batches_in_epoch}, step {self.state.global_step}"
         )
+
+    def _drop_log_rows_after(self, epoch: int) -> None:
+        """Keep log.jsonl's rows up to `epoch` (those of the state a resume continues from):
+        a run killed after logging an epoch but before saving its state trains it again.
+        A row cut short by the kill is dropped too."""
+        path = self.output_dir / LOG
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row["epoch"] > epoch:
+                break
+            kept.append(line + "\n")
+        atomic_write(path, "".join(kept))
 
 
 def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig,

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from adapters import HoulsbyConfig, LoRAConfig, PfeifferConfig, PrefixConfig, PromptConfig
 from adapters.checkpoint import AdapterCheckpointError
 from dataset_tools import load_dataset_folder
+from dataset_tools.integrity import write_checksums
 from downstream import evaluate_any_run, load_adapted_model
 from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
 from pretraining.data import LeaveOneOutDataset, collate_left_padded
@@ -57,7 +58,8 @@ def test_houlsby_transfer_saves_the_adapter_alone_and_reloads_it_exactly(
                        "--sites", "ffn", "--reduction-factor", "4")
     best = run / "best_model"
     assert sorted(p.name for p in best.iterdir()) == ["adapter_config.json",
-                                                      "adapter_model.safetensors"]
+                                                      "adapter_model.safetensors",
+                                                      "checksums.json"]
     saved = load_file(best / "adapter_model.safetensors")
     target = load_dataset_folder(target_dir)
     # The bottleneck of layer 1's feed-forward and the target's fresh item table, nothing else.
@@ -92,6 +94,7 @@ def test_houlsby_transfer_saves_the_adapter_alone_and_reloads_it_exactly(
     weights["backbone.final_norm.bias"] += 1.0
     from safetensors.torch import save_file
     save_file(weights, str(other / "model.safetensors"))
+    write_checksums(other)  # a consistent checkpoint of another base
     with pytest.raises(AdapterCheckpointError, match="another base model"):
         load_adapted_model(best, target, base_dir=other)
 
@@ -375,6 +378,7 @@ def test_base_checkpoint_of_another_architecture_is_refused(id_base, target_dir,
     meta = json.loads((other / "config.json").read_text())
     meta["config"]["backbone_config"]["num_layers"] = 3
     (other / "config.json").write_text(json.dumps(meta))
+    write_checksums(other)  # a consistent checkpoint of another architecture
     with pytest.raises(CheckpointError, match="does not fit the target model"):
         finetune(HOULSBY, "--pretrained", str(other), "--dataset", str(target_dir),
                  "--output-dir", str(tmp_path / "run"))

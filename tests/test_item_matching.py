@@ -243,7 +243,7 @@ def test_an_adapter_with_frozen_matched_rows_stores_only_the_others_and_reloads_
     assert "item_encoder.embedding.weight" not in saved
     assert saved[table].shape == (target.num_items + 1 - len(pairs), 16)  # padding + others
     assert sorted(p.name for p in best.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", MATCHING_FILE]
+        "adapter_config.json", "adapter_model.safetensors", "checksums.json", MATCHING_FILE]
     record = json.loads((best / "adapter_config.json").read_text())["item_matching"]
     assert (record["frozen"], record["matched"]) == (True, len(pairs))
     model = load_adapted_model(best, target)
