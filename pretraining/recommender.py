@@ -41,6 +41,7 @@ from modality_encoders import (
 )
 from pretraining.diffrec import DiffRec, DiffRecConfig
 from pretraining.diffurec import DiffuRec, DiffuRecConfig
+from pretraining.dreamrec import DreamRec, DreamRecConfig
 from pretraining.sasrec import SASRec, SASRecConfig
 from pretraining.scoring import Scorer, history_indicator
 
@@ -49,6 +50,7 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "sasrec": (SASRecConfig, SASRec),
     "diffrec": (DiffRecConfig, DiffRec),
     "diffurec": (DiffuRecConfig, DiffuRec),
+    "dreamrec": (DreamRecConfig, DreamRec),
 }
 
 LOSSES = ("full", "sampled")  # softmax over the catalog, or sampled softmax
