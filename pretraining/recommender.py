@@ -39,6 +39,7 @@ from modality_encoders import (
     build_item_encoder,
     check_item_encoder_weights,
 )
+from pretraining.adrec import ADRec, ADRecConfig
 from pretraining.diffrec import DiffRec, DiffRecConfig
 from pretraining.diffurec import DiffuRec, DiffuRecConfig
 from pretraining.dreamrec import DreamRec, DreamRecConfig
@@ -51,6 +52,7 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "diffrec": (DiffRecConfig, DiffRec),
     "diffurec": (DiffuRecConfig, DiffuRec),
     "dreamrec": (DreamRecConfig, DreamRec),
+    "adrec": (ADRecConfig, ADRec),
 }
 
 LOSSES = ("full", "sampled")  # softmax over the catalog, or sampled softmax
