@@ -5,11 +5,14 @@ The rank of the target is the number of other candidates scoring at least as hig
 best). Ranks are counted per batch of users and per chunk of items, so memory is
 bounded by batch x chunk, not by the catalog; they are gathered across processes
 with `gather_for_metrics` and turned into metrics by small pure functions, so N
-processes give exactly the metrics of one.
+processes give exactly the metrics of one. Under FSDP the parameters are gathered for the
+evaluation (`unsharded`): it calls the model's `query` and `score_items`, not `forward`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -157,17 +160,18 @@ def evaluate(
     was_training = scorer.training
     scorer.eval()
     all_ranks = []
-    for batch in tqdm(dataloader, desc=description, leave=False,
-                      disable=not accelerator.is_local_main_process):
-        history = None
-        if protocol.mask_history:
-            if "history_ids" not in batch:
-                raise ValueError("mask_history needs each user's whole history in the batch: "
-                                 "build the dataset with full_history=True")
-            history = batch["history_ids"]
-        ranks = chunked_target_ranks(scorer, scorer.query(batch), batch["target_ids"],
-                                     protocol.item_chunk_size, history)
-        all_ranks.append(accelerator.gather_for_metrics(ranks))
+    with unsharded(scorer):
+        for batch in tqdm(dataloader, desc=description, leave=False,
+                          disable=not accelerator.is_local_main_process):
+            history = None
+            if protocol.mask_history:
+                if "history_ids" not in batch:
+                    raise ValueError("mask_history needs each user's whole history in the "
+                                     "batch: build the dataset with full_history=True")
+                history = batch["history_ids"]
+            ranks = chunked_target_ranks(scorer, scorer.query(batch), batch["target_ids"],
+                                         protocol.item_chunk_size, history)
+            all_ranks.append(accelerator.gather_for_metrics(ranks))
     scorer.train(was_training)
     ranks = torch.cat(all_ranks) if all_ranks else torch.empty(0)
     if not len(ranks):
@@ -175,3 +179,20 @@ def evaluate(
     metrics = ranking_metrics(ranks.cpu(), protocol.ks)
     metrics["protocol"] = protocol.describe(len(ranks), accelerator.num_processes)
     return metrics
+
+
+@contextmanager
+def unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Gather the parameters FSDP (fully_shard, FSDP2) sharded, for code that calls the
+    model's methods rather than `forward`, which alone gathers them (the submodules' own
+    forwards still gather and free theirs); a no-op for a model FSDP did not shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
