@@ -132,7 +132,8 @@ def uninterrupted(tiny_dataset_dir, tmp_path_factory) -> Path:
 
 
 # step 6: mid-epoch 2, resumed from the state of step 3 (mid-epoch 1); eval 6: the second
-# validation; save 2: the best checkpoint of epoch 1; save 4: the state after epoch 1.
+# validation; save 2: the optimizer file of the state of step 3 (each state writes the model,
+# the optimizer, the scheduler); save 4: the best checkpoint of epoch 1.
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["step:6", "eval:6", "save:2", "save:4", "time:3"])
 def test_pretraining_killed_anywhere_resumes_exactly(uninterrupted, tiny_dataset_dir,
@@ -153,9 +154,10 @@ def adapter_runs(uninterrupted, target_dir, tmp_path_factory) -> tuple[list[str]
     return argv, run
 
 
-# step 4: mid-epoch 2 (3 steps per epoch); save 2: the adapter checkpoint of epoch 1.
+# step 4: mid-epoch 2 (3 steps per epoch); save 4: the adapter checkpoint of epoch 1 (after
+# the state of step 3).
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["step:4", "eval:2", "save:2"])
+@pytest.mark.parametrize("kill_at", ["step:4", "eval:2", "save:4"])
 def test_an_adapter_run_killed_anywhere_resumes_exactly(adapter_runs, tmp_path, kill_at):
     argv, reference = adapter_runs
     run = tmp_path / "run"
