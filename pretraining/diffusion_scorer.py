@@ -103,7 +103,8 @@ class DiffusionScorer:
         returned undetached as "terms" (for `--pcgrad`).
         """
         input_ids, targets = batch["input_ids"], batch["target_ids"]
-        catalog, backbone = model.item_encoder.catalog(), model.backbone
+        backbone: DiffusionBackbone = model.backbone
+        catalog = model.item_encoder.catalog()
         if getattr(backbone.config, "every_position", False):
             repeat = model.repeat_offsets(input_ids, len(catalog))  # [B, L, N + 1] or None
             losses = backbone.every_position_losses(catalog[input_ids], input_ids > 0,
@@ -133,10 +134,11 @@ class DiffusionScorer:
               batch: dict[str, torch.Tensor]) -> DiffusionQuery:
         """Each seed's predicted h^0 and its log-normaliser over the whole catalog."""
         input_ids = batch["input_ids"]
+        backbone: DiffusionBackbone = model.backbone
         catalog = model.item_encoder.catalog()
-        predicted = model.backbone.sample_predictions(catalog[input_ids], input_ids > 0)
+        predicted = backbone.sample_predictions(catalog[input_ids], input_ids > 0)
         catalog = self.output_catalog(model, catalog)  # what the softmax scores against
-        predicted = model.backbone.scoring_vectors(predicted)
+        predicted = backbone.scoring_vectors(predicted)
         history = input_ids if model.config.repeat_bias else None
         rows = predicted.shape[0] * predicted.shape[1]
         chunk = max(1, NORMALIZER_ELEMENTS // max(rows, 1))
