@@ -172,9 +172,13 @@ def _write_folder(target: Path, sequences: pa.Table, items: pa.Table, info: dict
 
     bars_were_on = not hf_utils.are_progress_bars_disabled()
     hf_utils.disable_progress_bars()  # a bar per tiny table is noise in logs
+    # datasets' own cache fingerprints are derived from ours: left to itself, `Dataset`
+    # pickles the whole table to hash it, which doubled peak memory on a 100M-row log.
+    fingerprint = info["fingerprint"][:32]
     try:
-        Dataset(sequences).save_to_disk(str(target / "sequences"))
-        Dataset(items).save_to_disk(str(target / "items"))
+        Dataset(sequences, fingerprint=f"{fingerprint}-sequences").save_to_disk(
+            str(target / "sequences"))
+        Dataset(items, fingerprint=f"{fingerprint}-items").save_to_disk(str(target / "items"))
     finally:
         if bars_were_on:
             hf_utils.enable_progress_bars()

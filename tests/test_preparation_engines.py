@@ -130,3 +130,16 @@ def test_preparation_benchmark_compares_both_engines(tmp_path: Path,
     assert [row.split(" | ")[1] for row in rows] == ["pandas", "duckdb"]
     assert all(" | True | " in row for row in rows)  # same fingerprint
     assert (tmp_path / "log-3000-items-300" / "interactions.tsv").is_file()  # kept for reuse
+
+
+def test_writing_a_folder_never_hashes_the_tables_by_pickling(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    import datasets.arrow_dataset
+
+    def refuse(_):  # pickling a 100M-row table to hash it doubled peak memory
+        raise AssertionError("datasets hashed a table by pickling it")
+
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+    inter = write_synthetic_interactions(tmp_path / "inter.csv")
+    data = load_dataset_folder(prepare_dataset(inter, "csv", tmp_path / "out", **CSV_COLS))
+    assert data.num_users > 0
