@@ -116,7 +116,7 @@ class ADRec(nn.Module):
                               device=has_target.device)
         noised = self.schedule.add_noise(target_vectors, torch.randn_like(target_vectors), steps)
         noised = torch.where(has_target[..., None], noised, target_vectors)
-        predicted = self.denoise(condition, noised, steps * has_target, padding_mask)
+        predicted = self.denoise(condition, noised, torch.where(has_target, steps, 0), padding_mask)
         per_target = (predicted - target_vectors).float().pow(2).mean(-1)
         mse = per_target[has_target].sum() / has_target.sum().clamp_min(1)
         return {"mse": mse, "predicted": predicted, "has_target": has_target}
