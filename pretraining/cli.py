@@ -34,6 +34,7 @@ from modality_encoders import (
 )
 from pretraining.data import TRAIN_WINDOWS
 from pretraining.diffrec import DiffRecConfig
+from pretraining.dreamrec import DreamRecConfig
 from pretraining.evaluation import EvaluationProtocol
 from pretraining.presets import PRESETS
 from pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
@@ -47,7 +48,10 @@ class CommandLineError(ValueError):
     """Bad flags or a bad --config file."""
 
 
-DIFFUSION_GROUP = "diffusion (--backbone diffrec)"
+DIFFUSION_GROUP = "diffusion (--backbone diffrec; --schedule, --diffusion-steps also dreamrec)"
+DREAMREC_GROUP = "guidance (--backbone dreamrec)"
+# The groups of flags that only some backbones read: title -> the backbone that owns them.
+BACKBONE_GROUPS = {DIFFUSION_GROUP: "diffrec", DREAMREC_GROUP: "dreamrec"}
 
 
 @dataclass
@@ -214,6 +218,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     diffusion = parser.add_argument_group(DIFFUSION_GROUP)
     add_settings(diffusion, DiffRecConfig, exclude=[f.name for f in flag_fields(SASRecConfig)])
     add_settings(diffusion, RunSettings, ("init_denoiser_from",))
+    declared = [f.name for f in flag_fields(DiffRecConfig)]  # SASRec's and DiffRec's
+    add_settings(parser.add_argument_group(DREAMREC_GROUP), DreamRecConfig, exclude=declared)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -325,15 +331,31 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         if missing:
             raise CommandLineError(f"--preset {preset} needs {', '.join(missing)}: "
                                    f"{PRESETS[preset].needs_why}")
-    backbone = getattr(args, "backbone", "diffrec")
-    if backbone != "diffrec":
-        given = [action.option_strings[0] for action in _diffusion_actions(parser)
-                 if getattr(args, action.dest) != defaults[action.dest]]
-        if given:
-            raise CommandLineError(f"{', '.join(given)}: DiffRec settings, which do nothing "
-                                   f"with --backbone {backbone}; drop them or use --backbone "
-                                   "diffrec")
+    _refuse_other_backbones_settings(parser, args, defaults)
     return args
+
+
+def _refuse_other_backbones_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                                     defaults: dict) -> None:
+    """One line naming the settings given that the chosen backbone does not read (a flag of
+    another backbone's group that is no field of its config), and whose they are."""
+    backbone = getattr(args, "backbone", "diffrec")  # None where a script leaves it unset
+    own = ({setting.name for setting in flag_fields(BACKBONES[backbone][0])}
+           if backbone in BACKBONES else set())
+    given, owners = [], []
+    for group in parser._action_groups:
+        if BACKBONE_GROUPS.get(group.title, backbone) == backbone:
+            continue
+        for action in group._group_actions:
+            if action.dest not in own and getattr(args, action.dest) != defaults[action.dest]:
+                given.append(action.option_strings[0])
+                owners.append(BACKBONE_GROUPS[group.title])
+    if given:
+        owners = sorted(set(owners))
+        names = " and ".join(BACKBONES[owner][1].__name__ for owner in owners)
+        raise CommandLineError(f"{', '.join(given)}: {names} settings, which do nothing with "
+                               f"--backbone {backbone}; drop them or use --backbone "
+                               f"{' or '.join(owners)}")
 
 
 def _preset_settings(name: str, parser: argparse.ArgumentParser) -> dict:
@@ -390,13 +412,15 @@ def _command_line_settings(parser: argparse.ArgumentParser,
 
 
 def _diffusion_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [action for group in parser._action_groups if group.title == DIFFUSION_GROUP
+    """The flags of the backbone groups (DiffRec's, DreamRec's)."""
+    return [action for group in parser._action_groups if group.title in BACKBONE_GROUPS
             for action in group._group_actions]
 
 
 def without_diffusion_flags(argv: Sequence[str]) -> list[str]:
-    """`argv` less its DiffRec settings and their values: the flags of a SASRec run next
-    to a DiffRec one (e.g. the reference of a benchmark that takes one set of flags)."""
+    """`argv` less its diffusion settings (DiffRec's, DreamRec's) and their values: the flags
+    of a SASRec run next to a diffusion one (e.g. the reference of a benchmark that takes
+    one set of flags)."""
     actions = {option: action for action in _diffusion_actions(pretrain_parser(""))
                for option in action.option_strings}
     kept, skip_value = [], False

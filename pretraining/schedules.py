@@ -14,7 +14,9 @@ f((n-1)/N), 0.999), abar_n = prod_{m<=n} (1 - beta_m), so abar_n = f(n/N) / f(0)
 until a beta is clipped. For `sqrt`, f(t) = 1 - sqrt(t + 1e-4) (f(1) < 0, so the
 last beta is clipped and abar_N is tiny but positive); for `cosine`,
 f(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008. `linear` takes betas
-evenly from 1e-4 to 0.02 (Ho et al., 2020).
+evenly from 1e-4 to 0.02 (Ho et al., 2020); `truncated-linear` (DiffuSeq's `trunc_lin`,
+which DiffuRec's and ADRec's code use) rescales that range to N steps and raises it by 0.01,
+so that a short process (32 steps) still ends in almost pure noise.
 """
 
 from __future__ import annotations
@@ -182,8 +184,26 @@ class LinearSchedule(NoiseSchedule):
                               dtype=torch.float64)
 
 
+class TruncatedLinearSchedule(NoiseSchedule):
+    """beta_n evenly spaced from 1e-4 s + 0.01 to 0.02 s + 0.01, s = 1000 / N: the linear
+    range stretched to N steps, every beta at least 0.01 (DiffuSeq's `trunc_lin`). Where
+    0.02 s + 0.01 would pass 1 (N < 21) the end is 0.001 s + 0.01 instead, as there."""
+
+    name = "truncated-linear"
+    floor = 0.01
+
+    def _betas(self) -> torch.Tensor:
+        stretch = 1000 / self.num_steps
+        end = 0.02 * stretch + self.floor
+        if end > 1:
+            end = 0.001 * stretch + self.floor
+        return torch.linspace(1e-4 * stretch + self.floor, end, self.num_steps,
+                              dtype=torch.float64).clamp(max=MAX_BETA)
+
+
 SCHEDULES: dict[str, type[NoiseSchedule]] = {
     "sqrt": SqrtSchedule, "cosine": CosineSchedule, "linear": LinearSchedule,
+    "truncated-linear": TruncatedLinearSchedule,
 }
 
 

@@ -18,6 +18,7 @@ from pretraining.schedules import (
     LinearSchedule,
     NoiseSchedule,
     SqrtSchedule,
+    TruncatedLinearSchedule,
     build_schedule,
 )
 from tests.helpers import DIFFREC_NUM_ITEMS, DIFFREC_TINY
@@ -47,6 +48,11 @@ def expected_abar(name: str, n: int) -> torch.Tensor:
     t = torch.arange(n + 1, dtype=torch.float64) / n
     if name == "linear":
         return torch.cumprod(1 - torch.linspace(1e-4, 0.02, n, dtype=torch.float64), 0)
+    if name == "truncated-linear":
+        stretch = 1000 / n
+        betas = torch.linspace(1e-4 * stretch + 0.01, 0.02 * stretch + 0.01, n,
+                               dtype=torch.float64)
+        return torch.cumprod(1 - betas, 0)
     if name == "sqrt":
         f = 1 - torch.sqrt(t + 1e-4)
     else:
@@ -78,6 +84,17 @@ def test_linear_and_cosine_endpoints():
     assert LinearSchedule(1000).betas[0].item() == pytest.approx(1e-4)
     assert LinearSchedule(1000).betas[-1].item() == pytest.approx(0.02)
     assert CosineSchedule(1000).betas.max().item() == pytest.approx(0.999)
+
+
+def test_truncated_linear_keeps_a_short_process_ending_in_noise():
+    # DiffuRec's and ADRec's 32 steps: betas from 1e-4 * 1000/32 + 0.01 to 0.02 * 1000/32 + 0.01.
+    short = TruncatedLinearSchedule(32)
+    assert short.betas[0].item() == pytest.approx(0.013125)
+    assert short.betas[-1].item() == pytest.approx(0.635)
+    assert short.alphas_cumprod[-1].item() < 1e-5  # the plain linear range: 0.72
+    assert LinearSchedule(32).alphas_cumprod[-1].item() > 0.7
+    # Below 21 steps the end 0.02 * 1000/N + 0.01 would pass 1: 0.001 * 1000/N + 0.01 instead.
+    assert TruncatedLinearSchedule(10).betas[-1].item() == pytest.approx(0.11)
 
 
 def test_schedule_errors_and_config_round_trip():
