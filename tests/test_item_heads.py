@@ -15,6 +15,7 @@ from torch import nn
 
 from adapters import HoulsbyConfig, LoRAConfig, get_adapted_model
 from dataset_tools import build_image_store, load_dataset_folder
+from dataset_tools.integrity import write_checksums
 from downstream import adapt, build_target_model, evaluate_any_run, target_config
 from modality_encoders import (
     HEADS,
@@ -157,6 +158,7 @@ def test_the_linear_head_loads_an_old_checkpoint_unchanged(bert, tmp_path):
                 "fusion"):
         del config[key]
     (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    (tmp_path / "old" / "checksums.json").unlink()  # written before checksums were, too
     weights = load_file(tmp_path / "old" / "model.safetensors")
     assert {k for k in weights if k.startswith("item_encoder.")} == {
         "item_encoder.projection.weight", "item_encoder.projection.bias"}
@@ -506,6 +508,7 @@ def test_a_head_that_does_not_fit_the_checkpoint_is_named_in_one_line(
         meta = json.loads(config_file.read_text())
         meta[section]["item_encoder_config"].update(edit)
         config_file.write_text(json.dumps(meta))
+    write_checksums(edited / "best_model")  # a consistent checkpoint, of another head
     with pytest.raises(CheckpointError, match="item head does not fit its weights") as error:
         load_recommender_config(edited / "best_model")
     assert shown in str(error.value) and len(str(error.value).splitlines()) == 1

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dataset_tools import load_dataset_folder
+from dataset_tools.integrity import write_checksums
 from pretraining import CheckpointError, RecommenderConfig, SequentialRecommender
 from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
 from pretraining.losses import full_softmax_loss, sampled_softmax_loss
@@ -104,9 +105,11 @@ def test_loading_a_checkpoint_of_another_model_fails_clearly(tmp_path):
     tiny_model().save_pretrained(tmp_path / "ckpt")
     config_file = tmp_path / "ckpt" / "config.json"
     config_file.write_text(config_file.read_text().replace('"num_layers": 2', '"num_layers": 3'))
+    write_checksums(tmp_path / "ckpt")  # a consistent checkpoint, of another model
     with pytest.raises(CheckpointError, match="do not match"):
         SequentialRecommender.from_pretrained(tmp_path / "ckpt")
     config_file.write_text('{"architecture": "BertModel", "config": {}}')
+    write_checksums(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="BertModel"):
         SequentialRecommender.from_pretrained(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="not a peftrec checkpoint"):
