@@ -45,6 +45,7 @@ contract is the adapters' (`adapters.diffusion_step.DiffusionStepHost`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -211,6 +212,22 @@ def seed_noise(generators: list[torch.Generator], shape: tuple[int, ...],
     device and in the dtype of `like`."""
     draws = torch.stack([torch.randn(shape, generator=g) for g in generators])
     return draws.to(like.device, like.dtype)
+
+
+def seeded_sampling(item_vectors: torch.Tensor, padding_mask: torch.Tensor, num_seeds: int,
+                    inference_seed: int) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    """What a last-position reverse process needs: the histories [B, L, d] and their mask
+    repeated once per seed ([B * S, ...]), and `noise()`, a fresh draw [B * S, d] per call
+    from one generator per seed, shared by the users (a user's sample does not depend on
+    the batch it is in)."""
+    batch, d = len(item_vectors), item_vectors.shape[-1]
+    generators = [torch.Generator().manual_seed(inference_seed + s) for s in range(num_seeds)]
+
+    def noise() -> torch.Tensor:
+        return seed_noise(generators, (d,), item_vectors).expand(batch, -1, -1).flatten(0, 1)
+
+    return (item_vectors.repeat_interleave(num_seeds, dim=0),
+            padding_mask.repeat_interleave(num_seeds, dim=0), noise)
 
 
 class DiffRec(nn.Module):

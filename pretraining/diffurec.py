@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adapters.diffusion_step import StepContext
-from pretraining.diffrec import MAX_SEEDS, seed_noise, sinusoidal_embedding
+from pretraining.diffrec import MAX_SEEDS, seeded_sampling, sinusoidal_embedding
 from pretraining.diffusion_scorer import DiffusionScorer
 from pretraining.sasrec import SASRecBlock, SASRecConfig, _init_weights
 from pretraining.schedules import SCHEDULES, build_schedule
@@ -136,14 +136,8 @@ class DiffuRec(nn.Module):
         """Each seed's x_0 [B, S, d] after the whole reverse process, for histories [B, L, d]."""
         config = self.config
         batch, seeds, d = len(item_vectors), config.num_seeds, config.hidden_size
-        generators = [torch.Generator().manual_seed(config.inference_seed + s)
-                      for s in range(seeds)]
-
-        def noise() -> torch.Tensor:  # one draw per seed, shared by the users: [B * S, d]
-            return seed_noise(generators, (d,), item_vectors).expand(batch, -1, -1).flatten(0, 1)
-
-        items = item_vectors.repeat_interleave(seeds, dim=0)
-        mask = padding_mask.repeat_interleave(seeds, dim=0)
+        items, mask, noise = seeded_sampling(item_vectors, padding_mask, seeds,
+                                             config.inference_seed)
         self.schedule.set_timesteps(config.num_steps)
         x = noise()  # x_N
         for n in self.schedule.timesteps.tolist():
