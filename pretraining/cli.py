@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import types
@@ -516,3 +517,11 @@ def run_main(
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        # A full disk is not a bug: saves are atomic, so what was saved before is whole.
+        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device writing {error.filename or 'a file'}; "
+              "the files saved before are intact: free some space and rerun (with --resume "
+              "for a training run)", file=sys.stderr)
+        sys.exit(1)

@@ -18,13 +18,14 @@ from dataset_tools import DataError, load_dataset_folder
 from dataset_tools.checkpoints import CheckpointError
 from dataset_tools.integrity import CHECKSUMS
 from modality_encoders.cache import cached, load_cached, save_cached
+from pretraining.cli import run_main
 from pretraining.recommender import (
     RecommenderConfig,
     SequentialRecommender,
     checkpoint_fingerprint,
     load_recommender_config,
 )
-from tests.helpers import run_pretrain, weights
+from tests.helpers import SMALL, load_script, run_pretrain, weights
 
 TINY = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_len": 5}
 
@@ -124,6 +125,23 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monke
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial sibling
     SequentialRecommender.from_pretrained(tmp_path / "ckpt")
+
+
+def test_a_full_disk_stops_a_script_with_one_line(tiny_dataset_dir, tmp_path, monkeypatch,
+                                                   capsys):
+    def disk_full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr("dataset_tools.checkpoints.save_file", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        run_main(load_script("pretrain_id").main,
+                 ["--dataset", str(tiny_dataset_dir), "--output-dir", str(tmp_path / "run"),
+                  *SMALL])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left on the device writing" in errors[0]
+    assert "model.safetensors" in errors[0] and "Traceback" not in err
 
 
 def test_a_resume_falls_back_to_the_last_good_state(tiny_dataset_dir, tmp_path, capsys):
