@@ -146,8 +146,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def failure_report(result: subprocess.CompletedProcess) -> str:
     """Every error line of a failed script (each rank's, when launched), then stderr's end:
-    progress bars would push a rank's error out of the tail alone."""
-    errors = [line for line in result.stderr.splitlines() if "rror" in line or "ignal" in line]
+    progress bars would push a rank's error out of the tail alone. A rank killed by SIGABRT
+    leaves no Python traceback, only C++ lines (`terminate called ...`, `what(): ...`)."""
+    markers = ("rror", "ignal", "terminate", "what()", "xception", "bort", "gloo")
+    errors = [line for line in result.stderr.splitlines()
+              if any(marker in line for marker in markers)]
     return "\n".join([*errors[:40], "--- end of stderr:", result.stderr[-1500:]])
 
 
