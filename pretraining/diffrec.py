@@ -230,16 +230,17 @@ def seeded_sampling(item_vectors: torch.Tensor, padding_mask: torch.Tensor, num_
             padding_mask.repeat_interleave(num_seeds, dim=0), noise)
 
 
-class DiffRec(nn.Module):
-    """The denoiser f(h^n, n) plus the diffusion process around it (see the module doc)."""
+class TransformerDenoiser(nn.Module):
+    """What DiffRec and DiffuRec share: the noise schedule, positions, the step MLP over a
+    sinusoid, input dropout, SASRec blocks and a final norm (their names are checkpoint
+    keys), the adapter sites in those blocks and the step context the diffusion_step
+    adapters read. A subclass adds its own parts, then applies `_init_weights`."""
 
     adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
     attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
-    # Softmax of h^0 over the catalog, seed-averaged; how it samples may change after training.
-    scorer = DiffusionScorer(inference_settings=("inference", "num_seeds", "inference_steps"))
 
-    def __init__(self, config: DiffRecConfig) -> None:
+    def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
         self.config = config
         d = config.hidden_size
@@ -249,8 +250,18 @@ class DiffRec(nn.Module):
         self.input_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(d)
-        self.step_sampler = ImportanceStepSampler(config.num_steps, config.history_size)
         self.step_context = StepContext()
+
+
+class DiffRec(TransformerDenoiser):
+    """The denoiser f(h^n, n) plus the diffusion process around it (see the module doc)."""
+
+    # Softmax of h^0 over the catalog, seed-averaged; how it samples may change after training.
+    scorer = DiffusionScorer(inference_settings=("inference", "num_seeds", "inference_steps"))
+
+    def __init__(self, config: DiffRecConfig) -> None:
+        super().__init__(config)
+        self.step_sampler = ImportanceStepSampler(config.num_steps, config.history_size)
         self.apply(_init_weights)
         # log s, so that s stays positive; s = 1 at start, the model without it.
         self.log_logit_scale = nn.Parameter(torch.zeros(())) if config.logit_scale else None

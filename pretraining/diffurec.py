@@ -24,13 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from adapters.diffusion_step import StepContext
-from pretraining.diffrec import MAX_SEEDS, seeded_sampling, sinusoidal_embedding
+from pretraining.diffrec import (
+    MAX_SEEDS,
+    TransformerDenoiser,
+    seeded_sampling,
+    sinusoidal_embedding,
+)
 from pretraining.diffusion_scorer import DiffusionScorer
-from pretraining.sasrec import SASRecBlock, SASRecConfig, _init_weights
-from pretraining.schedules import SCHEDULES, build_schedule
+from pretraining.sasrec import SASRecConfig, _init_weights
+from pretraining.schedules import SCHEDULES
 
 
 @dataclass
@@ -61,25 +64,13 @@ class DiffuRecConfig(SASRecConfig):
                              f"got {self.num_seeds}")
 
 
-class DiffuRec(nn.Module):
+class DiffuRec(TransformerDenoiser):
     """The denoiser f(history, x_n, n) -> x_0 plus the diffusion around it (module doc)."""
 
-    adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
-    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
-    attention_modules = "layers.{i}.attention"  # the self-attention (prefix, prompt)
     scorer = DiffusionScorer()  # softmax of x_0 over the catalog, seed-averaged
 
     def __init__(self, config: DiffuRecConfig) -> None:
-        super().__init__()
-        self.config = config
-        d = config.hidden_size
-        self.schedule = build_schedule(config.schedule, config.num_steps)
-        self.position_embedding = nn.Embedding(config.max_len, d)
-        self.step_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
-        self.input_dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(d)
-        self.step_context = StepContext()
+        super().__init__(config)
         self.apply(_init_weights)
 
     def scoring_vectors(self, predicted: torch.Tensor) -> torch.Tensor:
