@@ -526,8 +526,11 @@ class Trainer:
         old = self.output_dir / f"{STATE_DIR}.old"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            # Every process writes its own RNG state into it: it must exist before any does.
+            tmp.mkdir()
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)  # see `_load_state` on what loads it
+        acc.wait_for_everyone()  # no rename while another process is still writing there
         if acc.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
             write_checksums(tmp)
