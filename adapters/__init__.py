@@ -10,7 +10,7 @@ Backbones declare where adapters may attach (`adapter_sites`, e.g.
 `prefix`, `prompt`.
 """
 
-from adapters.base import (
+from peftrec.adapters.base import (
     ADAPTERS,
     EXTRAS,
     AdapterLayer,
@@ -18,13 +18,18 @@ from adapters.base import (
     get_adapted_model,
     register_adapter,
 )
-from adapters.diffusion_step import DiffusionStepConfig, StepModulatedBottleneck
-from adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig, PfeifferConfig
-from adapters.lora import LoRAConfig
-from adapters.placement import parse_layers, parse_sites
-from adapters.prefix import GatedPrefixAttention, PrefixAttention, PrefixConfig, fold_prefixes
-from adapters.prompt import PromptAttention, PromptConfig
-from dataset_tools.parameters import format_trainable_share, trainable_share
+from peftrec.adapters.diffusion_step import DiffusionStepConfig, StepModulatedBottleneck
+from peftrec.adapters.houlsby import Bottleneck, BottleneckSite, HoulsbyConfig, PfeifferConfig
+from peftrec.adapters.lora import LoRAConfig
+from peftrec.adapters.placement import parse_layers, parse_sites
+from peftrec.adapters.prefix import (
+    GatedPrefixAttention,
+    PrefixAttention,
+    PrefixConfig,
+    fold_prefixes,
+)
+from peftrec.adapters.prompt import PromptAttention, PromptConfig
+from peftrec.dataset_tools.parameters import format_trainable_share, trainable_share
 
 __all__ = [
     "ADAPTERS",

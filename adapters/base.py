@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from adapters.placement import (
+from peftrec.adapters.placement import (
     LAYER_SPEC_HELP,
     check_known,
     check_layer_spec,

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapters.base import AdapterConfig, adapter_config_from_dict
-from adapters.lora import peft_tensor_name
-from dataset_tools.checkpoints import (
+from peftrec.adapters.base import AdapterConfig, adapter_config_from_dict
+from peftrec.adapters.lora import peft_tensor_name
+from peftrec.dataset_tools.checkpoints import (
     CheckpointError,
     load_weights,
     read_json,

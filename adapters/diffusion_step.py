@@ -32,15 +32,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from adapters.base import (
+from peftrec.adapters.base import (
     AdapterConfig,
     AdapterLayer,
     register_adapter,
     replace_submodule,
     select_sites,
 )
-from adapters.houlsby import HOULSBY_FIELDS, Bottleneck, BottleneckSite, HoulsbyConfig
-from adapters.placement import parse_sites
+from peftrec.adapters.houlsby import HOULSBY_FIELDS, Bottleneck, BottleneckSite, HoulsbyConfig
+from peftrec.adapters.placement import parse_sites
 
 
 @dataclass

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from adapters.base import (
+from peftrec.adapters.base import (
     AdapterConfig,
     AdapterLayer,
     register_adapter,
     replace_submodule,
     select_sites,
 )
-from adapters.placement import parse_sites
+from peftrec.adapters.placement import parse_sites
 
 NON_LINEARITIES: dict[str, type[nn.Module]] = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adapters.base import (
+from peftrec.adapters.base import (
     AdapterConfig,
     AdapterLayer,
     item_tables,
@@ -40,7 +40,7 @@ from adapters.base import (
     num_layers,
     register_adapter,
 )
-from adapters.placement import parse_layers
+from peftrec.adapters.placement import parse_layers
 
 ADAPTER_NAME = "default"  # peft's name for a model's one adapter (`lora_A.default`)
 PEFT_FOLDER = "peft"  # in an adapter checkpoint: a peft adapter folder per transformers model
@@ -132,7 +132,7 @@ def save_peft_adapters(model: nn.Module, directory: str | Path,
     from peft import get_peft_model_state_dict
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-    from dataset_tools import atomic_directory  # lazy: only a checkpoint's writer needs it
+    from peftrec.dataset_tools import atomic_directory  # lazy: only a checkpoint's writer needs it
 
     state = model.state_dict() if state_dict is None else state_dict
     folders = []

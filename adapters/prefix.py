@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import (
+from peftrec.adapters.base import (
     AdapterConfig,
     AdapterLayer,
     num_layers,
     register_adapter,
     replace_submodule,
 )
-from adapters.placement import parse_layers
+from peftrec.adapters.placement import parse_layers
 
 # Self-attention layouts this module knows: (query, key, value) projection names.
 # SASRec and ViT/ViTMAE (transformers 5) use q_proj..., BERT-family models query...

@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adapters.base import AdapterConfig, register_adapter
-from adapters.prefix import GatedPrefixAttention, check_positive_int, linear_of, wrap_attention
+from peftrec.adapters.base import AdapterConfig, register_adapter
+from peftrec.adapters.prefix import (
+    GatedPrefixAttention,
+    check_positive_int,
+    linear_of,
+    wrap_attention,
+)
 
 
 @dataclass(frozen=True)

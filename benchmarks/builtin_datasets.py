@@ -14,7 +14,7 @@ import argparse
 from results import write_result
 from tables import markdown
 
-from dataset_tools import BUILTIN_DATASETS, load_dataset_folder, resolve_dataset
+from peftrec.dataset_tools import BUILTIN_DATASETS, load_dataset_folder, resolve_dataset
 
 COLUMNS = ("dataset", "users", "items", "interactions", "avg length", "median length",
            "split", "users dropped (interactions)", "users in both domains")

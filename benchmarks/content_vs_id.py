@@ -126,8 +126,8 @@ def check_targets(rows: list[dict]) -> list[str]:
 def popularity(dataset: str) -> dict:
     from modality_movielens import popularity_row
 
-    from pretraining.evaluation import EvaluationProtocol
-    from pretraining.pipeline import load_data
+    from peftrec.pretraining.evaluation import EvaluationProtocol
+    from peftrec.pretraining.pipeline import load_data
 
     row = popularity_row(load_data(dataset, None), EvaluationProtocol(), batch_size=1024)
     return {"model": "popularity", "seeds": 1, "test ndcg@10": f"{row['test ndcg@10']:.4f}",

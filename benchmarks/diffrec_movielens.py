@@ -46,13 +46,18 @@ from accelerate import Accelerator
 from tables import markdown
 from torch.utils.data import DataLoader
 
-from dataset_tools import SequenceData
-from pretraining.cli import parse_args, pretrain_parser, protocol_config, without_diffusion_flags
-from pretraining.data import collate_left_padded
-from pretraining.evaluation import EvaluationProtocol, evaluate
-from pretraining.pipeline import evaluation_dataset, load_checkpoint, load_data, pretrain
-from pretraining.recommender import SequentialRecommender
-from pretraining.trainer import BEST_DIR
+from peftrec.dataset_tools import SequenceData
+from peftrec.pretraining.cli import (
+    parse_args,
+    pretrain_parser,
+    protocol_config,
+    without_diffusion_flags,
+)
+from peftrec.pretraining.data import collate_left_padded
+from peftrec.pretraining.evaluation import EvaluationProtocol, evaluate
+from peftrec.pretraining.pipeline import evaluation_dataset, load_checkpoint, load_data, pretrain
+from peftrec.pretraining.recommender import SequentialRecommender
+from peftrec.pretraining.trainer import BEST_DIR
 
 MODELS = {  # name -> the flags that make its pretraining run
     "sasrec": ["--backbone", "sasrec"],

@@ -52,13 +52,13 @@ def measure(job: dict) -> dict:
     """One configuration, in this process (see the module docstring)."""
     import torch
 
-    from downstream.cli import adapter_config, finetune_parser
-    from downstream.transfer import encoder_overrides, matched_target_model, target_config
-    from pretraining.cli import parse_args
-    from pretraining.data import LeaveOneOutDataset, collate_left_padded
-    from pretraining.evaluation import EvaluationProtocol, evaluate
-    from pretraining.pipeline import load_data, resolve_checkpoint
-    from pretraining.recommender import load_recommender_config
+    from peftrec.downstream.cli import adapter_config, finetune_parser
+    from peftrec.downstream.transfer import encoder_overrides, matched_target_model, target_config
+    from peftrec.pretraining.cli import parse_args
+    from peftrec.pretraining.data import LeaveOneOutDataset, collate_left_padded
+    from peftrec.pretraining.evaluation import EvaluationProtocol, evaluate
+    from peftrec.pretraining.pipeline import load_data, resolve_checkpoint
+    from peftrec.pretraining.recommender import load_recommender_config
 
     torch.set_num_threads(job["threads"])
     args = parse_args(finetune_parser("benchmark", tuple(job["methods"])),

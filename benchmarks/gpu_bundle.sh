@@ -50,7 +50,7 @@ fi
 mv .gpu/wheels/* .gpu/part1/wheels/ && rmdir .gpu/wheels
 
 for dataset in "${DATASETS[@]}"; do
-  folder=$($PY -c "import sys; from dataset_tools import resolve_dataset; print(resolve_dataset(sys.argv[1]))" "$dataset")
+  folder=$($PY -c "import sys; from peftrec.dataset_tools import resolve_dataset; print(resolve_dataset(sys.argv[1]))" "$dataset")
   mkdir -p ".gpu/part1/cache/datasets/$(basename "$folder")"
   (cd "$folder" && tar --exclude=./cache -cf - .) | tar -xf - -C ".gpu/part1/cache/datasets/$(basename "$folder")"
 done

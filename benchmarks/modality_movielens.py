@@ -41,11 +41,11 @@ import torch
 from accelerate import Accelerator
 from tables import markdown, number
 
-from dataset_tools import SequenceData, default_template
-from dataset_tools.checkpoints import BEST_DIR, METRICS, RUN_CONFIG
-from pretraining.data import item_frequencies
-from pretraining.evaluation import EvaluationProtocol, ranking_metrics, target_ranks
-from pretraining.pipeline import (
+from peftrec.dataset_tools import SequenceData, default_template
+from peftrec.dataset_tools.checkpoints import BEST_DIR, METRICS, RUN_CONFIG
+from peftrec.pretraining.data import item_frequencies
+from peftrec.pretraining.evaluation import EvaluationProtocol, ranking_metrics, target_ranks
+from peftrec.pretraining.pipeline import (
     evaluate_model,
     evaluation_dataset,
     load_checkpoint,
@@ -155,7 +155,7 @@ def measure_encoding(text_run: str, dataset: str, encoder_cache_dir: str, thread
                      max_items: int | None) -> dict:
     """Items/s of the frozen encoder over the catalog (or its first `max_items` items), in
     the encoder's chunks, and the largest difference to the vectors the cache holds."""
-    from modality_encoders.transformer import TransformerStages, pool
+    from peftrec.modality_encoders.transformer import TransformerStages, pool
 
     set_threads(threads)
     data = load_data(dataset, None)

@@ -27,7 +27,7 @@ from pathlib import Path
 from results import ROOT, write_result
 from tables import markdown
 
-from dataset_tools import SyntheticConfig, write_synthetic_log
+from peftrec.dataset_tools import SyntheticConfig, write_synthetic_log
 
 COLUMNS = ("interactions", "engine", "seconds", "peak MB", "users", "items",
            "interactions kept", "same folder", "load before", "load after")

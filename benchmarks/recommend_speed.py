@@ -30,7 +30,7 @@ import torch
 from results import write_result
 from tables import markdown
 
-from downstream import load_run
+from peftrec.downstream import load_run
 
 COLUMNS = ("run", "dataset", "backbone", "item encoder", "items", "users", "k")
 LATENCY_COLUMNS = ("latency ms (median)", "latency ms (p90)")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dataset_tools import atomic_write
+from peftrec.dataset_tools import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"

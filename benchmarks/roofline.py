@@ -93,7 +93,7 @@ def bound_seconds(products: list[Product], speed: dict[tuple, float]) -> float:
 
 
 def model(num_items: int, length: int):
-    from pretraining import RecommenderConfig, SequentialRecommender
+    from peftrec.pretraining import RecommenderConfig, SequentialRecommender
 
     torch.manual_seed(0)
     return SequentialRecommender(RecommenderConfig(
@@ -128,7 +128,7 @@ def time_evaluation(users: int, length: int, items: int, batch: int,
     """Seconds of `evaluate` over `users` users, and of its forward (`query`) alone."""
     from accelerate import Accelerator
 
-    from pretraining.evaluation import evaluate
+    from peftrec.pretraining.evaluation import evaluate
 
     recommender = model(items, length).eval()
     windows = torch.randint(1, items + 1, (users, length + 1))

@@ -25,9 +25,9 @@ import numpy as np
 from accelerate import Accelerator
 from tables import markdown
 
-from pretraining.cli import parse_args, pretrain_parser, protocol_config
-from pretraining.pipeline import evaluate_checkpoint, load_data, pretrain
-from pretraining.trainer import BEST_DIR
+from peftrec.pretraining.cli import parse_args, pretrain_parser, protocol_config
+from peftrec.pretraining.pipeline import evaluate_checkpoint, load_data, pretrain
+from peftrec.pretraining.trainer import BEST_DIR
 
 COLUMNS = ("dataset", "test hr@10", "test ndcg@10", "test mrr", "epochs", "best epoch",
            "s/epoch", "positions/s", "data wait", "eval s", "peak MB")

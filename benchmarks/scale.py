@@ -78,7 +78,7 @@ def _proc_status_mb(field: str) -> float:
 def _model(num_items: int, loss: str, device):
     import torch
 
-    from pretraining import RecommenderConfig, SequentialRecommender
+    from peftrec.pretraining import RecommenderConfig, SequentialRecommender
 
     torch.manual_seed(0)
     config = RecommenderConfig(
@@ -94,7 +94,7 @@ def _synthetic_windows(num_items: int, rows: int):
     import numpy as np
     import torch
 
-    from dataset_tools import SyntheticConfig, generate_sequences
+    from peftrec.dataset_tools import SyntheticConfig, generate_sequences
 
     needed = rows * (LENGTH + 1)
     config = SyntheticConfig(num_interactions=needed, num_items=num_items,
@@ -106,7 +106,7 @@ def _synthetic_windows(num_items: int, rows: int):
 def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
     import torch
 
-    from pretraining.trainer import fused_if_supported
+    from peftrec.pretraining.trainer import fused_if_supported
 
     device = _device()
     windows = _synthetic_windows(num_items, BATCH * (steps + 2)).to(device)
@@ -143,7 +143,7 @@ def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
 def measure_evaluation(num_items: int, chunk: int, users: int) -> dict:
     import torch
 
-    from pretraining.evaluation import chunked_target_ranks
+    from peftrec.pretraining.evaluation import chunked_target_ranks
 
     device = _device()
     model = _model(num_items, "full", device).eval()
@@ -161,7 +161,12 @@ def measure_evaluation(num_items: int, chunk: int, users: int) -> dict:
 
 
 def measure_generate(interactions: int, num_items: int, folder: str) -> dict:
-    from dataset_tools import PrepareConfig, SyntheticConfig, prepare_dataset, write_synthetic_log
+    from peftrec.dataset_tools import (
+        PrepareConfig,
+        SyntheticConfig,
+        prepare_dataset,
+        write_synthetic_log,
+    )
 
     raw, prepared = Path(folder) / "raw", Path(folder) / "prepared"
     started = time.perf_counter()

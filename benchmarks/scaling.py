@@ -172,7 +172,7 @@ def finetune_runs(study: Study, points: list[Point], seeds: list[int]
 
 def prepare_data(study: Study, spec: str) -> None:
     """Write the dataset folder of a --data spec, unless it is there (or is ML-1M)."""
-    from dataset_tools import (
+    from peftrec.dataset_tools import (
         PrepareConfig,
         SyntheticConfig,
         prepare_dataset,
@@ -243,8 +243,8 @@ def power_law_fit(x: list[float], y: list[float]) -> dict | None:
 
 def parameter_counts(run_dir: Path) -> dict[str, int]:
     """Embedding and non-embedding parameters of a pretraining run's best model."""
-    from downstream.serving import load_run
-    from pretraining.model_stats import parameter_split
+    from peftrec.downstream.serving import load_run
+    from peftrec.pretraining.model_stats import parameter_split
 
     return parameter_split(load_run(run_dir, device="cpu").model)
 

@@ -207,7 +207,7 @@ def frozen_encoder_parameters(run_dir: Path) -> int:
         return 0
     from safetensors import safe_open
 
-    from modality_encoders.transformer import resolve_encoder_path
+    from peftrec.modality_encoders.transformer import resolve_encoder_path
 
     weights = resolve_encoder_path(settings["encoder"]) / "model.safetensors"
     with safe_open(str(weights), "pt") as tensors:
@@ -259,8 +259,8 @@ def popularity(target: str) -> dict:
     """The target's popularity ranking (training-split counts), as a table row."""
     from modality_movielens import popularity_row
 
-    from pretraining.evaluation import EvaluationProtocol
-    from pretraining.pipeline import load_data
+    from peftrec.pretraining.evaluation import EvaluationProtocol
+    from peftrec.pretraining.pipeline import load_data
 
     row = popularity_row(load_data(target, None), EvaluationProtocol(), batch_size=1024)
     ndcg, hr = row["test ndcg@10"], row["test hr@10"]

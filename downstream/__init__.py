@@ -10,8 +10,8 @@ holds the scripts' flags. `downstream.serving` recommends from any run folder:
     load_run("runs/ml-100k-sasrec").recommend([["Star Wars (1977)", "Fargo (1996)"]], k=10)
 """
 
-from downstream.serving import RunRecommender, load_run
-from downstream.transfer import (
+from peftrec.downstream.serving import RunRecommender, load_run
+from peftrec.downstream.transfer import (
     BASELINES,
     adapt,
     build_target_model,

@@ -15,11 +15,11 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapters import ADAPTERS
-from adapters.base import EXTRAS, AdapterConfig
-from downstream.transfer import finetune
-from modality_encoders import ContentEncoderSettings
-from pretraining.cli import (
+from peftrec.adapters import ADAPTERS
+from peftrec.adapters.base import EXTRAS, AdapterConfig
+from peftrec.downstream.transfer import finetune
+from peftrec.modality_encoders import ContentEncoderSettings
+from peftrec.pretraining.cli import (
     CommandLineError,
     RunSettings,
     add_protocol_arguments,
@@ -31,8 +31,8 @@ from pretraining.cli import (
     settings,
     typed_options,
 )
-from pretraining.recommender import RecommenderConfig
-from pretraining.trainer import TrainingConfig
+from peftrec.pretraining.recommender import RecommenderConfig
+from peftrec.pretraining.trainer import TrainingConfig
 
 PLACEMENT = {field.name for field in dataclasses.fields(AdapterConfig)}
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dataset_tools.checkpoints import METRICS, RUN_CONFIG
-from downstream.cli import finetune_parser, run_finetune
-from pretraining.cli import parse_args, pretrain_parser
-from pretraining.pipeline import format_metrics_table, pretrain
+from peftrec.dataset_tools.checkpoints import METRICS, RUN_CONFIG
+from peftrec.downstream.cli import finetune_parser, run_finetune
+from peftrec.pretraining.cli import parse_args, pretrain_parser
+from peftrec.pretraining.pipeline import format_metrics_table, pretrain
 
 # name -> (adapter methods of the script, its flags)
 FINETUNING = {

@@ -36,9 +36,9 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dataset_tools import DataError, SequenceData, load_dataset_folder, resolve_dataset
-from dataset_tools.checkpoints import RUN_CONFIG
-from pretraining.recommender import WEIGHTS_NAME, CheckpointError, SequentialRecommender
+from peftrec.dataset_tools import DataError, SequenceData, load_dataset_folder, resolve_dataset
+from peftrec.dataset_tools.checkpoints import RUN_CONFIG
+from peftrec.pretraining.recommender import WEIGHTS_NAME, CheckpointError, SequentialRecommender
 
 MATCHING_FILE = "item_matching.json"
 UNMATCHED_INIT = ("fresh", "source_mean")

@@ -44,20 +44,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.checkpoint import is_adapter_checkpoint
-from dataset_tools import (
+from peftrec.adapters.checkpoint import is_adapter_checkpoint
+from peftrec.dataset_tools import (
     BUILTIN_DATASETS,
     SequenceData,
     atomic_write,
     load_dataset_folder,
     resolve_dataset,
 )
-from dataset_tools.checkpoints import BEST_DIR, METRICS, RUN_CONFIG
-from dataset_tools.domains import MULTI_VALUE_SEPARATORS
-from downstream.transfer import BASELINES, load_any_checkpoint
-from pretraining.cli import RunSettings, add_settings, cli_parser
-from pretraining.model_stats import EmbeddingStatistics, embedding_statistics, parameter_split
-from pretraining.recommender import WEIGHTS_NAME, first_line
+from peftrec.dataset_tools.checkpoints import BEST_DIR, METRICS, RUN_CONFIG
+from peftrec.dataset_tools.domains import MULTI_VALUE_SEPARATORS
+from peftrec.downstream.transfer import BASELINES, load_any_checkpoint
+from peftrec.pretraining.cli import RunSettings, add_settings, cli_parser
+from peftrec.pretraining.model_stats import (
+    EmbeddingStatistics,
+    embedding_statistics,
+    parameter_split,
+)
+from peftrec.pretraining.recommender import WEIGHTS_NAME, first_line
 
 REPORT_HTML = "report.html"
 LOG = "log.jsonl"

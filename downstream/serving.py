@@ -46,17 +46,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from adapters import get_adapted_model
-from adapters.checkpoint import is_adapter_checkpoint, read_adapter_config
-from dataset_tools import DataError, ItemTextTemplate, SequenceData, atomic_write, read_items
-from downstream.transfer import load_any_checkpoint
-from modality_encoders import item_encoder_modality, item_table_content
-from pretraining.cli import CommandLineError, RunSettings, add_settings, base_parser
-from pretraining.data import collate_left_padded
-from pretraining.evaluation import EvaluationProtocol, top_k_items
-from pretraining.pipeline import run_dataset
-from pretraining.recommender import CheckpointError, SequentialRecommender
-from pretraining.trainer import BEST_DIR, TrainingConfig
+from peftrec.adapters import get_adapted_model
+from peftrec.adapters.checkpoint import is_adapter_checkpoint, read_adapter_config
+from peftrec.dataset_tools import (
+    DataError,
+    ItemTextTemplate,
+    SequenceData,
+    atomic_write,
+    read_items,
+)
+from peftrec.downstream.transfer import load_any_checkpoint
+from peftrec.modality_encoders import item_encoder_modality, item_table_content
+from peftrec.pretraining.cli import CommandLineError, RunSettings, add_settings, base_parser
+from peftrec.pretraining.data import collate_left_padded
+from peftrec.pretraining.evaluation import EvaluationProtocol, top_k_items
+from peftrec.pretraining.pipeline import run_dataset
+from peftrec.pretraining.recommender import CheckpointError, SequentialRecommender
+from peftrec.pretraining.trainer import BEST_DIR, TrainingConfig
 
 TITLE_COLUMNS = ("title", "movie_title")  # the first one an item table has names its items
 ITEM_TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}

@@ -48,9 +48,9 @@ from pathlib import Path
 
 import yaml
 
-from dataset_tools import atomic_write
-from dataset_tools.checkpoints import METRICS, RUN_CONFIG
-from pretraining.cli import CommandLineError, cli_parser, parse_args
+from peftrec.dataset_tools import atomic_write
+from peftrec.dataset_tools.checkpoints import METRICS, RUN_CONFIG
+from peftrec.pretraining.cli import CommandLineError, cli_parser, parse_args
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 KEYS = ("script", "output_dir", "base", "grid", "runs", "seeds", "launcher", "launch_args")

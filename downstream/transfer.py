@@ -30,36 +30,36 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from adapters import fold_prefixes, get_adapted_model, parse_layers
-from adapters.base import (
+from peftrec.adapters import fold_prefixes, get_adapted_model, parse_layers
+from peftrec.adapters.base import (
     EXTRAS,
     AdapterConfig,
     adapts_item_tables,
     current_parameter_name,
     extra_parameter_ids,
 )
-from adapters.checkpoint import (
+from peftrec.adapters.checkpoint import (
     is_adapter_checkpoint,
     load_adapter_weights,
     read_adapter_config,
     save_adapter,
 )
-from adapters.lora import save_peft_adapters
-from adapters.placement import check_known
-from dataset_tools import (
+from peftrec.adapters.lora import save_peft_adapters
+from peftrec.adapters.placement import check_known
+from peftrec.dataset_tools import (
     DataError,
     ItemTextTemplate,
     SequenceData,
     default_template,
 )
-from dataset_tools.checkpoints import (
+from peftrec.dataset_tools.checkpoints import (
     CheckpointError,
     check_run_folder,
     load_weights,
     write_metrics,
     write_run_config,
 )
-from downstream.matching import (
+from peftrec.downstream.matching import (
     MATCHING_FILE,
     ItemMatching,
     carry_matched_rows,
@@ -69,15 +69,15 @@ from downstream.matching import (
     plain_state_dict,
     read_matching,
 )
-from modality_encoders.base import item_table_names
-from modality_encoders.content_encoder import HEAD_SITE
-from modality_encoders.transformer import (
+from peftrec.modality_encoders.base import item_table_names
+from peftrec.modality_encoders.content_encoder import HEAD_SITE
+from peftrec.modality_encoders.transformer import (
     ADAPTER_LAYOUTS,
     load_encoder_config,
     resolve_encoder_path,
 )
-from pretraining.cli import is_main_process, protocol_config, training_config
-from pretraining.pipeline import (
+from peftrec.pretraining.cli import is_main_process, protocol_config, training_config
+from peftrec.pretraining.pipeline import (
     build_recommender,
     dataset_section,
     evaluate_model,
@@ -90,14 +90,14 @@ from pretraining.pipeline import (
     versions,
     with_later_settings,
 )
-from pretraining.recommender import (
+from peftrec.pretraining.recommender import (
     WEIGHTS_NAME,
     RecommenderConfig,
     SequentialRecommender,
     checkpoint_fingerprint,
     load_recommender_config,
 )
-from pretraining.trainer import build_accelerator
+from peftrec.pretraining.trainer import build_accelerator
 
 BASELINES = ("full", "scratch", "zero_shot")
 # Parameters a target may add to a base trained without them (`--repeat-bias`): they start

@@ -5,7 +5,7 @@ they get. Encoders are looked up by name in `ITEM_ENCODERS`; content encoders ge
 their settings as a dict and the items' texts / images as an `ItemContent`.
 """
 
-from modality_encoders.base import (
+from peftrec.modality_encoders.base import (
     ITEM_ENCODERS,
     ItemEncoder,
     build_item_encoder,
@@ -15,15 +15,19 @@ from modality_encoders.base import (
     register_item_encoder,
     resolve_item_encoder_config,
 )
-from modality_encoders.content import ItemContent, build_item_content, item_table_content
-from modality_encoders.content_encoder import FUSIONS, ContentEncoderSettings, ContentItemEncoder
-from modality_encoders.fusion import ImageIDItemEncoder, TextIDItemEncoder
-from modality_encoders.heads import HEADS, MoEHead, build_head
-from modality_encoders.id_encoder import IDEncoder
-from modality_encoders.image_encoder import ImageItemEncoder
-from modality_encoders.text_encoder import TextItemEncoder
-from modality_encoders.transformer import EncoderMismatchError
-from modality_encoders.whitening import WHITENINGS, whiten
+from peftrec.modality_encoders.content import ItemContent, build_item_content, item_table_content
+from peftrec.modality_encoders.content_encoder import (
+    FUSIONS,
+    ContentEncoderSettings,
+    ContentItemEncoder,
+)
+from peftrec.modality_encoders.fusion import ImageIDItemEncoder, TextIDItemEncoder
+from peftrec.modality_encoders.heads import HEADS, MoEHead, build_head
+from peftrec.modality_encoders.id_encoder import IDEncoder
+from peftrec.modality_encoders.image_encoder import ImageItemEncoder
+from peftrec.modality_encoders.text_encoder import TextItemEncoder
+from peftrec.modality_encoders.transformer import EncoderMismatchError
+from peftrec.modality_encoders.whitening import WHITENINGS, whiten
 
 __all__ = [
     "FUSIONS",

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dataset_tools.integrity import tensor_sha256
+from peftrec.dataset_tools.integrity import tensor_sha256
 
 logger = logging.getLogger(__name__)
 TENSOR = "outputs"

@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from dataset_tools import ImageStore, ItemTextTemplate, SequenceData
-from modality_encoders.base import item_encoder_modality
+from peftrec.dataset_tools import ImageStore, ItemTextTemplate, SequenceData
+from peftrec.modality_encoders.base import item_encoder_modality
 
 
 @dataclass

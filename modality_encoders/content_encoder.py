@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modality_encoders.cache import cache_key, cache_path, cached
-from modality_encoders.content import ItemContent
-from modality_encoders.heads import (
+from peftrec.modality_encoders.cache import cache_key, cache_path, cached
+from peftrec.modality_encoders.content import ItemContent
+from peftrec.modality_encoders.heads import (
     DEFAULT_EXPERTS,
     DEFAULT_HEAD,
     HEAD_SETTINGS,
@@ -40,7 +40,7 @@ from modality_encoders.heads import (
     check_head_settings,
     head_shapes,
 )
-from modality_encoders.transformer import (
+from peftrec.modality_encoders.transformer import (
     POOLINGS,
     EncoderMismatchError,
     TransformerStages,
@@ -49,7 +49,7 @@ from modality_encoders.transformer import (
     pool,
     resolve_encoder_path,
 )
-from modality_encoders.whitening import WHITENINGS, whiten
+from peftrec.modality_encoders.whitening import WHITENINGS, whiten
 
 # How the content + ID encoders (`fusion.py`) combine the two vectors.
 FUSIONS = ("sum", "gate")

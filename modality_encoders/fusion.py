@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modality_encoders.base import register_item_encoder, table_rows
-from modality_encoders.content_encoder import ContentItemEncoder
-from modality_encoders.image_encoder import ImageItemEncoder
-from modality_encoders.text_encoder import TextItemEncoder
+from peftrec.modality_encoders.base import register_item_encoder, table_rows
+from peftrec.modality_encoders.content_encoder import ContentItemEncoder
+from peftrec.modality_encoders.image_encoder import ImageItemEncoder
+from peftrec.modality_encoders.text_encoder import TextItemEncoder
 
 
 class IDFusion(ContentItemEncoder):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modality_encoders.base import register_item_encoder, table_rows
+from peftrec.modality_encoders.base import register_item_encoder, table_rows
 
 
 @register_item_encoder("id")

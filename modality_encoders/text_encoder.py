@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from modality_encoders.base import register_item_encoder
-from modality_encoders.content_encoder import ContentEncoderSettings, ContentItemEncoder
+from peftrec.modality_encoders.base import register_item_encoder
+from peftrec.modality_encoders.content_encoder import ContentEncoderSettings, ContentItemEncoder
 
 
 @register_item_encoder("text")

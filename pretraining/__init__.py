@@ -4,18 +4,23 @@
 `Trainer` runs it under Accelerate; `evaluate` ranks the whole catalog.
 """
 
-from pretraining.diffrec import DiffRec, DiffRecConfig
-from pretraining.evaluation import EvaluationProtocol, evaluate, ranking_metrics, target_ranks
-from pretraining.recommender import (
+from peftrec.pretraining.diffrec import DiffRec, DiffRecConfig
+from peftrec.pretraining.evaluation import (
+    EvaluationProtocol,
+    evaluate,
+    ranking_metrics,
+    target_ranks,
+)
+from peftrec.pretraining.recommender import (
     BACKBONES,
     CheckpointError,
     RecommenderConfig,
     SequentialRecommender,
     checkpoint_fingerprint,
 )
-from pretraining.sasrec import SASRec, SASRecConfig
-from pretraining.schedules import SCHEDULES, build_schedule
-from pretraining.trainer import Trainer, TrainingConfig
+from peftrec.pretraining.sasrec import SASRec, SASRecConfig
+from peftrec.pretraining.schedules import SCHEDULES, build_schedule
+from peftrec.pretraining.trainer import Trainer, TrainingConfig
 
 __all__ = [
     "BACKBONES",

@@ -30,11 +30,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from adapters.diffusion_step import StepContext
-from pretraining.diffrec import MAX_SEEDS, seeded_sampling, sinusoidal_embedding
-from pretraining.diffusion_scorer import DiffusionScorer
-from pretraining.sasrec import SASRec, SASRecBlock, SASRecConfig, _init_weights
-from pretraining.schedules import build_schedule
+from peftrec.adapters.diffusion_step import StepContext
+from peftrec.pretraining.diffrec import MAX_SEEDS, seeded_sampling, sinusoidal_embedding
+from peftrec.pretraining.diffusion_scorer import DiffusionScorer
+from peftrec.pretraining.sasrec import SASRec, SASRecBlock, SASRecConfig, _init_weights
+from peftrec.pretraining.schedules import build_schedule
 
 
 @dataclass

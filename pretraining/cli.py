@@ -27,20 +27,20 @@ from pathlib import Path
 
 import yaml
 
-from dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
-from modality_encoders import (
+from peftrec.dataset_tools import DataError, ItemTextTemplate, SequenceData, default_template
+from peftrec.modality_encoders import (
     ContentEncoderSettings,
     item_encoder_modality,
     resolve_item_encoder_config,
 )
-from pretraining.data import TRAIN_WINDOWS
-from pretraining.diffrec import DiffRecConfig
-from pretraining.dreamrec import DreamRecConfig
-from pretraining.evaluation import EvaluationProtocol
-from pretraining.presets import PRESETS
-from pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
-from pretraining.sasrec import SASRecConfig
-from pretraining.trainer import TrainingConfig
+from peftrec.pretraining.data import TRAIN_WINDOWS
+from peftrec.pretraining.diffrec import DiffRecConfig
+from peftrec.pretraining.dreamrec import DreamRecConfig
+from peftrec.pretraining.evaluation import EvaluationProtocol
+from peftrec.pretraining.presets import PRESETS
+from peftrec.pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
+from peftrec.pretraining.sasrec import SASRecConfig
+from peftrec.pretraining.trainer import TrainingConfig
 
 ITEM_ENCODER_PREFIX = "item_encoder."  # SequentialRecommender's item encoder parameters
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from dataset_tools import SequenceData
+from peftrec.dataset_tools import SequenceData
 
 SPLITS = ("train", "valid", "test")
 

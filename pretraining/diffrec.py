@@ -51,10 +51,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adapters.diffusion_step import StepContext
-from pretraining.diffusion_scorer import DiffusionScorer
-from pretraining.sasrec import CausalSelfAttention, SASRecBlock, SASRecConfig, _init_weights
-from pretraining.schedules import SCHEDULES, build_schedule
+from peftrec.adapters.diffusion_step import StepContext
+from peftrec.pretraining.diffusion_scorer import DiffusionScorer
+from peftrec.pretraining.sasrec import CausalSelfAttention, SASRecBlock, SASRecConfig, _init_weights
+from peftrec.pretraining.schedules import SCHEDULES, build_schedule
 
 INFERENCE_MODES = ("one_step", "reverse", "strided")
 MSE_REDUCTIONS = ("mean", "sum")  # over the d dimensions of a target's squared error

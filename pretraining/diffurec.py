@@ -25,15 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pretraining.diffrec import (
+from peftrec.pretraining.diffrec import (
     MAX_SEEDS,
     TransformerDenoiser,
     seeded_sampling,
     sinusoidal_embedding,
 )
-from pretraining.diffusion_scorer import DiffusionScorer
-from pretraining.sasrec import SASRecConfig, _init_weights
-from pretraining.schedules import SCHEDULES
+from peftrec.pretraining.diffusion_scorer import DiffusionScorer
+from peftrec.pretraining.sasrec import SASRecConfig, _init_weights
+from peftrec.pretraining.schedules import SCHEDULES
 
 
 @dataclass

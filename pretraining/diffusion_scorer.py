@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from pretraining.losses import full_softmax_loss
-from pretraining.scoring import history_indicator, seen_items
+from peftrec.pretraining.losses import full_softmax_loss
+from peftrec.pretraining.scoring import history_indicator, seen_items
 
 if TYPE_CHECKING:  # the type only: the recommender imports the backbones, which import this
-    from pretraining.recommender import SequentialRecommender
+    from peftrec.pretraining.recommender import SequentialRecommender
 
 NORMALIZER_ELEMENTS = 1 << 24  # logits held at once when normalising over items
 

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pretraining.diffrec import DiffRecConfig, seed_noise, sinusoidal_embedding
-from pretraining.sasrec import SASRec, SASRecConfig
-from pretraining.schedules import build_schedule
-from pretraining.scoring import DotProductScorer
+from peftrec.pretraining.diffrec import DiffRecConfig, seed_noise, sinusoidal_embedding
+from peftrec.pretraining.sasrec import SASRec, SASRecConfig
+from peftrec.pretraining.schedules import build_schedule
+from peftrec.pretraining.scoring import DotProductScorer
 
 if TYPE_CHECKING:  # the type only: the recommender imports the backbones, which import this
-    from pretraining.recommender import SequentialRecommender
+    from peftrec.pretraining.recommender import SequentialRecommender
 
 
 def _diffrec_setting(name: str):

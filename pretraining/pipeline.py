@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from dataset_tools import SequenceData, atomic_write, load_dataset_folder, resolve_dataset
-from dataset_tools.checkpoints import (
+from peftrec.dataset_tools import SequenceData, atomic_write, load_dataset_folder, resolve_dataset
+from peftrec.dataset_tools.checkpoints import (
     BEST_DIR,
     RUN_CONFIG,
     check_run_folder,
@@ -28,18 +28,18 @@ from dataset_tools.checkpoints import (
     write_metrics,
     write_run_config,
 )
-from dataset_tools.parameters import format_trainable_share, trainable_share
-from modality_encoders import build_item_content, normalize_item_encoder_config
-from pretraining.cli import (
+from peftrec.dataset_tools.parameters import format_trainable_share, trainable_share
+from peftrec.modality_encoders import build_item_content, normalize_item_encoder_config
+from peftrec.pretraining.cli import (
     ITEM_ENCODER_PREFIX,
     inference_overrides,
     model_config,
     protocol_config,
     training_config,
 )
-from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
-from pretraining.evaluation import EvaluationProtocol, evaluate
-from pretraining.recommender import (
+from peftrec.pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
+from peftrec.pretraining.evaluation import EvaluationProtocol, evaluate
+from peftrec.pretraining.recommender import (
     BACKBONES,
     WEIGHTS_NAME,
     CheckpointError,
@@ -50,7 +50,7 @@ from pretraining.recommender import (
     first_line,
     load_recommender_config,
 )
-from pretraining.trainer import Trainer, build_accelerator, check_process_count
+from peftrec.pretraining.trainer import Trainer, build_accelerator, check_process_count
 
 METRIC_COLUMNS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
 

@@ -25,26 +25,31 @@ import torch
 from safetensors.torch import load_model
 from torch import nn
 
-from adapters.base import current_parameter_name, extra_parameter_ids, layer_path, num_layers
-from dataset_tools.checkpoints import (
+from peftrec.adapters.base import (
+    current_parameter_name,
+    extra_parameter_ids,
+    layer_path,
+    num_layers,
+)
+from peftrec.dataset_tools.checkpoints import (
     CheckpointError,
     read_json,
     save_checkpoint,
     verify_checkpoint,
     weights_fingerprint,
 )
-from modality_encoders import (
+from peftrec.modality_encoders import (
     EncoderMismatchError,
     ItemContent,
     build_item_encoder,
     check_item_encoder_weights,
 )
-from pretraining.adrec import ADRec, ADRecConfig
-from pretraining.diffrec import DiffRec, DiffRecConfig
-from pretraining.diffurec import DiffuRec, DiffuRecConfig
-from pretraining.dreamrec import DreamRec, DreamRecConfig
-from pretraining.sasrec import SASRec, SASRecConfig
-from pretraining.scoring import Scorer, history_indicator
+from peftrec.pretraining.adrec import ADRec, ADRecConfig
+from peftrec.pretraining.diffrec import DiffRec, DiffRecConfig
+from peftrec.pretraining.diffurec import DiffuRec, DiffuRecConfig
+from peftrec.pretraining.dreamrec import DreamRec, DreamRecConfig
+from peftrec.pretraining.sasrec import SASRec, SASRecConfig
+from peftrec.pretraining.scoring import Scorer, history_indicator
 
 # name -> (config dataclass, backbone class); each backbone class names its `scorer`.
 BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretraining.scoring import DotProductScorer
+from peftrec.pretraining.scoring import DotProductScorer
 
 
 @dataclass

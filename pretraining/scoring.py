@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from pretraining.losses import full_softmax_loss, sampled_softmax_loss
+from peftrec.pretraining.losses import full_softmax_loss, sampled_softmax_loss
 
 if TYPE_CHECKING:  # the type only: the recommender imports the backbones, which import this
-    from pretraining.recommender import SequentialRecommender
+    from peftrec.pretraining.recommender import SequentialRecommender
 
 
 class Scorer(Protocol):

@@ -33,11 +33,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from dataset_tools import atomic_write
-from dataset_tools.checkpoints import BEST_DIR, STATE_DIR, CheckpointError
-from dataset_tools.integrity import damaged_file, write_checksums
-from pretraining.evaluation import EvaluationProtocol, evaluate
-from pretraining.pcgrad import pcgrad_objective
+from peftrec.dataset_tools import atomic_write
+from peftrec.dataset_tools.checkpoints import BEST_DIR, STATE_DIR, CheckpointError
+from peftrec.dataset_tools.integrity import damaged_file, write_checksums
+from peftrec.pretraining.evaluation import EvaluationProtocol, evaluate
+from peftrec.pretraining.pcgrad import pcgrad_objective
 
 SCHEDULERS = ("constant", "cosine", "step", "one_cycle")
 # torch.optim.lr_scheduler.OneCycleLR's defaults: the rate starts at --lr / ONE_CYCLE_DIV,

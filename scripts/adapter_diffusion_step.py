@@ -7,8 +7,8 @@ diffusion-step embedding, or (`--step-mlp-only`) only the step-embedding MLP tra
         --dataset ml-100k --layers all --sites attn,ffn
 """
 
-from downstream.cli import main_for
-from pretraining.cli import run_main
+from peftrec.downstream.cli import main_for
+from peftrec.pretraining.cli import run_main
 
 main = main_for(__doc__, ("diffusion_step",))
 

@@ -8,8 +8,8 @@ target's fresh item table.
         --adapt both --layers top:1 --sites attn,ffn --reduction-factor 16
 """
 
-from downstream.cli import main_for
-from pretraining.cli import run_main
+from peftrec.downstream.cli import main_for
+from peftrec.pretraining.cli import run_main
 
 main = main_for(__doc__, ("houlsby", "pfeiffer"))
 

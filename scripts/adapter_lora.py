@@ -8,8 +8,8 @@ frozen and unchanged.
         --adapt backbone --layers all --rank 8 --alpha 16
 """
 
-from downstream.cli import main_for
-from pretraining.cli import run_main
+from peftrec.downstream.cli import main_for
+from peftrec.pretraining.cli import run_main
 
 main = main_for(__doc__, ("lora",))
 

@@ -7,8 +7,8 @@ through an MLP, `--reparameterize`); `--method prompt`: learned input tokens.
         --layers all --num-virtual-tokens 10
 """
 
-from downstream.cli import main_for
-from pretraining.cli import run_main
+from peftrec.downstream.cli import main_for
+from peftrec.pretraining.cli import run_main
 
 main = main_for(__doc__, ("prefix", "prompt"))
 

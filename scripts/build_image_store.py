@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataset_tools import load_dataset_folder, read_items
-from dataset_tools.images import IMAGE_FORMATS, build_image_store
-from pretraining.cli import cli_parser, parse_args, run_main
+from peftrec.dataset_tools import load_dataset_folder, read_items
+from peftrec.dataset_tools.images import IMAGE_FORMATS, build_image_store
+from peftrec.pretraining.cli import cli_parser, parse_args, run_main
 
 _ITEM_TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".item": "recbole"}  # else tsv
 

@@ -3,8 +3,8 @@
     python scripts/evaluate.py --run runs/ml-100k-sasrec [--mask-history]
 """
 
-from downstream import evaluate_any_run
-from pretraining.cli import evaluate_parser, parse_args, run_main
+from peftrec.downstream import evaluate_any_run
+from peftrec.pretraining.cli import evaluate_parser, parse_args, run_main
 
 
 def main(argv=None):

@@ -6,8 +6,8 @@ weights, target only) and `--zero-shot` (evaluate without training; content mode
     python scripts/finetune_full.py --pretrained runs/ml1m-text --dataset ml-100k --zero-shot
 """
 
-from downstream.cli import main_for
-from pretraining.cli import run_main
+from peftrec.downstream.cli import main_for
+from peftrec.pretraining.cli import run_main
 
 main = main_for(__doc__)
 

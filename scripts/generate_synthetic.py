@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataset_tools.synthetic import SyntheticConfig, write_synthetic_log
-from pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
+from peftrec.dataset_tools.synthetic import SyntheticConfig, write_synthetic_log
+from peftrec.pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from dataset_tools import BUILTIN_DATASETS, PrepareConfig, prepare_builtin, prepare_dataset
-from dataset_tools.folder import ENGINES
-from pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
+from peftrec.dataset_tools import BUILTIN_DATASETS, PrepareConfig, prepare_builtin, prepare_dataset
+from peftrec.dataset_tools.folder import ENGINES
+from peftrec.pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:

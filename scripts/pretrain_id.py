@@ -4,8 +4,8 @@
     accelerate launch scripts/pretrain_id.py --dataset ml-1m --output-dir runs/ml1m-id
 """
 
-from pretraining.cli import parse_args, pretrain_parser, run_main
-from pretraining.pipeline import pretrain
+from peftrec.pretraining.cli import parse_args, pretrain_parser, run_main
+from peftrec.pretraining.pipeline import pretrain
 
 
 def main(argv=None):

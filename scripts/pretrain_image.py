@@ -12,8 +12,8 @@ Images are read from the LMDB store by the dataset's item ids. ViTMAE runs with 
 cached under <dataset folder>/cache (--encoder-cache-dir).
 """
 
-from pretraining.cli import parse_args, pretrain_parser, run_main
-from pretraining.pipeline import pretrain
+from peftrec.pretraining.cli import parse_args, pretrain_parser, run_main
+from peftrec.pretraining.pipeline import pretrain
 
 
 def main(argv=None):

@@ -11,8 +11,8 @@ By default the encoder is frozen and its item vectors are cached under
 <dataset folder>/cache (--encoder-cache-dir); --train-encoder trains it end to end.
 """
 
-from pretraining.cli import parse_args, pretrain_parser, run_main
-from pretraining.pipeline import pretrain
+from peftrec.pretraining.cli import parse_args, pretrain_parser, run_main
+from peftrec.pretraining.pipeline import pretrain
 
 
 def main(argv=None):

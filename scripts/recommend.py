@@ -11,8 +11,8 @@ ids, oldest first]}. Each output line is {"user": ..., "items": [{"item_id", "sc
 names it. --items (content models only) ranks the items of another item table.
 """
 
-from downstream.serving import recommend_parser, recommend_to_file
-from pretraining.cli import parse_args, run_main
+from peftrec.downstream.serving import recommend_parser, recommend_to_file
+from peftrec.pretraining.cli import parse_args, run_main
 
 
 def main(argv=None):

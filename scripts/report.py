@@ -13,8 +13,8 @@ collapsed embedding space (effective rank, mean pairwise cosine, norm spread).
 Needs matplotlib: pip install 'peftrec[report]'.
 """
 
-from downstream.report import report_parser, write_report
-from pretraining.cli import parse_args, run_main
+from peftrec.downstream.report import report_parser, write_report
+from peftrec.pretraining.cli import parse_args, run_main
 
 
 def main(argv=None):

@@ -22,8 +22,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataset_tools import SplitRule, describe_split, split_domains
-from pretraining.cli import RunSettings, add_settings, cli_parser, parse_args, run_main
+from peftrec.dataset_tools import SplitRule, describe_split, split_domains
+from peftrec.pretraining.cli import RunSettings, add_settings, cli_parser, parse_args, run_main
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -9,8 +9,8 @@ Finished runs (metrics.json) are skipped and interrupted ones resumed, so runnin
 continues a sweep. The sweep file's keys: docs/user-guide.md#sweeps.
 """
 
-from downstream.sweep import sweep_command, sweep_parser
-from pretraining.cli import run_main
+from peftrec.downstream.sweep import sweep_command, sweep_parser
+from peftrec.pretraining.cli import run_main
 
 
 def main(argv=None):

@@ -7,8 +7,8 @@ print the table (about 10 minutes on 2 CPU cores; rerunning reuses finished runs
 
 from pathlib import Path
 
-from downstream.demo import transfer_demo
-from pretraining.cli import cli_parser, run_main
+from peftrec.downstream.demo import transfer_demo
+from peftrec.pretraining.cli import cli_parser, run_main
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared dataset folder (k_core=2) built from ``write_synthetic_interactions``."""
-    from dataset_tools import PrepareConfig, prepare_dataset
+    from peftrec.dataset_tools import PrepareConfig, prepare_dataset
 
     raw = tmp_path_factory.mktemp("tiny_raw")
     inter = write_synthetic_interactions(raw / "interactions.csv")
@@ -37,7 +37,7 @@ def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A target domain with another catalog (30 items, other users) than the source."""
-    from dataset_tools import PrepareConfig, prepare_dataset
+    from peftrec.dataset_tools import PrepareConfig, prepare_dataset
 
     raw = tmp_path_factory.mktemp("target_raw")
     inter = write_synthetic_interactions(raw / "inter.csv", num_users=40, num_items=30, seed=7)
@@ -53,8 +53,8 @@ def text_base(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> tuple[Path, Path]:
     """A text SASRec (tiny BERT without dropout, frozen + cached) pretrained on
     `tiny_dataset_dir` with the full softmax; (run, encoder cache)."""
-    from pretraining.cli import parse_args, pretrain_parser
-    from pretraining.pipeline import pretrain
+    from peftrec.pretraining.cli import parse_args, pretrain_parser
+    from peftrec.pretraining.pipeline import pretrain
 
     root = tmp_path_factory.mktemp("text_base")
     encoder = save_bert(root / "bert", dropout=0.0)
@@ -70,7 +70,7 @@ def text_base(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def initial_weights(monkeypatch) -> dict:
     """The weights of the model the Trainer is given (filled when a run starts):
     {name: tensor}."""
-    from pretraining import Trainer
+    from peftrec.pretraining import Trainer
 
     captured = {}
     original = Trainer.__init__

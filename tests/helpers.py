@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from modality_encoders import ItemContent
+    from peftrec.modality_encoders import ItemContent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def perturb_adapters(model, scale: float = 0.1) -> None:
     LayerNorm cancels a shift shared by all dims."""
     import torch
 
-    from adapters.base import adapter_parameter_ids
+    from peftrec.adapters.base import adapter_parameter_ids
 
     owned = adapter_parameter_ids(model)
     torch.manual_seed(2)
@@ -122,16 +122,16 @@ def load_benchmark(name: str):
 def finetune(methods, *argv: str) -> dict:
     """A fine-tuning run (TRAIN, then `argv`) with the adapter `methods` (none: the
     baselines' parser); its metrics."""
-    from downstream.cli import finetune_parser, run_finetune
-    from pretraining.cli import parse_args
+    from peftrec.downstream.cli import finetune_parser, run_finetune
+    from peftrec.pretraining.cli import parse_args
 
     return run_finetune(parse_args(finetune_parser("t", methods), [*TRAIN, *argv]))
 
 
 def run_pretrain(dataset: Path, output_dir: Path, *extra: str) -> dict:
     """A small ID SASRec pretraining run (SMALL, then `extra`); its metrics."""
-    from pretraining.cli import parse_args, pretrain_parser
-    from pretraining.pipeline import pretrain
+    from peftrec.pretraining.cli import parse_args, pretrain_parser
+    from peftrec.pretraining.pipeline import pretrain
 
     argv = ["--dataset", str(dataset), "--output-dir", str(output_dir), *SMALL, *extra]
     return pretrain(parse_args(pretrain_parser("test"), argv))
@@ -206,7 +206,7 @@ def save_vision(path: Path, kind: str, seed: int = 0) -> Path:
 
 def text_content(tmp_path: Path, texts: list[str], fingerprint: str = "data") -> ItemContent:
     """The item content of a catalog with these `texts` (items i0, i1, ...)."""
-    from modality_encoders import ItemContent
+    from peftrec.modality_encoders import ItemContent
 
     return ItemContent(item_ids=[f"i{k}" for k in range(len(texts))],
                        dataset_fingerprint=fingerprint, cache_dir=tmp_path / "cache",
@@ -215,7 +215,7 @@ def text_content(tmp_path: Path, texts: list[str], fingerprint: str = "data") ->
 
 def text_encoder(path: Path, content: ItemContent, **settings):
     """A text item encoder (8-dim output, template "{title}") of the model at `path`."""
-    from modality_encoders import build_item_encoder, resolve_item_encoder_config
+    from peftrec.modality_encoders import build_item_encoder, resolve_item_encoder_config
 
     config = resolve_item_encoder_config("text", {"encoder": str(path), "template": "{title}",
                                                   **settings})

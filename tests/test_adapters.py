@@ -7,7 +7,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from adapters import (
+from peftrec.adapters import (
     ADAPTERS,
     Bottleneck,
     HoulsbyConfig,
@@ -19,9 +19,9 @@ from adapters import (
     parse_sites,
     trainable_share,
 )
-from adapters.base import adapter_parameter_ids
-from adapters.lora import ADAPTER_NAME, peft_tensor_name
-from pretraining import RecommenderConfig, SequentialRecommender
+from peftrec.adapters.base import adapter_parameter_ids
+from peftrec.adapters.lora import ADAPTER_NAME, peft_tensor_name
+from peftrec.pretraining import RecommenderConfig, SequentialRecommender
 from tests.helpers import perturb_adapters, random_item_batch
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import dataset_tools.folder as folder_module
-from dataset_tools import (
+import peftrec.dataset_tools.folder as folder_module
+from peftrec.dataset_tools import (
     DataError,
     PrepareConfig,
     atomic_directory,
@@ -30,7 +30,7 @@ from dataset_tools import (
     resolve_dataset,
     sort_chronologically,
 )
-from dataset_tools.cleaning import k_core_rounds
+from peftrec.dataset_tools.cleaning import k_core_rounds
 from tests.helpers import load_script, write_synthetic_interactions
 
 CSV_COLS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"}
@@ -428,7 +428,7 @@ def test_resolve_builtin_ml100k(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     data = load_dataset_folder(folder)
     assert data.num_users == 943 and data.name == "ml-100k"
     assert data.info["statistics"]["dropped"]["duplicates"] == 307
-    monkeypatch.setattr("dataset_tools.builtin.prepare_builtin",
+    monkeypatch.setattr("peftrec.dataset_tools.builtin.prepare_builtin",
                         lambda *a: pytest.fail("prepared twice"))
     monkeypatch.setenv("PEFTREC_CACHE", str(tmp_path))
     assert resolve_dataset("ml-100k") == folder  # reused from the cache

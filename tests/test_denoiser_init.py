@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretraining.cli import CommandLineError
-from pretraining.diffrec import DiffRec, DiffRecConfig
-from pretraining.recommender import CheckpointError
-from pretraining.sasrec import SASRec, SASRecConfig
+from peftrec.pretraining.cli import CommandLineError
+from peftrec.pretraining.diffrec import DiffRec, DiffRecConfig
+from peftrec.pretraining.recommender import CheckpointError
+from peftrec.pretraining.sasrec import SASRec, SASRecConfig
 from tests.helpers import run_pretrain
 
 SHAPE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "dropout": 0.0}

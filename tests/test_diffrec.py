@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_model
 
-from pretraining.cli import parse_args, pretrain_parser
-from pretraining.diffrec import DiffRec, DiffRecConfig, ImportanceStepSampler
-from pretraining.evaluation import chunked_target_ranks, target_ranks
-from pretraining.pipeline import pretrain
-from pretraining.recommender import RecommenderConfig, SequentialRecommender
-from pretraining.schedules import (
+from peftrec.pretraining.cli import parse_args, pretrain_parser
+from peftrec.pretraining.diffrec import DiffRec, DiffRecConfig, ImportanceStepSampler
+from peftrec.pretraining.evaluation import chunked_target_ranks, target_ranks
+from peftrec.pretraining.pipeline import pretrain
+from peftrec.pretraining.recommender import RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.schedules import (
     SCHEDULES,
     CosineSchedule,
     LinearSchedule,
@@ -452,8 +452,8 @@ SMALL = ["--backbone", "diffrec", "--hidden-size", "16", "--num-heads", "2", "--
                          ids=["last", "every-position"])
 def test_training_lowers_mse_and_ce_and_the_checkpoint_round_trips(tiny_dataset_dir, tmp_path,
                                                                    targets):
-    from dataset_tools import load_dataset_folder
-    from pretraining.data import LeaveOneOutDataset, collate_left_padded
+    from peftrec.dataset_tools import load_dataset_folder
+    from peftrec.pretraining.data import LeaveOneOutDataset, collate_left_padded
 
     argv = ["--dataset", str(tiny_dataset_dir), "--output-dir", str(tmp_path / "run"),
             *SMALL, *targets, "--epochs", "1", "--lr", "1e-2"]
@@ -496,8 +496,8 @@ def test_training_lowers_mse_and_ce_and_the_checkpoint_round_trips(tiny_dataset_
 
 
 def test_evaluate_script_takes_other_inference_settings(tiny_dataset_dir, tmp_path):
-    from pretraining.cli import evaluate_parser
-    from pretraining.pipeline import evaluate_run
+    from peftrec.pretraining.cli import evaluate_parser
+    from peftrec.pretraining.pipeline import evaluate_run
 
     run = tmp_path / "run"
     trained = pretrain(parse_args(pretrain_parser("test"), [
@@ -529,7 +529,7 @@ def test_causal_strided_cosine_variant_trains_and_evaluates(tiny_dataset_dir, tm
 
 
 def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
-    from pretraining.cli import model_config
+    from peftrec.pretraining.cli import model_config
 
     parser = pretrain_parser("test")
     args = parse_args(parser, ["--backbone", "diffrec", "--schedule", "cosine",
@@ -551,7 +551,7 @@ def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
 
 
 def test_diffrec_flags_on_sasrec_are_an_error_and_the_benchmark_drops_them(tmp_path):
-    from pretraining.cli import CommandLineError, without_diffusion_flags
+    from peftrec.pretraining.cli import CommandLineError, without_diffusion_flags
 
     diffusion = ["--untied-output", "--num-seeds", "4", "--schedule=cosine", "--causal-denoiser"]
     with pytest.raises(CommandLineError, match=r"^--schedule, --num-seeds, --causal-denoiser, "

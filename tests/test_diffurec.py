@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from adapters import DiffusionStepConfig, get_adapted_model
-from pretraining.diffurec import DiffuRec, DiffuRecConfig
-from pretraining.recommender import RecommenderConfig, SequentialRecommender
+from peftrec.adapters import DiffusionStepConfig, get_adapted_model
+from peftrec.pretraining.diffurec import DiffuRec, DiffuRecConfig
+from peftrec.pretraining.recommender import RecommenderConfig, SequentialRecommender
 from tests.helpers import perturb_adapters, run_pretrain
 
 TINY = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_len": 6,

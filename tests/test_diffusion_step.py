@@ -4,16 +4,16 @@
 import pytest
 import torch
 
-from adapters import (
+from peftrec.adapters import (
     ADAPTERS,
     BottleneckSite,
     DiffusionStepConfig,
     StepModulatedBottleneck,
     get_adapted_model,
 )
-from adapters.base import adapter_config_from_dict, adapter_parameter_ids
-from pretraining import RecommenderConfig, SequentialRecommender
-from pretraining.sasrec import CausalSelfAttention, FeedForward
+from peftrec.adapters.base import adapter_config_from_dict, adapter_parameter_ids
+from peftrec.pretraining import RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.sasrec import CausalSelfAttention, FeedForward
 from tests.helpers import DIFFREC_NUM_ITEMS, DIFFREC_TINY, perturb_adapters
 
 TINY = {**DIFFREC_TINY, "num_layers": 2}  # two layers, for placement

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataset_tools import load_dataset_folder
-from pretraining.data import LeaveOneOutDataset, collate_left_padded
-from pretraining.evaluation import evaluate
-from pretraining.recommender import RecommenderConfig, SequentialRecommender
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.pretraining.data import LeaveOneOutDataset, collate_left_padded
+from peftrec.pretraining.evaluation import evaluate
+from peftrec.pretraining.recommender import RecommenderConfig, SequentialRecommender
 from tests.helpers import MODEL, ROOT, failure_report, free_port, run_pretrain
 
 BATCH = 5

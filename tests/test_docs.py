@@ -91,7 +91,7 @@ def test_readme_test_command_is_the_one_ci_runs():
 
 def test_every_flag_the_command_reference_names_is_a_scripts_flag():
     """The flags users type, as the reference names them, are still some script's."""
-    from downstream.sweep import script_parser
+    from peftrec.downstream.sweep import script_parser
 
     flags = set()
     for path in sorted((ROOT / "scripts").glob("*.py")):

@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters import HoulsbyConfig, LoRAConfig, PfeifferConfig, PrefixConfig, PromptConfig
-from adapters.checkpoint import AdapterCheckpointError
-from dataset_tools import load_dataset_folder
-from dataset_tools.integrity import write_checksums
-from downstream import evaluate_any_run, load_adapted_model
-from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
-from pretraining.data import LeaveOneOutDataset, collate_left_padded
-from pretraining.pipeline import pretrain
-from pretraining.recommender import CheckpointError
+from peftrec.adapters import HoulsbyConfig, LoRAConfig, PfeifferConfig, PrefixConfig, PromptConfig
+from peftrec.adapters.checkpoint import AdapterCheckpointError
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.dataset_tools.integrity import write_checksums
+from peftrec.downstream import evaluate_any_run, load_adapted_model
+from peftrec.pretraining.cli import evaluate_parser, parse_args, pretrain_parser
+from peftrec.pretraining.data import LeaveOneOutDataset, collate_left_padded
+from peftrec.pretraining.pipeline import pretrain
+from peftrec.pretraining.recommender import CheckpointError
 from tests.helpers import MODEL, TRAIN, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +313,7 @@ def test_diffusion_step_adapters_transfer_a_diffrec(tiny_dataset_dir, id_base, t
 def test_target_text_template_falls_back_to_the_targets_default():
     from types import SimpleNamespace
 
-    from downstream.transfer import target_template
+    from peftrec.downstream.transfer import target_template
 
     def data(name, columns):
         return SimpleNamespace(name=name, path=f"/data/{name}",
@@ -330,7 +330,7 @@ def test_target_text_template_falls_back_to_the_targets_default():
 
 def test_transfer_demo_prints_the_three_runs_and_reuses_them(tiny_dataset_dir, target_dir,
                                                              tmp_path, capsys):
-    from downstream.demo import transfer_demo
+    from peftrec.downstream.demo import transfer_demo
     from tests.helpers import save_bert
 
     encoder = save_bert(tmp_path / "bert")
@@ -356,9 +356,9 @@ def test_adapter_only_checkpoint_reproduces_the_trained_models_scores(id_base, t
                                                                       tmp_path, adapter):
     from dataclasses import asdict
 
-    from adapters.checkpoint import save_adapter
-    from downstream import adapt, build_target_model, target_config
-    from pretraining.recommender import checkpoint_fingerprint, load_recommender_config
+    from peftrec.adapters.checkpoint import save_adapter
+    from peftrec.downstream import adapt, build_target_model, target_config
+    from peftrec.pretraining.recommender import checkpoint_fingerprint, load_recommender_config
     from tests.helpers import perturb_adapters
 
     base_dir = id_base / "best_model"
@@ -450,7 +450,7 @@ def _full(id_base, target_dir, run, *argv: str) -> dict:
 
 def _weights_after_each_epoch(monkeypatch) -> list[dict[str, torch.Tensor]]:
     """The model's weights at the end of every epoch trained from now on."""
-    from pretraining import Trainer
+    from peftrec.pretraining import Trainer
 
     snapshots, original = [], Trainer._end_epoch
 
@@ -498,7 +498,7 @@ def test_progressive_unfreezing_trains_one_more_layer_each_stage_and_resumes_exa
     """Two layers, --unfreeze-every 1: epoch 1 trains the top layer, the final norm and the
     item table; epoch 2 the bottom layer too; epoch 3 the position embeddings too. A run
     killed after epoch 1 and resumed ends with the same weights."""
-    from pretraining import Trainer
+    from peftrec.pretraining import Trainer
 
     argv = ["--epochs", "3", "--unfreeze-every", "1"]
     snapshots = _weights_after_each_epoch(monkeypatch)

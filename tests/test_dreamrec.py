@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 
-from adapters import (
+from peftrec.adapters import (
     DiffusionStepConfig,
     HoulsbyConfig,
     LoRAConfig,
     PrefixConfig,
     get_adapted_model,
 )
-from pretraining.cli import CommandLineError, model_config, parse_args, pretrain_parser
-from pretraining.dreamrec import DreamRec, DreamRecConfig
-from pretraining.recommender import RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.cli import CommandLineError, model_config, parse_args, pretrain_parser
+from peftrec.pretraining.dreamrec import DreamRec, DreamRecConfig
+from peftrec.pretraining.recommender import RecommenderConfig, SequentialRecommender
 from tests.helpers import perturb_adapters, run_pretrain
 
 TINY = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_len": 6,

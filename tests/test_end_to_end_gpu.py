@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pretraining.cli import parse_args, pretrain_parser
-from pretraining.pipeline import pretrain
+from peftrec.pretraining.cli import parse_args, pretrain_parser
+from peftrec.pretraining.pipeline import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "end_to_end_gpu.sh"

@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adapters import HoulsbyConfig
-from dataset_tools import load_dataset_folder
-from downstream import evaluate_any_run
-from downstream.transfer import matched_target_model, target_config
-from modality_encoders.content_encoder import ContentItemEncoder
-from modality_encoders.transformer import TransformerStages
-from pretraining.cli import evaluate_parser, parse_args
-from pretraining.recommender import RecommenderConfig, load_recommender_config
+from peftrec.adapters import HoulsbyConfig
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.downstream import evaluate_any_run
+from peftrec.downstream.transfer import matched_target_model, target_config
+from peftrec.modality_encoders.content_encoder import ContentItemEncoder
+from peftrec.modality_encoders.transformer import TransformerStages
+from peftrec.pretraining.cli import evaluate_parser, parse_args
+from peftrec.pretraining.recommender import RecommenderConfig, load_recommender_config
 from tests.helpers import finetune, perturb_adapters, save_bert, text_content, text_encoder
 
 HOULSBY = ("houlsby", "pfeiffer")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pretraining.evaluation import (
+from peftrec.pretraining.evaluation import (
     EvaluationProtocol,
     chunked_target_ranks,
     evaluate,
@@ -81,9 +81,9 @@ def test_mask_history_masks_the_whole_history_not_only_the_inputs(tiny_dataset_d
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from dataset_tools import load_dataset_folder
-    from pretraining.data import LeaveOneOutDataset, collate_left_padded
-    from pretraining.pipeline import evaluation_dataset
+    from peftrec.dataset_tools import load_dataset_folder
+    from peftrec.pretraining.data import LeaveOneOutDataset, collate_left_padded
+    from peftrec.pretraining.pipeline import evaluation_dataset
 
     data = load_dataset_folder(tiny_dataset_dir)
     torch.manual_seed(0)

@@ -18,8 +18,8 @@ import numpy as np
 from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
-from dataset_tools import load_dataset_folder
-from pretraining.cli import run_main
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.pretraining.cli import run_main
 from tests.helpers import load_script
 
 PREPARE = load_script("prepare_data").main

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters import HoulsbyConfig, get_adapted_model
-from adapters.checkpoint import AdapterCheckpointError, read_adapter_config, save_adapter
-from dataset_tools import DataError, load_dataset_folder
-from dataset_tools.checkpoints import CheckpointError
-from dataset_tools.integrity import CHECKSUMS
-from modality_encoders.cache import cached, load_cached, save_cached
-from pretraining.cli import run_main
-from pretraining.recommender import (
+from peftrec.adapters import HoulsbyConfig, get_adapted_model
+from peftrec.adapters.checkpoint import AdapterCheckpointError, read_adapter_config, save_adapter
+from peftrec.dataset_tools import DataError, load_dataset_folder
+from peftrec.dataset_tools.checkpoints import CheckpointError
+from peftrec.dataset_tools.integrity import CHECKSUMS
+from peftrec.modality_encoders.cache import cached, load_cached, save_cached
+from peftrec.pretraining.cli import run_main
+from peftrec.pretraining.recommender import (
     RecommenderConfig,
     SequentialRecommender,
     checkpoint_fingerprint,
@@ -118,7 +118,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monke
         Path(filename).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr("dataset_tools.checkpoints.save_file", disk_full)
+    monkeypatch.setattr("peftrec.dataset_tools.checkpoints.save_file", disk_full)
     torch.manual_seed(1)
     with pytest.raises(OSError, match="No space left"):
         SequentialRecommender(first.config).save_pretrained(tmp_path / "ckpt")
@@ -132,7 +132,7 @@ def test_a_full_disk_stops_a_script_with_one_line(tiny_dataset_dir, tmp_path, mo
     def disk_full(tensors, filename, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr("dataset_tools.checkpoints.save_file", disk_full)
+    monkeypatch.setattr("peftrec.dataset_tools.checkpoints.save_file", disk_full)
     with pytest.raises(SystemExit) as stop:
         run_main(load_script("pretrain_id").main,
                  ["--dataset", str(tiny_dataset_dir), "--output-dir", str(tmp_path / "run"),

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dataset_tools import DataError, images, load_dataset_folder, resolve_dataset
-from dataset_tools.images import ImageStore, build_image_store
-from dataset_tools.item_text import (
+from peftrec.dataset_tools import DataError, images, load_dataset_folder, resolve_dataset
+from peftrec.dataset_tools.images import ImageStore, build_image_store
+from peftrec.dataset_tools.item_text import (
     HISTORY_OFFSET_S,
     ItemTextTemplate,
     default_template,

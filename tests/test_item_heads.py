@@ -13,11 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from adapters import HoulsbyConfig, LoRAConfig, get_adapted_model
-from dataset_tools import build_image_store, load_dataset_folder
-from dataset_tools.integrity import write_checksums
-from downstream import adapt, build_target_model, evaluate_any_run, target_config
-from modality_encoders import (
+from peftrec.adapters import HoulsbyConfig, LoRAConfig, get_adapted_model
+from peftrec.dataset_tools import build_image_store, load_dataset_folder
+from peftrec.dataset_tools.integrity import write_checksums
+from peftrec.downstream import adapt, build_target_model, evaluate_any_run, target_config
+from peftrec.modality_encoders import (
     HEADS,
     ITEM_ENCODERS,
     ContentItemEncoder,
@@ -27,9 +27,9 @@ from modality_encoders import (
     item_encoder_modality,
     resolve_item_encoder_config,
 )
-from modality_encoders.transformer import TransformerStages
-from pretraining.cli import evaluate_parser, parse_args, run_main
-from pretraining.recommender import (
+from peftrec.modality_encoders.transformer import TransformerStages
+from peftrec.pretraining.cli import evaluate_parser, parse_args, run_main
+from peftrec.pretraining.recommender import (
     CheckpointError,
     RecommenderConfig,
     SequentialRecommender,
@@ -427,7 +427,7 @@ def test_an_image_fusion_encoder_builds_from_the_image_script_flags(tiny_dataset
             tmp_path / "src" / f"{item_id}.png")
     build_image_store(tmp_path / "src", tmp_path / "store", size=32, fmt="PNG")
     script = load_script("pretrain_image")
-    from pretraining.cli import model_config, pretrain_parser
+    from peftrec.pretraining.cli import model_config, pretrain_parser
 
     args = parse_args(pretrain_parser(script.__doc__, "image"), [
         "--dataset", str(tiny_dataset_dir), "--encoder", str(vit), "--image-store",

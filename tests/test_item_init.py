@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretraining.recommender import CheckpointError
-from pretraining.trainer import TrainingConfig
+from peftrec.pretraining.recommender import CheckpointError
+from peftrec.pretraining.trainer import TrainingConfig
 from tests.helpers import run_pretrain, weights, write_synthetic_interactions
 
 TABLE = "item_encoder.embedding.weight"
@@ -79,7 +79,7 @@ def test_a_resume_with_another_source_is_refused(tiny_dataset_dir, source_run, t
 def test_a_source_of_another_dataset_or_width_fails_before_training(
     tiny_dataset_dir, source_run, tmp_path
 ):
-    from dataset_tools import PrepareConfig, prepare_dataset
+    from peftrec.dataset_tools import PrepareConfig, prepare_dataset
 
     raw = write_synthetic_interactions(tmp_path / "other.csv", seed=1)
     other = prepare_dataset(raw, "csv", tmp_path / "other", PrepareConfig(k_core=2),

@@ -13,23 +13,23 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from adapters import HoulsbyConfig
-from dataset_tools import PrepareConfig, load_dataset_folder, prepare_dataset
-from downstream import evaluate_any_run, load_adapted_model, target_config
-from downstream.cli import finetune_parser, run_finetune
-from downstream.matching import (
+from peftrec.adapters import HoulsbyConfig
+from peftrec.dataset_tools import PrepareConfig, load_dataset_folder, prepare_dataset
+from peftrec.downstream import evaluate_any_run, load_adapted_model, target_config
+from peftrec.downstream.cli import finetune_parser, run_finetune
+from peftrec.downstream.matching import (
     MATCHING_FILE,
     carry_matched_rows,
     load_source_dataset,
     match_items,
     normalise_value,
 )
-from downstream.transfer import matched_target_model, save_target_model
-from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
-from pretraining.evaluation import EvaluationProtocol
-from pretraining.pipeline import build_accelerator, evaluate_model, pretrain
-from pretraining.recommender import checkpoint_fingerprint, load_recommender_config
-from pretraining.trainer import TrainingConfig
+from peftrec.downstream.transfer import matched_target_model, save_target_model
+from peftrec.pretraining.cli import evaluate_parser, parse_args, pretrain_parser
+from peftrec.pretraining.evaluation import EvaluationProtocol
+from peftrec.pretraining.pipeline import build_accelerator, evaluate_model, pretrain
+from peftrec.pretraining.recommender import checkpoint_fingerprint, load_recommender_config
+from peftrec.pretraining.trainer import TrainingConfig
 from tests.helpers import (
     MODEL,
     TRAIN,
@@ -434,7 +434,7 @@ def test_every_finetuning_script_takes_the_matching_flags(script, capsys):
 
 @pytest.mark.slow
 def test_ml1m_to_ml100k_matches_1278_items_by_title_and_year():
-    from dataset_tools import resolve_dataset
+    from peftrec.dataset_tools import resolve_dataset
 
     ml1m, ml100k = (load_dataset_folder(resolve_dataset(n)) for n in ("ml-1m", "ml-100k"))
     matching = match_items(ml1m, ml100k, ("movie_title", "release_year"))

@@ -36,8 +36,8 @@ def nth_call():
     calls["n"] += 1
     return calls["n"] == int(value)
 
-from pretraining.recommender import SequentialRecommender
-from pretraining.trainer import Trainer
+from peftrec.pretraining.recommender import SequentialRecommender
+from peftrec.pretraining.trainer import Trainer
 
 if kind in ("step", "time"):
     train_step = Trainer._train_step
@@ -60,7 +60,7 @@ if kind == "eval":
 
 if kind == "save":
     import accelerate.checkpointing
-    import dataset_tools.checkpoints
+    import peftrec.dataset_tools.checkpoints as checkpoints_module
 
     def half_written(write, path_of):
         def write_then_die(*args, **kwargs):
@@ -71,8 +71,8 @@ if kind == "save":
                 kill()
         return write_then_die
 
-    dataset_tools.checkpoints.save_file = half_written(
-        dataset_tools.checkpoints.save_file, lambda args, kwargs: args[1])
+    checkpoints_module.save_file = half_written(
+        checkpoints_module.save_file, lambda args, kwargs: args[1])
     accelerate.checkpointing.save = half_written(
         accelerate.checkpointing.save, lambda args, kwargs: args[1])
 

@@ -12,14 +12,14 @@ import torch
 from peft.tuners.lora import Embedding as LoRAEmbedding
 from safetensors.torch import load_file
 
-from adapters import HoulsbyConfig, LoRAConfig, get_adapted_model, trainable_share
-from downstream import evaluate_any_run
-from downstream.matching import ItemMatching, freeze_matched_rows
-from downstream.transfer import adapts_encoder_layers, target_config
-from modality_encoders import build_item_encoder, resolve_item_encoder_config
-from pretraining import RecommenderConfig, SequentialRecommender
-from pretraining.cli import evaluate_parser, parse_args
-from pretraining.model_stats import parameter_split
+from peftrec.adapters import HoulsbyConfig, LoRAConfig, get_adapted_model, trainable_share
+from peftrec.downstream import evaluate_any_run
+from peftrec.downstream.matching import ItemMatching, freeze_matched_rows
+from peftrec.downstream.transfer import adapts_encoder_layers, target_config
+from peftrec.modality_encoders import build_item_encoder, resolve_item_encoder_config
+from peftrec.pretraining import RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.cli import evaluate_parser, parse_args
+from peftrec.pretraining.model_stats import parameter_split
 from tests.helpers import (
     MODEL,
     TRAIN,

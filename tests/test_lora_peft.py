@@ -13,12 +13,12 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from adapters import LoRAConfig, get_adapted_model, trainable_share
-from adapters.base import adapter_parameter_ids
-from adapters.lora import LoRAInjector, save_peft_adapters
-from modality_encoders import ItemContent, resolve_item_encoder_config
-from modality_encoders.transformer import TransformerStages
-from pretraining import RecommenderConfig, SequentialRecommender
+from peftrec.adapters import LoRAConfig, get_adapted_model, trainable_share
+from peftrec.adapters.base import adapter_parameter_ids
+from peftrec.adapters.lora import LoRAInjector, save_peft_adapters
+from peftrec.modality_encoders import ItemContent, resolve_item_encoder_config
+from peftrec.modality_encoders.transformer import TransformerStages
+from peftrec.pretraining import RecommenderConfig, SequentialRecommender
 
 HIDDEN, FFN, LAYERS = 16, 32, 3
 TINY = {"hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,

@@ -12,24 +12,28 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dataset_tools import DataError, build_image_store, load_dataset_folder
-from modality_encoders import (
+from peftrec.dataset_tools import DataError, build_image_store, load_dataset_folder
+from peftrec.modality_encoders import (
     build_item_content,
     build_item_encoder,
     resolve_item_encoder_config,
 )
-from modality_encoders.cache import load_cached
-from modality_encoders.transformer import TransformerStages
-from pretraining.cli import (
+from peftrec.modality_encoders.cache import load_cached
+from peftrec.modality_encoders.transformer import TransformerStages
+from peftrec.pretraining.cli import (
     add_item_encoder_arguments,
     evaluate_parser,
     parse_args,
     pretrain_parser,
 )
-from pretraining.evaluation import ranking_metrics, target_ranks
-from pretraining.losses import full_softmax_loss
-from pretraining.pipeline import evaluate_run, pretrain
-from pretraining.recommender import CheckpointError, RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.evaluation import ranking_metrics, target_ranks
+from peftrec.pretraining.losses import full_softmax_loss
+from peftrec.pretraining.pipeline import evaluate_run, pretrain
+from peftrec.pretraining.recommender import (
+    CheckpointError,
+    RecommenderConfig,
+    SequentialRecommender,
+)
 from tests.helpers import (
     SMALL,
     TEXTS,

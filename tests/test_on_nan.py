@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataset_tools import load_dataset_folder
-from pretraining.cli import run_main
-from pretraining.recommender import SequentialRecommender
-from pretraining.trainer import NonFiniteLossError, TrainingConfig
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.pretraining.cli import run_main
+from peftrec.pretraining.recommender import SequentialRecommender
+from peftrec.pretraining.trainer import NonFiniteLossError, TrainingConfig
 from tests.helpers import SMALL, failure_report, free_port, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_skip_drops_the_step_counts_it_and_finishes(tiny_dataset_dir, tmp_path, 
     whose own loss the sync micro-step does not show: the whole step is skipped."""
     run = tmp_path / "run"
     seen = inject_nan(monkeypatch, at={2})
-    with caplog.at_level(logging.WARNING, logger="pretraining.trainer"):
+    with caplog.at_level(logging.WARNING, logger="peftrec.pretraining.trainer"):
         metrics = run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--grad-accum", "2",
                                "--on-nan", "skip")
     names = load_dataset_folder(tiny_dataset_dir).sequences["user_id"]
@@ -143,7 +143,7 @@ def load_script_main():
 # Run by each process of a 2-process launch: rank 1 alone gets a NaN loss in step 2.
 RANK_1_NAN = """
 import os, runpy, sys, torch
-from pretraining.recommender import SequentialRecommender
+from peftrec.pretraining.recommender import SequentialRecommender
 forward, calls = SequentialRecommender.forward, [0]
 def nan_on_rank_1(self, batch):
     out = forward(self, batch)

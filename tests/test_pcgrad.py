@@ -4,8 +4,8 @@ backpropagates, and a training run with it."""
 import pytest
 import torch
 
-from pretraining import trainer
-from pretraining.pcgrad import pcgrad_objective, project_conflicting
+from peftrec.pretraining import trainer
+from peftrec.pretraining.pcgrad import pcgrad_objective, project_conflicting
 from tests.helpers import run_pretrain
 
 DIFFREC = ["--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",

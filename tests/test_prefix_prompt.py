@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import (
+from peftrec.adapters import (
     ADAPTERS,
     GatedPrefixAttention,
     PrefixAttention,
@@ -15,9 +15,9 @@ from adapters import (
     get_adapted_model,
     trainable_share,
 )
-from adapters.base import adapter_config_from_dict, adapter_parameter_ids
-from modality_encoders.transformer import TransformerStages
-from pretraining import RecommenderConfig, SequentialRecommender
+from peftrec.adapters.base import adapter_config_from_dict, adapter_parameter_ids
+from peftrec.modality_encoders.transformer import TransformerStages
+from peftrec.pretraining import RecommenderConfig, SequentialRecommender
 from tests.helpers import perturb_adapters, random_item_batch
 
 SASREC = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import dataset_tools.folder as folder_module
-from dataset_tools import (
+import peftrec.dataset_tools.folder as folder_module
+from peftrec.dataset_tools import (
     DataError,
     PrepareConfig,
     SyntheticConfig,
@@ -19,7 +19,7 @@ from dataset_tools import (
     read_interactions,
     write_synthetic_log,
 )
-from dataset_tools.readers import read_interaction_chunks
+from peftrec.dataset_tools.readers import read_interaction_chunks
 from tests.helpers import load_benchmark, write_synthetic_interactions, write_synthetic_items
 
 CSV_COLS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"}

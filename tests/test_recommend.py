@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from downstream import load_run
-from pretraining.cli import parse_args, pretrain_parser, run_main
-from pretraining.pipeline import pretrain
+from peftrec.downstream import load_run
+from peftrec.pretraining.cli import parse_args, pretrain_parser, run_main
+from peftrec.pretraining.pipeline import pretrain
 from tests.helpers import MODEL, TRAIN, finetune, load_script, write_items
 
 
@@ -202,8 +202,8 @@ def test_bad_input_is_one_line_and_exit_status_2(runs, name, argv, message, tmp_
 
 def test_a_run_that_sampled_negatives_by_popularity_loads_for_evaluation_and_serving(
         tiny_dataset_dir, tmp_path):
-    from downstream import evaluate_any_run
-    from pretraining.cli import evaluate_parser
+    from peftrec.downstream import evaluate_any_run
+    from peftrec.pretraining.cli import evaluate_parser
 
     run = tmp_path / "popularity"
     metrics = pretrain(parse_args(pretrain_parser("t"), [

@@ -5,13 +5,18 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import pretraining.diffusion_scorer as diffusion_scorer_module
-from pretraining import RecommenderConfig, SequentialRecommender
-from pretraining.cli import parse_args, pretrain_parser
-from pretraining.evaluation import chunked_target_ranks, item_chunks, target_ranks, top_k_items
-from pretraining.losses import full_softmax_loss, sampled_softmax_loss
-from pretraining.pipeline import pretrain
-from pretraining.scoring import HistoryQuery, history_indicator, seen_items
+import peftrec.pretraining.diffusion_scorer as diffusion_scorer_module
+from peftrec.pretraining import RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.cli import parse_args, pretrain_parser
+from peftrec.pretraining.evaluation import (
+    chunked_target_ranks,
+    item_chunks,
+    target_ranks,
+    top_k_items,
+)
+from peftrec.pretraining.losses import full_softmax_loss, sampled_softmax_loss
+from peftrec.pretraining.pipeline import pretrain
+from peftrec.pretraining.scoring import HistoryQuery, history_indicator, seen_items
 
 NUM_ITEMS = 30
 BACKBONE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_len": 12,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from downstream.report import (
+from peftrec.downstream.report import (
     CURVES_SIZE,
     DPI,
     MAP_PANEL_SIZE,
@@ -26,14 +26,14 @@ from downstream.report import (
     map_panels,
     pca_axes,
 )
-from pretraining.cli import parse_args, pretrain_parser, run_main
-from pretraining.model_stats import (
+from peftrec.pretraining.cli import parse_args, pretrain_parser, run_main
+from peftrec.pretraining.model_stats import (
     effective_rank,
     embedding_statistics,
     mean_pairwise_cosine,
     parameter_split,
 )
-from pretraining.pipeline import pretrain
+from peftrec.pretraining.pipeline import pretrain
 from tests.helpers import MODEL, TRAIN, finetune, load_script
 
 Image = pytest.importorskip("PIL.Image")
@@ -211,7 +211,7 @@ def test_the_statistics_match_hand_computed_values(monkeypatch):
     # Summed over chunks of rows, the same numbers as in one piece.
     many = torch.randn(100, 6, generator=torch.Generator().manual_seed(1))
     whole = embedding_statistics(many)
-    monkeypatch.setattr("pretraining.model_stats.CHUNK_ROWS", 7)
+    monkeypatch.setattr("peftrec.pretraining.model_stats.CHUNK_ROWS", 7)
     assert embedding_statistics(many).to_dict() == pytest.approx(whole.to_dict(), rel=1e-9)
 
 
@@ -227,7 +227,7 @@ def test_the_pca_map_axes_are_the_directions_of_largest_spread():
 
 
 def test_embedding_parameters_are_the_embedding_tables_and_the_per_item_ones():
-    from pretraining.recommender import RecommenderConfig, SequentialRecommender
+    from peftrec.pretraining.recommender import RecommenderConfig, SequentialRecommender
 
     backbone = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16,
                 "max_len": 5}

@@ -15,11 +15,11 @@ UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "joblib", "cloudpickle", "
 
 
 def package_folders() -> list[str]:
-    """The packages pyproject.toml installs."""
+    """The folders pyproject.toml installs (mapped into the `peftrec` namespace)."""
     text = (ROOT / "pyproject.toml").read_text()
-    listed = re.search(r"^packages\s*=\s*\[([^\]]*)\]", text, re.MULTILINE)
-    assert listed, "pyproject.toml lists no [tool.setuptools] packages"
-    return re.findall(r'"([^"]+)"', listed.group(1))
+    folders = re.findall(r'^"peftrec[.\w]*"\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    assert folders, "pyproject.toml maps no folders into peftrec ([tool.setuptools.package-dir])"
+    return folders
 
 
 def scanned_files() -> list[Path]:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_tools import load_dataset_folder
-from dataset_tools.integrity import write_checksums
-from pretraining import CheckpointError, RecommenderConfig, SequentialRecommender
-from pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
-from pretraining.losses import full_softmax_loss, sampled_softmax_loss
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.dataset_tools.integrity import write_checksums
+from peftrec.pretraining import CheckpointError, RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.data import LeaveOneOutDataset, collate_left_padded, item_frequencies
+from peftrec.pretraining.losses import full_softmax_loss, sampled_softmax_loss
 
 
 def tiny_model(num_items=30, **overrides):

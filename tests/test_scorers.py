@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pretraining.recommender import BACKBONES, RecommenderConfig, SequentialRecommender
-from pretraining.sasrec import SASRec
-from pretraining.scoring import DotProductScorer
+from peftrec.pretraining.recommender import BACKBONES, RecommenderConfig, SequentialRecommender
+from peftrec.pretraining.sasrec import SASRec
+from peftrec.pretraining.scoring import DotProductScorer
 
 NUM_ITEMS = 12
 

@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from downstream.cli import finetune_parser
-from downstream.serving import recommend_parser
-from pretraining.cli import (
+from peftrec.downstream.cli import finetune_parser
+from peftrec.downstream.serving import recommend_parser
+from peftrec.pretraining.cli import (
     CommandLineError,
     RunSettings,
     evaluate_parser,
@@ -25,11 +25,11 @@ from pretraining.cli import (
     settings,
     training_config,
 )
-from pretraining.diffrec import DiffRecConfig
-from pretraining.evaluation import EvaluationProtocol
-from pretraining.presets import PRESETS
-from pretraining.recommender import RecommenderConfig
-from pretraining.trainer import TrainingConfig
+from peftrec.pretraining.diffrec import DiffRecConfig
+from peftrec.pretraining.evaluation import EvaluationProtocol
+from peftrec.pretraining.presets import PRESETS
+from peftrec.pretraining.recommender import RecommenderConfig
+from peftrec.pretraining.trainer import TrainingConfig
 from tests.helpers import ROOT, SMALL, load_script
 
 PRETRAINING_CONFIGS = [RecommenderConfig, DiffRecConfig, TrainingConfig, EvaluationProtocol,
@@ -106,8 +106,8 @@ def test_the_shared_settings_are_declared_once():
 
 
 def test_the_adapter_placement_flags_are_the_adapter_configs_fields():
-    from adapters.base import AdapterConfig
-    from downstream.cli import adapter_config
+    from peftrec.adapters.base import AdapterConfig
+    from peftrec.downstream.cli import adapter_config
 
     flags = options(finetune_parser("t", ("houlsby", "pfeiffer")))
     for setting in flag_fields(AdapterConfig):
@@ -120,8 +120,8 @@ def test_the_adapter_placement_flags_are_the_adapter_configs_fields():
 
 
 def test_every_adapter_setting_is_a_flag_with_its_fields_help_and_choices():
-    from adapters import ADAPTERS
-    from adapters.base import AdapterConfig
+    from peftrec.adapters import ADAPTERS
+    from peftrec.adapters.base import AdapterConfig
 
     placement = {setting.name for setting in dataclasses.fields(AdapterConfig)}
     for method, (config_class, _) in ADAPTERS.items():
@@ -149,7 +149,7 @@ def test_finetuning_settings_left_out_stay_unset():
 
 
 def test_the_content_encoder_flags_are_its_settings_fields(tmp_path):
-    from modality_encoders import ContentEncoderSettings
+    from peftrec.modality_encoders import ContentEncoderSettings
 
     flags = options(pretrain_parser("t", "text"))
     image = options(pretrain_parser("t", "image"))
@@ -176,8 +176,8 @@ def test_the_content_encoder_flags_are_its_settings_fields(tmp_path):
 
 
 def test_the_data_scripts_flags_are_their_configs_fields(tmp_path, capsys):
-    from dataset_tools import PrepareConfig
-    from dataset_tools.synthetic import SyntheticConfig
+    from peftrec.dataset_tools import PrepareConfig
+    from peftrec.dataset_tools.synthetic import SyntheticConfig
 
     synthetic = load_script("generate_synthetic").parse_arguments
     args = synthetic(["--interactions", "1000", "--items", "50", "--topics", "5",
@@ -255,7 +255,7 @@ def test_the_user_guide_lists_every_presets_settings():
 
 
 def test_config_json_records_the_resolved_preset(tiny_dataset_dir, tmp_path):
-    from pretraining.pipeline import pretrain
+    from peftrec.pretraining.pipeline import pretrain
 
     run = tmp_path / "run"
     pretrain(parse_args(pretrain_parser("t"), [

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset_tools import (
+from peftrec.dataset_tools import (
     DataError,
     PrepareConfig,
     SplitRule,
@@ -283,7 +283,7 @@ def test_builtin_pair_is_the_split_of_whatever_ml1m_resolves_to(
     assert all(int(y) < 1990 for y in old_data.items["release_year"])
     assert all(int(y) >= 1990 for y in new_data.items["release_year"])
     # Reused afterwards, like any built-in, from --dataset or $PEFTREC_CACHE.
-    monkeypatch.setattr("dataset_tools.builtin.split_domains",
+    monkeypatch.setattr("peftrec.dataset_tools.builtin.split_domains",
                         lambda *a, **k: pytest.fail("split twice"))
     monkeypatch.setenv("PEFTREC_CACHE", str(tmp_path))
     assert resolve_dataset("ml-1m-new") == new

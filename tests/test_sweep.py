@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from downstream import sweep as sweeps
-from pretraining import pipeline
-from pretraining.cli import run_main
+from peftrec.downstream import sweep as sweeps
+from peftrec.pretraining import pipeline
+from peftrec.pretraining.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny CPU pretraining run (the flags of the suite's small runs), one epoch.
@@ -219,8 +219,8 @@ def test_the_script_exits_2_with_one_line(tmp_path):
 
 
 def test_script_parser_is_the_scripts_own():
-    from downstream.cli import finetune_parser
-    from pretraining.cli import pretrain_parser
+    from peftrec.downstream.cli import finetune_parser
+    from peftrec.pretraining.cli import pretrain_parser
 
     def options(parser):
         return sorted(parser._option_string_actions)

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset_tools import (
+from peftrec.dataset_tools import (
     PrepareConfig,
     load_dataset_folder,
     prepare_dataset,
     read_interactions,
     read_items,
 )
-from dataset_tools.synthetic import (
+from peftrec.dataset_tools.synthetic import (
     MIN_USER_LENGTH,
     START_TIME,
     SyntheticConfig,

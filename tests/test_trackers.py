@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pretraining import trainer
+from peftrec.pretraining import trainer
 from tests.helpers import run_pretrain
 
 

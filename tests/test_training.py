@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretraining import Trainer
-from pretraining.cli import evaluate_parser, parse_args, pretrain_parser
-from pretraining.pipeline import evaluate_run
-from pretraining.trainer import TrainingConfig, one_cycle_factor
+from peftrec.pretraining import Trainer
+from peftrec.pretraining.cli import evaluate_parser, parse_args, pretrain_parser
+from peftrec.pretraining.pipeline import evaluate_run
+from peftrec.pretraining.trainer import TrainingConfig, one_cycle_factor
 from tests.helpers import (
     SMALL,
     failure_report,
@@ -210,8 +210,8 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_old_behaviour(
 
 
 def test_a_run_with_a_setting_this_version_lacks_is_refused_by_name(tiny_dataset_dir, tmp_path):
-    from dataset_tools.integrity import write_checksums
-    from pretraining.recommender import CheckpointError, SequentialRecommender
+    from peftrec.dataset_tools.integrity import write_checksums
+    from peftrec.pretraining.recommender import CheckpointError, SequentialRecommender
 
     run = tmp_path / "run"
     run_pretrain(tiny_dataset_dir, run, "--epochs", "1")
@@ -231,7 +231,7 @@ def test_a_run_with_a_setting_this_version_lacks_is_refused_by_name(tiny_dataset
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_dataset(tiny_dataset_dir, tmp_path):
-    from dataset_tools import PrepareConfig, prepare_dataset
+    from peftrec.dataset_tools import PrepareConfig, prepare_dataset
 
     run_pretrain(tiny_dataset_dir, tmp_path / "run", "--epochs", "1")
     raw = write_synthetic_interactions(tmp_path / "other.csv", seed=1)
@@ -282,7 +282,7 @@ def test_config_file_values_are_overridden_by_flags(tiny_dataset_dir, tmp_path):
 def parser_of(script: str):
     """A script's `parse_arguments`, or the parser behind one of the shared vocabularies."""
     if script == "finetune":
-        from downstream.cli import finetune_parser
+        from peftrec.downstream.cli import finetune_parser
 
         return lambda argv: parse_args(finetune_parser("t"), argv)
     if script == "evaluate":
@@ -328,7 +328,7 @@ def test_required_flags_may_come_from_the_config_file(script, text, expected, tm
 
 
 def test_a_flag_of_an_exclusive_group_replaces_the_config_files_choice(tmp_path):
-    from pretraining.cli import CommandLineError
+    from peftrec.pretraining.cli import CommandLineError
 
     parse_arguments = load_script("prepare_data").parse_arguments
     config = tmp_path / "run.yaml"

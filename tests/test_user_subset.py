@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataset_tools import DataError, load_dataset_folder, write_user_subset
+from peftrec.dataset_tools import DataError, load_dataset_folder, write_user_subset
 
 
 def sequences_by_user(data) -> dict[str, list[tuple[str, int]]]:

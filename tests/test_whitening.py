@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from dataset_tools import load_dataset_folder
-from downstream import build_target_model, target_config
-from modality_encoders import build_item_content, whiten
-from pretraining.cli import run_main
-from pretraining.recommender import SequentialRecommender, load_recommender_config
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.downstream import build_target_model, target_config
+from peftrec.modality_encoders import build_item_content, whiten
+from peftrec.pretraining.cli import run_main
+from peftrec.pretraining.recommender import SequentialRecommender, load_recommender_config
 from tests.helpers import MODEL, TRAIN, finetune, load_script
 
 
