@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,9 @@ BLOCK = re.compile(r"(<!-- results: (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- 
 
 
 def provenance(command: list[str] | None = None) -> dict:
-    """Where a result comes from: the command, the commit (and whether the tree had
-    uncommitted changes), library versions, the device and the date."""
+    """Where a result comes from: the command (quoted as a shell would need it, so that it
+    can be pasted back), the commit (and whether the tree had uncommitted changes), library
+    versions, the device and the date."""
     import torch
 
     def git(*args: str) -> str:
@@ -56,7 +58,7 @@ def provenance(command: list[str] | None = None) -> dict:
         shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
         command = ["python", str(shown), *sys.argv[1:]]
     return {
-        "command": " ".join(command),
+        "command": shlex.join(command),
         "commit": git("rev-parse", "--short", "HEAD"),
         "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
         "versions": versions,
