@@ -169,8 +169,14 @@ class DotProductScorer:
 
     def score_items(self, model: SequentialRecommender, query: torch.Tensor | HistoryQuery,
                     item_ids: torch.Tensor) -> torch.Tensor:
-        catalog = model.item_encoder.catalog()
+        candidates = self.candidate_vectors(model, item_ids)
         if isinstance(query, HistoryQuery):
-            return (query.state @ catalog[item_ids].T
+            return (query.state @ candidates.T
                     + model.repeat_bias * seen_items(query.input_ids, item_ids))
-        return query @ catalog[item_ids].T
+        return query @ candidates.T
+
+    def candidate_vectors(self, model: SequentialRecommender,
+                          item_ids: torch.Tensor) -> torch.Tensor:
+        """The vectors [C, d] of the candidates `item_ids` [C] that the query is scored
+        against: the item encoder's (a subclass may map them, e.g. onto the unit sphere)."""
+        return model.item_encoder.catalog()[item_ids]
