@@ -14,6 +14,7 @@ another base is refused rather than silently producing wrong scores.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,13 +50,16 @@ def save_adapter(
     metadata: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     extra_files: dict[str, str] | None = None,
+    write_more: Callable[[Path], object] | None = None,
 ) -> None:
     """Write the trainable parameters of `model` and the adapter config, atomically.
 
     `config` None means full fine-tuning (every parameter is written). `metadata` is
     stored beside the config (e.g. how to rebuild the base for the target dataset);
     `state_dict` is the gathered full state dict under FSDP/DeepSpeed; `extra_files`
-    (name -> text) are written into the checkpoint folder with them.
+    (name -> text) are written into the checkpoint folder with them, and `write_more(folder)`
+    may write more files there (the peft copy of a LoRA): all are in its checksums, so
+    loading the checkpoint refuses any of them damaged.
     """
     state = model.state_dict() if state_dict is None else state_dict
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
@@ -71,7 +75,7 @@ def save_adapter(
         **(metadata or {}),
     }
     save_checkpoint(directory, ADAPTER_WEIGHTS_NAME, tensors, {ADAPTER_CONFIG_NAME: meta},
-                     extra_files)
+                     extra_files, write_more)
 
 
 def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig | None, dict]:

@@ -42,10 +42,12 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor],
     json_files: dict[str, dict],
     text_files: dict[str, str] | None = None,
+    write_more: Callable[[Path], object] | None = None,
 ) -> None:
     """Write a checkpoint folder atomically (an old one is kept whole if this fails): the
     `json_files` (name -> content), `tensors` as `weights_name`, the `text_files` (name ->
-    text) and their checksums."""
+    text), whatever `write_more(folder)` writes into it (e.g. a copy in another library's
+    format), and the checksums of them all."""
     with atomic_directory(directory) as tmp:
         for name, content in json_files.items():
             (tmp / name).write_text(json.dumps(content, indent=2))
@@ -53,6 +55,8 @@ def save_checkpoint(
         save_file(contiguous, str(tmp / weights_name), metadata={"format": "pt"})
         for name, text in (text_files or {}).items():
             (tmp / name).write_text(text)
+        if write_more is not None:
+            write_more(tmp)
         write_checksums(tmp)
 
 

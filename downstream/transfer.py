@@ -448,10 +448,11 @@ def save_target_model(
     if matching is not None:
         metadata["item_matching"] = matching_record(matching, frozen, "fresh")
         extra_files[MATCHING_FILE] = matching.to_json()
+    # A transformers encoder's LoRA also in peft's own format, for use outside peftrec,
+    # written inside the checkpoint's atomic write: covered by its checksums.
     save_adapter(model, directory, saved, base_fingerprint, state_dict=state_dict,
-                 metadata=metadata, extra_files=extra_files)
-    # A transformers encoder's LoRA also in peft's own format, for use outside peftrec.
-    save_peft_adapters(model, directory, state_dict)
+                 metadata=metadata, extra_files=extra_files,
+                 write_more=lambda folder: save_peft_adapters(model, folder, state_dict))
 
 
 def matching_record(matching: ItemMatching, frozen: bool, unmatched: str) -> dict:
