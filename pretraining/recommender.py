@@ -47,6 +47,7 @@ from peftrec.modality_encoders import (
 from peftrec.pretraining.adrec import ADRec, ADRecConfig
 from peftrec.pretraining.diffrec import DiffRec, DiffRecConfig
 from peftrec.pretraining.diffurec import DiffuRec, DiffuRecConfig
+from peftrec.pretraining.dimerec import DimeRec, DimeRecConfig
 from peftrec.pretraining.dreamrec import DreamRec, DreamRecConfig
 from peftrec.pretraining.sasrec import SASRec, SASRecConfig
 from peftrec.pretraining.scoring import Scorer, history_indicator
@@ -58,6 +59,7 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "diffurec": (DiffuRecConfig, DiffuRec),
     "dreamrec": (DreamRecConfig, DreamRec),
     "adrec": (ADRecConfig, ADRec),
+    "dimerec": (DimeRecConfig, DimeRec),
 }
 
 LOSSES = ("full", "sampled")  # softmax over the catalog, or sampled softmax
