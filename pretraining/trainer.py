@@ -85,8 +85,13 @@ class TrainingConfig:
         "help": "batches whose gradients are summed before each optimizer step"})
     max_grad_norm: float = field(default=5.0, metadata={
         "help": "clip the gradient norm to this (0: no clipping)"})
-    mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16"),
-                                                         "help": "through Accelerate"})
+    # Unset by default: the launcher's --mixed_precision (an `accelerate launch` config,
+    # passed as ACCELERATE_MIXED_PRECISION) decides then; a given flag wins over it. Set to
+    # the one used once the config exists, so config.json records it.
+    mixed_precision: str | None = field(default=None, metadata={
+        "choices": ("no", "fp16", "bf16"),
+        "help": "through Accelerate (unset: the launcher's --mixed_precision or "
+        "ACCELERATE_MIXED_PRECISION, else no; config.json records the one used)"})
     patience: int = field(default=10, metadata={
         "help": "epochs without better validation NDCG@10 before stopping"})
     metric: str = "ndcg@10"
@@ -146,6 +151,12 @@ class TrainingConfig:
                              f"got {list(self.decay_epochs)}")
         if not 0 < self.decay_factor <= 1:
             raise ValueError(f"--decay-factor must be in (0, 1], got {self.decay_factor}")
+        if self.mixed_precision is None:  # what Accelerator(mixed_precision=None) would use
+            launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+            if launcher not in ("no", "fp16", "bf16"):
+                raise ValueError(f"unknown ACCELERATE_MIXED_PRECISION {launcher!r} (the "
+                                 "launcher's --mixed_precision); use 'no', 'fp16' or 'bf16'")
+            self.mixed_precision = launcher
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(
                 f"unknown --mixed-precision {self.mixed_precision!r}; use 'no', 'fp16' or 'bf16'"
