@@ -32,7 +32,7 @@ from .cleaning import (
 )
 from .errors import DataError
 from .integrity import damaged_file, write_checksums
-from .out_of_core import INSTALL_HINT, duckdb_available, spilled_log
+from .out_of_core import INSTALL_HINT, MEMORY_LIMIT, duckdb_available, spilled_log
 from .readers import read_interaction_chunks, read_interactions, read_items
 
 SCHEMA_VERSION = 1
@@ -258,12 +258,13 @@ def prepare_dataset(
     items_item_col: str | None = None,
     name: str | None = None,
     engine: str = "auto",
+    memory_limit: str = MEMORY_LIMIT,
 ) -> Path:
     """Read, clean, re-index and split raw logs into a dataset folder, written atomically.
 
     ``items_fmt`` / ``items_item_col`` default to ``fmt`` / ``item_col``; ``name``
     defaults to the output folder's name. ``engine`` (see ``ENGINES``) picks how the log
-    is cleaned; both give the same folder.
+    is cleaned; both give the same folder. ``memory_limit``: DuckDB's cap (duckdb engine).
     """
     interactions_path, output_dir = Path(interactions_path), Path(output_dir)
     items_path = None if items_path is None else Path(items_path)
@@ -273,7 +274,7 @@ def prepare_dataset(
     if _resolve_engine(engine) == "duckdb":
         chunks = read_interaction_chunks(interactions_path, fmt, **columns,
                                          chunk_rows=CHUNK_ROWS)
-        with spilled_log(chunks) as log:
+        with spilled_log(chunks, memory_limit) as log:
             items_df = _read_item_file(items_path, items_fmt or fmt, items_item_col or item_col)
             df, item_ids, user_ids, dropped = log.clean(config)
     else:

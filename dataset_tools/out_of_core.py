@@ -33,8 +33,9 @@ from .errors import DataError
 if TYPE_CHECKING:
     from .folder import PrepareConfig
 
-# DuckDB's own memory cap; sorts and aggregations beyond it spill to the temporary folder.
-# With the id dictionaries and the finished arrays this keeps a 100M-row log under 6 GB.
+# DuckDB's own memory cap (default of --memory-limit); sorts and aggregations beyond it
+# spill to the temporary folder. With the id dictionaries and the finished arrays this
+# keeps a 100M-row log under 6 GB.
 MEMORY_LIMIT = "2GB"
 INSTALL_HINT = "pip install 'peftrec[streaming]' (or duckdb)"
 
@@ -68,8 +69,9 @@ class _Codes:
 class SpilledLog:
     """An interaction log spilled to Parquet as integer codes, ready for ``clean``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, memory_limit: str = MEMORY_LIMIT) -> None:
         self.folder = folder
+        self.memory_limit = memory_limit  # DuckDB's cap, e.g. "2GB"
         self.users, self.items = _Codes(), _Codes()
         self.rows, self.fractional, self.rated = 0, False, False
 
@@ -91,7 +93,8 @@ class SpilledLog:
         """``folder.prepare_dataset``'s cleaning, on disk. Returns what the pandas pipeline
         has after ``reindex``: a frame of ``user_index``, ``item_index`` and ``timestamp``
         sorted by user then time, the item ids (``item_ids[i - 1]`` has index ``i``), the
-        user ids and the ``dropped`` counts."""
+        user ids and the ``dropped`` counts. Running out of memory or of disk space is a
+        DataError naming the fix."""
         import duckdb
 
         if config.min_rating is not None and not self.rated:
@@ -100,13 +103,32 @@ class SpilledLog:
                 "pass --rating-col or drop --min-rating"
             )
         con = duckdb.connect(str(self.folder / "prepare.duckdb"), config={
-            "memory_limit": MEMORY_LIMIT, "temp_directory": str(self.folder / "spill"),
+            "memory_limit": self.memory_limit, "temp_directory": str(self.folder / "spill"),
             "preserve_insertion_order": False,
         })
         try:
             return self._clean(con, config)
+        except (duckdb.OutOfMemoryException, duckdb.IOException) as error:
+            raise DataError(self._resource_problem(error)) from None
         finally:
             con.close()
+
+    def _resource_problem(self, error: Exception) -> str:
+        """One line for DuckDB running out of disk (spilling, or writing its database)
+        or of memory: what ran out and what to change. Re-raises any other I/O error."""
+        import duckdb
+
+        text = str(error)
+        # DuckDB reports a full spill folder as out of memory, naming its temp-size setting.
+        if "max_temp_directory_size" in text or "No space left" in text:
+            return (f"the duckdb engine ran out of disk space in its temporary folder "
+                    f"{self.folder} ({_first_line(error)}); free space there, or set TMPDIR "
+                    "to a folder on a disk with room for about twice the log, and rerun")
+        if isinstance(error, duckdb.OutOfMemoryException):
+            return (f"the duckdb engine ran out of memory under its cap of {self.memory_limit} "
+                    f"({_first_line(error)}); rerun with a larger --memory-limit if the "
+                    "machine has that much free, or on a machine with more memory")
+        raise error
 
     def _clean(self, con, config: PrepareConfig
                ) -> tuple[pd.DataFrame, list[str], list[str], dict[str, int]]:
@@ -188,12 +210,31 @@ class SpilledLog:
                 user_ids.take(users["u"]).to_pylist(), dropped)
 
 
+def _first_line(error: Exception) -> str:
+    """DuckDB's message without the advice lines it appends (SQL settings, links)."""
+    return str(error).strip().splitlines()[0]
+
+
+def check_memory_limit(memory_limit: str) -> None:
+    """Refuse a memory cap DuckDB cannot read, before any of the log is read."""
+    import duckdb
+
+    try:
+        duckdb.connect(":memory:", config={"memory_limit": memory_limit}).close()
+    except (duckdb.ParserException, duckdb.InvalidInputException) as error:
+        raise DataError(f"--memory-limit {memory_limit!r} is not a size DuckDB reads "
+                        f"({_first_line(error)}); give one such as 4GB") from None
+
+
 @contextmanager
-def spilled_log(chunks: Iterable[pd.DataFrame]) -> Iterator[SpilledLog]:
+def spilled_log(chunks: Iterable[pd.DataFrame],
+                memory_limit: str = MEMORY_LIMIT) -> Iterator[SpilledLog]:
     """Read ``chunks`` (from ``read_interaction_chunks``) into a ``SpilledLog`` in a
-    temporary folder (under $TMPDIR: about the log's size on disk), deleted on exit."""
+    temporary folder (under $TMPDIR: about the log's size on disk), deleted on exit;
+    DuckDB's memory cap is `memory_limit` (e.g. "2GB")."""
+    check_memory_limit(memory_limit)
     with tempfile.TemporaryDirectory(prefix="peftrec-prepare-") as work:
-        log = SpilledLog(Path(work))
+        log = SpilledLog(Path(work), memory_limit)
         (log.folder / "parts").mkdir()
         for number, df in enumerate(chunks):
             log.append(number, df)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peftrec.dataset_tools import BUILTIN_DATASETS, PrepareConfig, prepare_builtin, prepare_dataset
 from peftrec.dataset_tools.folder import ENGINES
+from peftrec.dataset_tools.out_of_core import MEMORY_LIMIT
 from peftrec.pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
 
 
@@ -36,6 +37,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    "pandas: in memory; "
                    "auto: duckdb where installed (pip install 'peftrec[streaming]'). "
                    "Both write the same folder")
+    p.add_argument("--memory-limit", default=MEMORY_LIMIT,
+                   help="--engine duckdb: DuckDB's memory cap (e.g. 4GB); sorts and "
+                   "aggregations beyond it spill to a temporary folder under $TMPDIR")
     p.add_argument("--output", "--output-dir", type=Path, required=True,
                    help="dataset folder to write: new, empty or an earlier dataset "
                    "folder (replaced atomically)")
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             items_path=args.items,
             user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
             rating_col=args.rating_col, items_item_col=args.items_item_col, engine=args.engine,
+            memory_limit=args.memory_limit,
         )
     print_statistics(folder)
 
