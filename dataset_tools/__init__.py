@@ -1,6 +1,6 @@
 """Read, clean, split and store interaction data as peftrec dataset folders."""
 
-from .atomic import atomic_directory, atomic_write
+from .atomic import atomic_directory, atomic_write, clean_interrupted_writes
 from .builtin import (
     BUILTIN_DATASETS,
     BUILTIN_SPLITS,
@@ -45,6 +45,7 @@ __all__ = [
     "SyntheticConfig",
     "atomic_directory",
     "atomic_write",
+    "clean_interrupted_writes",
     "build_image_store",
     "compute_domains",
     "deduplicate",

@@ -4,15 +4,44 @@ version."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# The hidden siblings below: `.NAME.tmp-PID-HEX` (a new folder being written), `.NAME.old-PID-HEX`
+# (the folder it replaces, until deleted), `.NAME.partial-PID-HEX` (a new file being written).
+_SIBLING = re.compile(r"\.(?P<name>.+)\.(?P<tag>tmp|old|partial)-\d+-[0-9a-f]{8}")
+
 
 def _sibling(path: Path, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def clean_interrupted_writes(folder: str | os.PathLike[str]) -> list[str]:
+    """Remove the temporary siblings that writes here left when their process was killed
+    (a half-written folder or file, a replaced folder not yet deleted), so that a folder
+    written again and again (a resumed run's) does not grow. A replaced folder whose
+    replacement never got its name (a kill between the two renames) is put back instead:
+    it is the last complete version. Call it only while no process writes in `folder`.
+    Returns the names cleaned."""
+    folder = Path(folder)
+    cleaned = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _SIBLING.fullmatch(path.name)
+        if match is None:
+            continue
+        target = folder / match["name"]
+        if match["tag"] == "old" and not target.exists():
+            path.rename(target)
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        cleaned.append(path.name)
+    return cleaned
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from peftrec.dataset_tools import atomic_write
+from peftrec.dataset_tools import atomic_write, clean_interrupted_writes
 from peftrec.dataset_tools.checkpoints import BEST_DIR, STATE_DIR, CheckpointError
 from peftrec.dataset_tools.integrity import damaged_file, write_checksums
 from peftrec.pretraining.evaluation import EvaluationProtocol, evaluate
@@ -285,6 +285,8 @@ class Trainer:
         """Train until `epochs` or early stopping; returns the training summary."""
         acc = self.accelerator
         if self.config.resume:
+            if acc.is_main_process:  # touches neither state/ nor state.old/, which all load
+                self._clean_interrupted_saves()
             self._load_state()
             if acc.is_main_process:  # epochs after the saved state (all without one) train again
                 self._drop_log_rows_after(self.state.epoch)
@@ -551,6 +553,19 @@ class Trainer:
                 final.rename(old)
             tmp.rename(final)
         acc.wait_for_everyone()
+
+    def _clean_interrupted_saves(self) -> None:
+        """Remove what saves cut short by a kill left in the run folder: a half-written
+        state.tmp/ and the hidden siblings of the atomic writes (`.best_model.tmp-...`),
+        so a run resumed again and again does not grow (see `clean_interrupted_writes`)."""
+        cleaned = clean_interrupted_writes(self.output_dir)
+        unfinished_state = self.output_dir / f"{STATE_DIR}.tmp"
+        if unfinished_state.exists():
+            shutil.rmtree(unfinished_state)
+            cleaned.append(unfinished_state.name)
+        if cleaned:
+            self.accelerator.print(f"--resume: cleaned up after interrupted saves: "
+                                   f"{', '.join(cleaned)}")
 
     def _apply_configured_lr(self) -> None:
         """Use this run's --lr and --scheduler after a restore, which brings back the saved
