@@ -91,8 +91,10 @@ def test_table_times_each_run_to_recbole_best_validation():
     assert "never reached RecBole's best validation NDCG@10 (0.0600) -> NOT met" in lines[1]
     assert "test NDCG@10 0.0300 vs RecBole's 0.0550 -> NOT met" in lines[1]
 
-    text = vs.report(rows, recbole["setup"])
+    text = vs.report(rows, recbole["setup"], {"users": 943, "order_differs": 83,
+                                              "targets_differ": 5})
     assert "anomaly detection off" in text and "943 users, 1,682 items" in text
+    assert "83 of 943 users' sequences are ordered differently" in text
     assert "| not reached |" in text
 
 
@@ -102,6 +104,20 @@ def test_a_ratio_within_the_target_is_met():
     quick["epochs"][0]["seconds"] = 7.0  # 0.05x RecBole's 140 s
     (line,) = vs.target_lines(vs.table_rows(recbole, {"defaults": quick}))
     assert "0.050x RecBole's 140 s -> met" in line
+
+
+def test_order_differences_replays_recbole_float32_timestamps(tmp_path):
+    # Over a 1e9 s span float32 cannot tell 900000000 from 900000001: RecBole keeps the
+    # file order of such a pair, peftrec the exact one.
+    rows = [("a", "i0", 0), ("a", "i2", 900_000_001), ("a", "i1", 900_000_000),
+            ("b", "i3", 1_000_000_000),
+            ("c", "i5", 500_000_001), ("c", "i4", 500_000_000), ("c", "i6", 700_000_000),
+            ("c", "i7", 800_000_000)]
+    inter = tmp_path / "x.inter"
+    inter.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                     + "".join(f"{u}\t{i}\t3\t{t}\n" for u, i, t in rows))
+    # a's validation and test targets swap; c's order differs before its targets only.
+    assert vs.order_differences(inter) == {"users": 3, "order_differs": 2, "targets_differ": 1}
 
 
 def test_both_systems_get_one_shape_and_protocol(tmp_path):
