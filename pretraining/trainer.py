@@ -6,7 +6,8 @@ Run folder layout (DESIGN.md, command-line contract):
                    checksums; state.old/ keeps the save before it, which a resume falls
                    back to when state/ is damaged
     log.jsonl      one JSON object per epoch (main process only); a resume drops the rows
-                   of epochs after its saved state, which it trains again
+                   of epochs after its saved state, which it trains again (and does not
+                   log to the trackers again: they got each row's epoch before the row)
 
 A NaN or inf training loss (`on_nan`) stops the run with an error that names the step, the
 batch's users and the last saved state, or skips that optimizer step ("skip"), counted in
@@ -235,6 +236,9 @@ class Trainer:
         )
         self.state = TrainerState()
         self.epoch_lr = config.lr
+        # Epochs the trackers already have (main process): a resume trains some again, to
+        # the same numbers, and does not log them twice.
+        self.tracked_epochs = 0
 
     def _early_frozen_parameters(self, model: torch.nn.Module
                                  ) -> list[tuple[list[torch.nn.Parameter], int]]:
@@ -289,7 +293,7 @@ class Trainer:
                 self._clean_interrupted_saves()
             self._load_state()
             if acc.is_main_process:  # epochs after the saved state (all without one) train again
-                self._drop_log_rows_after(self.state.epoch)
+                self.tracked_epochs = self._drop_log_rows_after(self.state.epoch)
         acc.init_trackers("peftrec", config=_flat_hparams(self.config))
         state, config = self.state, self.config
         while (state.epoch < config.epochs and not self._patience_spent()
@@ -521,11 +525,15 @@ class Trainer:
             "lr": self.epoch_lr,  # the rate of the epoch's last step
             "skipped_steps": state.skipped_steps,  # in the whole run so far (--on-nan skip)
         }
-        if acc.is_main_process:  # before the state: a resume from the one before drops it
+        # The trackers, then log.jsonl, then the state: a kill between two of them loses
+        # nothing (a resume from the state before trains the epoch again), and a row in
+        # log.jsonl tells a resume that the trackers have its epoch.
+        if state.epoch > self.tracked_epochs:
+            acc.log(_tracker_metrics(row), step=state.epoch)
+        if acc.is_main_process:  # a resume from the state before drops it
             with open(self.output_dir / LOG, "a") as log:
                 log.write(json.dumps(row) + "\n")
         self._save_state()
-        acc.log(_tracker_metrics(row), step=state.epoch)
         acc.print(
             f"epoch {state.epoch}: loss {train_loss:.4f}  valid {self.config.metric} {score:.4f}"
             f"  (best {state.best_metric:.4f} @ {state.best_epoch})  {seconds:.1f}s"
@@ -601,23 +609,25 @@ class Trainer:
             f"batch {self.state.batches_in_epoch}, step {self.state.global_step}"
         )
 
-    def _drop_log_rows_after(self, epoch: int) -> None:
+    def _drop_log_rows_after(self, epoch: int) -> int:
         """Keep log.jsonl's rows up to `epoch` (those of the state a resume continues from):
         a run killed after logging an epoch but before saving its state trains it again.
-        A row cut short by the kill is dropped too."""
+        A row cut short by the kill is dropped too. Returns the last epoch it had a whole
+        row of (the trackers have it too: they are logged first)."""
         path = self.output_dir / LOG
         if not path.is_file():
-            return
-        kept = []
+            return 0
+        kept, last_logged = [], 0
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 break
-            if row["epoch"] > epoch:
-                break
-            kept.append(line + "\n")
+            last_logged = row["epoch"]
+            if row["epoch"] <= epoch:
+                kept.append(line + "\n")
         atomic_write(path, "".join(kept))
+        return last_logged
 
 
 def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig,
