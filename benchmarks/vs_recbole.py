@@ -153,18 +153,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def run_timed(command: list[str], run_dir: Path, env: dict[str, str] | None = None,
-              cwd: Path = ROOT) -> None:
-    """Run `command`, logging each output line to run_dir/output.log as '<wall seconds since
-    launch>\t<CPU seconds the process has used>\t<line>' (and echoing it); run_dir/run.json
-    (the command and the load average before and after) is written last, so it marks a
-    finished run. CPU seconds are the fairer clock on a machine shared with other jobs."""
+def run_timed(command: list[str], run_dir: Path, threads: int,
+              env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+    """Run `command` with `threads` torch threads, logging each output line to
+    run_dir/output.log as '<wall seconds since launch>\t<CPU seconds the process has
+    used>\t<line>' (and echoing it); run_dir/run.json (the command and the load average
+    before and after) is written last, so it marks a finished run. CPU seconds are the
+    fairer clock on a machine shared with other jobs."""
     run_dir.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
     with (open(run_dir / "output.log", "w") as log,
           subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+                           text=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                           "OMP_NUM_THREADS": str(threads), **(env or {})}
                            ) as process):
         for line in process.stdout:
             # Readable to the end: the process is reaped only when the with block waits.
@@ -212,13 +214,14 @@ def recbole_dataset_folder(venv: Path) -> Path:
     return found[0]
 
 
-def run_recbole(venv: Path, run_dir: Path, seed: int, batch_size: int) -> None:
+def run_recbole(venv: Path, run_dir: Path, seed: int, batch_size: int, threads: int) -> None:
     python = recbole_python(venv)
     settings = recbole_settings(recbole_dataset_folder(venv), seed, batch_size)
     command = [str(python), str(Path(__file__).resolve()), "--recbole-worker",
                json.dumps(settings)]
     # RecBole's checkpoints are whole pickles, which torch >= 2.6 refuses to load by default.
-    run_timed(command, run_dir, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}, cwd=run_dir)
+    run_timed(command, run_dir, threads, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+              cwd=run_dir)
 
 
 def prepare_peftrec_data(venv: Path, data_dir: Path) -> None:
@@ -232,11 +235,12 @@ def prepare_peftrec_data(venv: Path, data_dir: Path) -> None:
                     "--output", str(data_dir)], cwd=ROOT, check=True)
 
 
-def run_peftrec(data_dir: Path, run_dir: Path, seed: int, flags: list[str]) -> None:
+def run_peftrec(data_dir: Path, run_dir: Path, seed: int, flags: list[str], threads: int
+                ) -> None:
     command = [sys.executable, "scripts/pretrain_id.py", "--dataset", str(data_dir.resolve()),
                "--output-dir", str((run_dir / "run").resolve()), *PEFTREC_SHAPE,
                "--seed", str(seed), "--cpu", "--report-to", "none", *flags]
-    run_timed(command, run_dir, env={"HF_HUB_OFFLINE": "1"})
+    run_timed(command, run_dir, threads, env={"HF_HUB_OFFLINE": "1"})
 
 
 # ---------------------------------------------------------------------- summarising
@@ -432,6 +436,9 @@ def main() -> None:
                         help="RecBole's virtual environment (created on first use)")
     parser.add_argument("--seed", type=int, default=42, help="both systems' seed")
     parser.add_argument("--recbole-batch-size", type=int, default=256)
+    # On a machine shared with other jobs, a two-thread run waits for its second thread at
+    # every operator; RecBole's many small ones suffer most (measured: ~10x its CPU time).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run")
     parser.add_argument("--only", nargs="*", choices=[name for name, _ in ROWS],
                         help="run only these peftrec rows (RecBole always runs)")
     parser.add_argument("--summary-only", action="store_true",
@@ -451,10 +458,11 @@ def main() -> None:
         for name, flags in rows:
             if not finished(run_folder(output_dir, name)):
                 start_afresh(run_folder(output_dir, name))
-                run_peftrec(data_dir, run_folder(output_dir, name), args.seed, flags)
+                run_peftrec(data_dir, run_folder(output_dir, name), args.seed, flags,
+                            args.threads)
         if not finished(recbole_dir):
             start_afresh(recbole_dir)
-            run_recbole(venv, recbole_dir, args.seed, args.recbole_batch_size)
+            run_recbole(venv, recbole_dir, args.seed, args.recbole_batch_size, args.threads)
     if not finished(recbole_dir):
         raise SystemExit(f"error: no finished RecBole run in {recbole_dir}; run without "
                          "--summary-only")

@@ -136,16 +136,18 @@ def test_both_systems_get_one_shape_and_protocol(tmp_path):
 
 
 def test_run_timed_stamps_every_line_and_marks_the_end(tmp_path):
-    vs.run_timed([sys.executable, "-c", "print('a'); print('b')"], tmp_path / "run")
+    script = "import os; print('a'); print(os.environ['OMP_NUM_THREADS'])"
+    vs.run_timed([sys.executable, "-c", script], tmp_path / "run", threads=3)
     lines = vs.timed_lines((tmp_path / "run" / "output.log").read_text())
-    assert [text for _, _, text in lines] == ["a", "b"]
+    assert [text for _, _, text in lines] == ["a", "3"]
     assert all(wall >= 0 and cpu >= 0 for wall, cpu, _ in lines)
     assert vs.finished(tmp_path / "run")
 
 
 def test_a_failed_run_is_one_line_and_not_finished(tmp_path):
     with pytest.raises(SystemExit, match=r"failed \(exit 3\); its output is in .*output.log"):
-        vs.run_timed([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path / "run")
+        vs.run_timed([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path / "run",
+                     threads=1)
     assert not vs.finished(tmp_path / "run")
 
 
