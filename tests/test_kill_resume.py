@@ -97,14 +97,19 @@ def run_script(script: str, argv: list[str], kill_at: str | None = None,
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
-def killed_then_resumed(script: str, argv: list[str], kill_at: str, tmp_path: Path) -> None:
+def killed_then_resumed(script: str, argv: list[str], kill_points: list[str],
+                        tmp_path: Path) -> None:
+    """Run the script killed at the first of `kill_points`, resume it killed at the next, and
+    so on, then resume it to the end. Each point counts from the start of its own process:
+    one process per kill, not a fresh run and a resume each."""
     hook = tmp_path / "kill_hook.py"
     hook.write_text(HOOK)
-    killed = run_script(script, argv, kill_at, hook)
-    if kill_at.startswith("time"):  # it may land after the run ended
-        assert killed.returncode in (0, -signal.SIGKILL), failure_report(killed)
-    else:
-        assert killed.returncode == -signal.SIGKILL, failure_report(killed)
+    for number, kill_at in enumerate(kill_points):
+        killed = run_script(script, argv if number == 0 else [*argv, "--resume"], kill_at, hook)
+        if kill_at.startswith("time"):  # it may land after the run ended
+            assert killed.returncode in (0, -signal.SIGKILL), failure_report(killed)
+        else:
+            assert killed.returncode == -signal.SIGKILL, f"{kill_at}: {failure_report(killed)}"
     resumed = run_script(script, [*argv, "--resume"])
     assert resumed.returncode == 0, failure_report(resumed)
 
@@ -131,16 +136,21 @@ def uninterrupted(tiny_dataset_dir, tmp_path_factory) -> Path:
     return run
 
 
-# step 6: mid-epoch 2, resumed from the state of step 3 (mid-epoch 1); eval 6: the second
-# validation; save 2: the optimizer file of the state of step 3 (each state writes the model,
-# the optimizer, the scheduler); save 4: the best checkpoint of epoch 1.
+# A state is saved every 3 steps and at each epoch's end (4 steps an epoch); each writes
+# the model, the optimizer, the scheduler. Each kill leaves the run folder as the same kill
+# in a fresh run would (counted there: save 2, save 4, step 6, eval 6):
+#   save 2: half-way through the optimizer file of the first state (step 3): no state
+#           saved, so the resume starts fresh and counts its writes as a fresh run does;
+#   save 4: half-way through the best checkpoint of epoch 1, after the state of step 3;
+#   step 3: resumed from step 3, before step 6 (mid-epoch 2);
+#   eval 2: resumed from epoch 1's end, in the second batch of epoch 2's validation;
+#   time 3: resumed from step 6, a random time up to 3 s after its first step.
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["step:6", "eval:6", "save:2", "save:4", "time:3"])
-def test_pretraining_killed_anywhere_resumes_exactly(uninterrupted, tiny_dataset_dir,
-                                                     tmp_path, kill_at):
+def test_pretraining_killed_anywhere_resumes_exactly(uninterrupted, tiny_dataset_dir, tmp_path):
     run = tmp_path / "run"
     killed_then_resumed("pretrain_id.py", ["--dataset", str(tiny_dataset_dir), "--output-dir",
-                                           str(run), *PRETRAIN], kill_at, tmp_path)
+                                           str(run), *PRETRAIN],
+                        ["save:2", "save:4", "step:3", "eval:2", "time:3"], tmp_path)
     assert_same_run(run, uninterrupted, "model.safetensors")
 
 
@@ -154,13 +164,15 @@ def adapter_runs(uninterrupted, target_dir, tmp_path_factory) -> tuple[list[str]
     return argv, run
 
 
-# step 4: mid-epoch 2 (3 steps per epoch); save 4: the adapter checkpoint of epoch 1 (after
-# the state of step 3).
+# 3 steps an epoch: the state of step 3 is saved before epoch 1's validation. As counted
+# in a fresh run: eval 2, save 4, step 4:
+#   eval 2: in the second batch of epoch 1's validation (the state of step 3 saved);
+#   save 1: resumed from step 3, half-way through the adapter checkpoint of epoch 1;
+#   step 1: resumed from step 3 again, before step 4 (mid-epoch 2).
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["step:4", "eval:2", "save:4"])
-def test_an_adapter_run_killed_anywhere_resumes_exactly(adapter_runs, tmp_path, kill_at):
+def test_an_adapter_run_killed_anywhere_resumes_exactly(adapter_runs, tmp_path):
     argv, reference = adapter_runs
     run = tmp_path / "run"
-    killed_then_resumed("adapter_houlsby.py", [*argv, "--output-dir", str(run)], kill_at,
-                        tmp_path)
+    killed_then_resumed("adapter_houlsby.py", [*argv, "--output-dir", str(run)],
+                        ["eval:2", "save:1", "step:1"], tmp_path)
     assert_same_run(run, reference, "adapter_model.safetensors")
