@@ -4,6 +4,7 @@ helpers (functions, constants) live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A target domain with another catalog (30 items, other users) than the source."""
     from peftrec.dataset_tools import PrepareConfig, prepare_dataset
@@ -48,11 +49,12 @@ def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def text_base(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
-              ) -> tuple[Path, Path]:
+@pytest.fixture(scope="session")
+def text_pretraining(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                     ) -> tuple[Path, Path]:
     """A text SASRec (tiny BERT without dropout, frozen + cached) pretrained on
-    `tiny_dataset_dir` with the full softmax; (run, encoder cache)."""
+    `tiny_dataset_dir` with the full softmax, once a session; (run, encoder cache). Tests
+    take it through `text_base`."""
     from peftrec.pretraining.cli import parse_args, pretrain_parser
     from peftrec.pretraining.pipeline import pretrain
 
@@ -64,6 +66,18 @@ def text_base(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
         "--encoder", str(encoder), "--text-template", "{title} ({genre})",
         "--encoder-cache-dir", str(root / "cache"), *MODEL, *TRAIN]))
     return run, root / "cache"
+
+
+@pytest.fixture(scope="module")
+def text_base(text_pretraining: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, Path]:
+    """`text_pretraining`'s run and a copy of its encoder cache for each module: a module
+    that fills the cache (other items, other layers) or counts encoder passes sees only
+    its own entries."""
+    run, cache = text_pretraining
+    copy = tmp_path_factory.mktemp("text_cache") / "cache"
+    shutil.copytree(cache, copy)
+    return run, copy
 
 
 @pytest.fixture
