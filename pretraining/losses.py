@@ -17,13 +17,103 @@ def full_softmax_loss(
     """Cross-entropy over every real item, averaged over positions that have a target.
 
     states [..., d], catalog [N + 1, d] (row 0 = padding, never a candidate), targets [...]
-    in 1..N, or 0 where there is no target (ignored). `item_offsets` [..., N + 1] are
-    added to each position's logits (e.g. the repeat bias of already-seen items).
+    in 1..N, or 0 where there is no target (ignored). `item_offsets` are added to each
+    position's logits (e.g. the repeat bias of already-seen items): [..., N + 1], one row
+    per position, or [N + 1], shared by all.
+
+    The logits are made a block of positions at a time (`logit_block_rows`), and each block
+    goes straight to its loss and, when a gradient is needed, to its share of the gradients
+    (`_BlockwiseCrossEntropy`). `F.cross_entropy` over the whole logits made them, their
+    log-softmax and both their gradients, each [positions, N], every step: on CPU that
+    took as long as the three matrix products (benchmarks/roofline.py). Now no [positions,
+    N] tensor outlives its block, but the gradient of per-position offsets that need one.
     """
-    logits = states @ catalog[1:].T
-    if item_offsets is not None:
-        logits = logits + item_offsets[..., 1:]
-    return F.cross_entropy(logits.flatten(0, -2), (targets - 1).flatten(), ignore_index=-1)
+    width = states.shape[-1]
+    states, targets = states.reshape(-1, width), targets.reshape(-1)
+    if item_offsets is not None and item_offsets.dim() > 1:
+        item_offsets = item_offsets.reshape(len(states), -1)
+    inputs = (states, catalog, item_offsets)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _BlockwiseCrossEntropy.apply(states, catalog, targets, item_offsets)
+    return blockwise_cross_entropy(states, catalog, targets, item_offsets)[0]
+
+
+def logit_block_rows(num_items: int, device: torch.device) -> int:
+    """Positions whose logits are made at once: about 2M logits (8 MB) on CPU, which stays
+    in the cache and under glibc's 32 MB mmap threshold (a larger block is a fresh mapping,
+    page-faulted in, every time); 64M (256 MB) on an accelerator, one block for most
+    catalogs, as one matrix product was before."""
+    logits = 2**21 if device.type == "cpu" else 2**26
+    return max(1, logits // num_items)
+
+
+def blockwise_cross_entropy(
+    states: torch.Tensor,
+    catalog: torch.Tensor,
+    targets: torch.Tensor,
+    item_offsets: torch.Tensor | None,
+    gradients: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean cross-entropy of states [P, d] over items 1..N of catalog [N + 1, d], and
+    its gradients with respect to those of "states", "catalog" and "offsets" ([P, N + 1]
+    or [N + 1]) named in `gradients`, computed one block of positions at a time."""
+    items = catalog[1:]
+    has_target = targets > 0
+    count = has_target.sum()
+    weight = has_target / count  # each position's share of the mean: 1 / count, or 0
+    total = states.new_zeros((), dtype=torch.float32)
+    inputs = {"states": states, "catalog": catalog, "offsets": item_offsets}
+    grads = {name: torch.zeros_like(inputs[name]) for name in gradients}
+    rows = logit_block_rows(len(items), states.device)
+    for start in range(0, len(states), rows):
+        block = slice(start, start + rows)
+        block_states, block_targets = states[block], (targets[block] - 1).clamp_min(0)[:, None]
+        logits = (block_states @ items.T).float()
+        if item_offsets is not None:
+            logits += item_offsets[1:] if item_offsets.dim() == 1 else item_offsets[block, 1:]
+        # One softmax kernel, then log-sum-exp = max - log(the largest probability): exact
+        # where -log(probability of the target) would underflow.
+        probs = torch.softmax(logits, dim=1)
+        log_sum_exp = logits.amax(1) - probs.amax(1).log()
+        losses = log_sum_exp - logits.gather(1, block_targets).squeeze(1)
+        total += torch.where(has_target[block], losses, 0.0).sum()
+        if not gradients:
+            continue
+        # d loss / d logits = (softmax - one-hot of the target) * weight
+        block_weight = weight[block][:, None]
+        grad = probs.mul_(block_weight).scatter_add_(1, block_targets, -block_weight)
+        grad = grad.to(items.dtype)
+        if "states" in grads:
+            grads["states"][block] = grad @ items
+        if "catalog" in grads:
+            grads["catalog"][1:].addmm_(grad.T, block_states)
+        if "offsets" in grads and item_offsets.dim() == 1:
+            grads["offsets"][1:] += grad.sum(0)
+        elif "offsets" in grads:
+            grads["offsets"][block, 1:] = grad
+    return total / count, grads
+
+
+class _BlockwiseCrossEntropy(torch.autograd.Function):
+    """`blockwise_cross_entropy` whose gradients are made in the forward, block by block,
+    and only scaled by the incoming gradient in the backward."""
+
+    inputs = ("states", "catalog", "targets", "offsets")  # forward's, in order
+
+    @staticmethod
+    def forward(ctx, states, catalog, targets, item_offsets):
+        needed = tuple(name for name, needs in zip(_BlockwiseCrossEntropy.inputs,
+                                                   ctx.needs_input_grad, strict=True) if needs)
+        loss, grads = blockwise_cross_entropy(states, catalog, targets, item_offsets, needed)
+        ctx.needed = needed
+        ctx.save_for_backward(*grads.values())
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = dict(zip(ctx.needed, ctx.saved_tensors, strict=True))
+        return tuple(grads[name] * grad_loss if name in grads else None
+                     for name in _BlockwiseCrossEntropy.inputs)
 
 
 def sampled_softmax_loss(
