@@ -89,6 +89,15 @@ def seen_items(input_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
     return seen[:, columns]
 
 
+# On CPU, `DotProductScorer.query` encodes at most this many positions (users x padded
+# length) at once: at feed-forward width 256 the widest activation is then 16 MB, below
+# glibc's 32 MB mmap threshold. A larger tensor is a fresh mapping, page-faulted in by
+# the kernel each time it is made: ML-1M's evaluation forward (200 positions) took 1.6x
+# its FLOP bound at 256 users a batch against 1.4x at 64 (benchmarks/roofline.py), and
+# the same at both with glibc's threshold raised. An accelerator takes the whole batch.
+CPU_QUERY_POSITIONS = 2**14
+
+
 class DotProductScorer:
     """Scores = the state at the last position . the item vectors (+ the repeat bias);
     trained with the full or sampled softmax on every position's next item. For backbones
@@ -164,7 +173,10 @@ class DotProductScorer:
         """The state at the last position [B, d]; with --repeat-bias, a `HistoryQuery` that
         also knows the inputs' items."""
         input_ids = batch["input_ids"]
-        state = model.encode(input_ids)[:, -1]
+        rows = len(input_ids)
+        if input_ids.device.type == "cpu":
+            rows = max(1, CPU_QUERY_POSITIONS // input_ids.shape[1])
+        state = torch.cat([model.encode(part)[:, -1] for part in input_ids.split(rows)])
         return HistoryQuery(state, input_ids) if model.config.repeat_bias else state
 
     def score_items(self, model: SequentialRecommender, query: torch.Tensor | HistoryQuery,
