@@ -14,28 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from peftrec.pretraining.cli import parse_args, pretrain_parser
-from peftrec.pretraining.pipeline import pretrain
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "end_to_end_gpu.sh"
-SMALL = ["--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32", "--max-len", "20",
-         "--report-to", "none", "--cpu"]
 ROWS = "full fine-tuning b32|houlsby both top:1 + projection b32"
+# Loaded by every Python the script starts (PYTHONPATH): a training run, once its first
+# epoch is saved, waits for the deadline instead of training on. The deadline still finds
+# it training, and the test does not spend the deadline's seconds of CPU in every run.
+# A run finishing with --resume is never held.
+WAIT_AFTER_FIRST_EPOCH = """
+import sys, time
 
+if sys.argv[0].startswith("scripts/") and "--resume" not in sys.argv:
+    from peftrec.pretraining.trainer import Trainer
 
-@pytest.fixture(scope="module")
-def text_source(tiny_dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """A text SASRec on a tiny BERT (frozen, cached); (run, encoder cache)."""
-    from tests.helpers import save_bert
-
-    root = tmp_path_factory.mktemp("e2e_source")
-    encoder = save_bert(root / "bert", dropout=0.0)
-    pretrain(parse_args(pretrain_parser("t", modality="text"), [
-        "--dataset", str(tiny_dataset_dir), "--output-dir", str(root / "run"), "--epochs", "1",
-        "--encoder", str(encoder), "--text-template", "{title} ({genre})",
-        "--encoder-cache-dir", str(root / "cache"), *SMALL]))
-    return root / "run", root / "cache"
+    end_epoch = Trainer._end_epoch
+    def end_epoch_then_wait(self, *args):
+        end_epoch(self, *args)
+        time.sleep(3600)
+    Trainer._end_epoch = end_epoch_then_wait
+"""
 
 
 def run_script(source: Path, root: Path, **env: str) -> subprocess.CompletedProcess:
@@ -47,12 +44,16 @@ def run_script(source: Path, root: Path, **env: str) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 def test_the_runs_are_stopped_at_the_deadline_finished_and_summarised(
-        text_source, tiny_dataset_dir, tmp_path):
-    source, cache = text_source
+        text_base, tiny_dataset_dir, tmp_path):
+    source, cache = text_base
     root = tmp_path / "runs"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WAIT_AFTER_FIRST_EPOCH)
+    python_path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     done = run_script(source, root, TARGET=str(tiny_dataset_dir), DEADLINE="45",
                       EPOCHS="100000", PATIENCE="100000", COPY_TO=str(tmp_path / "out"),
-                      EXTRA=f"--cpu --encoder-cache-dir {cache}")
+                      EXTRA=f"--cpu --encoder-cache-dir {cache}", PYTHONPATH=python_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "deadline: stopping the runs still training" in done.stdout
     for folder in ("full-fine-tuning-b32", "houlsby-both-top1-+-projection-b32"):
@@ -79,8 +80,8 @@ def test_the_runs_are_stopped_at_the_deadline_finished_and_summarised(
     assert "== done" in done.stdout
 
 
-def test_a_row_the_grid_does_not_have_is_refused_before_training(text_source, tmp_path):
-    source, _ = text_source
+def test_a_row_the_grid_does_not_have_is_refused_before_training(text_base, tmp_path):
+    source, _ = text_base
     done = run_script(source, tmp_path / "runs", ROWS="full fine-tuning b32|no such row")
     assert done.returncode == 2 and "ROWS ['no such row']: not rows of" in done.stderr
     assert not (tmp_path / "runs").exists()
