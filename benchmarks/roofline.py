@@ -9,7 +9,8 @@ speed: each workload's measured time against its FLOP bound.
    count as zero).
 3. The workload itself, timed end to end: the full-softmax training step (`model.loss`,
    backward, AdamW) and `pretraining.evaluation.evaluate` over every user, with the
-   forward (`model.query`) also timed alone.
+   forward (`model.query`) also timed alone; each `--runs` times, after the bound, and
+   reported by the median (every run's ratio is listed: the machine may be shared).
 
 Shapes (defaults): training as in the issue (batch 64 x 50 positions, 10,000 items),
 evaluation as ML-1M (6,040 users x 200 positions, 3,416 items, batch 256); d 64, 2 layers,
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from results import write_result
-from tables import markdown
+from tables import markdown, number
 
 HIDDEN, LAYERS, HEADS, FFN = 64, 2, 2, 256
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5,
                         help="timings per matmul shape (the best counts)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="timings of each workload (the median counts)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: this process's CPU time, which other jobs on a shared "
@@ -187,21 +191,29 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [{"product": p.name, "shape": f"{p.batch} x [{p.m}, {p.k}] @ [{p.k}, {p.n}]",
                "GFLOP/s": speed[(p.batch, p.m, p.k, p.n)]} for p in train + per_batch]
 
-    step = time_training_step(args.train_batch, args.train_length, args.train_items,
-                              args.steps, clock)
-    total, forward = time_evaluation(args.eval_users, args.eval_length, args.eval_items,
-                                     args.eval_batch, clock)
+    steps, totals, forwards = [], [], []
+    for _ in range(args.runs):
+        steps.append(time_training_step(args.train_batch, args.train_length,
+                                        args.train_items, args.steps, clock))
+        total, forward = time_evaluation(args.eval_users, args.eval_length, args.eval_items,
+                                         args.eval_batch, clock)
+        totals.append(total)
+        forwards.append(forward)
     forward_only = [p for p in evaluation if p.name != "logits"]
     rows = []
-    for name, products, seconds in (
-            ("training step", train, step),
-            ("evaluation", evaluation, total),
-            ("evaluation forward (query)", forward_only, forward)):
+    for name, products, runs in (
+            ("training step", train, steps),
+            ("evaluation", evaluation, totals),
+            ("evaluation forward (query)", forward_only, forwards)):
         bound = bound_seconds(products, speed)
+        seconds = statistics.median(runs)
         rows.append({"workload": name, "GFLOP": sum(p.flops for p in products) / 1e9,
-                     "seconds": seconds, "bound seconds": bound, "ratio": seconds / bound})
+                     "seconds": seconds, "bound seconds": bound, "ratio": seconds / bound,
+                     "ratio per run": ", ".join(f"{s / bound:.2f}" for s in runs)})
     load_after = os.getloadavg()[0]
-    table = markdown(rows, ["workload", "GFLOP", "seconds", "bound seconds", "ratio"])
+    table = markdown(rows, ["workload", "GFLOP", "seconds", "bound seconds", "ratio",
+                            "ratio per run"],
+                     lambda column, value: f"{value:.2f}" if column == "ratio" else number(value))
     shape_table = markdown(shapes, ["product", "shape", "GFLOP/s"])
     note = (f"CPU, {os.cpu_count()} cores, {args.threads} torch threads, {args.clock} clock "
             "(seconds are CPU seconds with the cpu clock); load average "
@@ -210,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
             f"softmax, AdamW. Evaluation: {args.eval_users:,} users x {args.eval_length}, "
             f"{args.eval_items:,} items, batch {args.eval_batch}. d {HIDDEN}, {LAYERS} layers, "
             f"{HEADS} heads, feed-forward {FFN}. Bound: each product's FLOPs at the GFLOP/s "
-            "measured for its shape alone; ratio = seconds / bound.")
+            f"measured for its shape alone; ratio = median seconds of {args.runs} runs / "
+            "bound.")
     text = f"{table}\n\n{shape_table}\n\n{note}\n"
     print(text)
     if args.results:

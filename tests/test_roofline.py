@@ -34,8 +34,11 @@ def test_a_tiny_run_prints_every_workload_against_its_bound(roofline, capsys):
     roofline.main(["--train-batch", "2", "--train-length", "5", "--train-items", "30",
                    "--steps", "1", "--eval-users", "5", "--eval-length", "5",
                    "--eval-items", "20", "--eval-batch", "4", "--repeats", "1",
-                   "--threads", "1", "--clock", "cpu"])
+                   "--threads", "1", "--clock", "cpu", "--runs", "3"])
     out = capsys.readouterr().out
     for workload in ("training step", "evaluation", "evaluation forward (query)"):
-        assert f"| {workload} |" in out
+        row = next(line for line in out.splitlines() if line.startswith(f"| {workload} |"))
+        ratio, per_run = row.removesuffix(" |").split(" | ")[-2:]
+        runs = sorted(per_run.split(", "), key=float)
+        assert len(runs) == 3 and ratio == runs[1]  # the median run's
     assert "| logits dB | 1 x [64, 10] @ [10, 30] |" in out
