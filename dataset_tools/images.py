@@ -40,6 +40,25 @@ _BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBom
 Loader = Callable[[], bytes]  # reads one source image's bytes
 
 
+@dataclass(kw_only=True)
+class ImageStoreSettings:
+    """The settings of scripts/build_image_store.py (a flag each, pretraining.cli)."""
+
+    source: Path = field(metadata={
+        "help": "folder or zip of <item_id>.<ext> images, or CSV item_id,path"})
+    output_dir: Path = field(metadata={"help": "store folder to write (replaced atomically)"})
+    size: int = field(default=224, metadata={"help": "side of the square images in pixels"})
+    format: str = field(default="JPEG", metadata={"choices": IMAGE_FORMATS,
+                                                  "help": "stored encoding"})
+    items: Path | None = field(default=None, metadata={
+        "help": "dataset folder, or item table (.tsv, .csv, .jsonl, RecBole .item)"})
+    item_col: str = field(default="item_id", metadata={
+        "help": "item id column of an --items table"})
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "store the readable images and list the missing/unreadable ones, instead of "
+        "refusing to build"})
+
+
 @dataclass
 class ImageStoreReport:
     """What a build wrote and what it could not: (item id, reason) pairs, never dropped."""

@@ -15,27 +15,16 @@ import argparse
 from pathlib import Path
 
 from peftrec.dataset_tools import load_dataset_folder, read_items
-from peftrec.dataset_tools.images import IMAGE_FORMATS, build_image_store
-from peftrec.pretraining.cli import cli_parser, parse_args, run_main
+from peftrec.dataset_tools.images import ImageStoreSettings, build_image_store
+from peftrec.pretraining.cli import add_settings, cli_parser, parse_args, run_main
 
 _ITEM_TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".item": "recbole"}  # else tsv
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli_parser(__doc__)
-    p.add_argument("--source", type=Path, required=True,
-                   help="folder or zip of <item_id>.<ext> images, or CSV item_id,path")
-    p.add_argument("--output-dir", type=Path, required=True,
-                   help="store folder to write (replaced atomically)")
-    p.add_argument("--size", type=int, default=224, help="side of the square images in pixels")
-    p.add_argument("--format", choices=IMAGE_FORMATS, default="JPEG", help="stored encoding")
-    p.add_argument("--items", type=Path,
-                   help="dataset folder, or item table (.tsv, .csv, .jsonl, RecBole .item)")
-    p.add_argument("--item-col", default="item_id", help="item id column of an --items table")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="store the readable images and list the missing/unreadable ones "
-                   "(default: refuse to build)")
-    return parse_args(p, argv)
+    parser = cli_parser(__doc__)
+    add_settings(parser, ImageStoreSettings)
+    return parse_args(parser, argv)
 
 
 def read_item_ids(path: Path, item_col: str) -> list[str]:
