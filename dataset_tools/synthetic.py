@@ -144,6 +144,13 @@ class SyntheticConfig:
             )
 
 
+@dataclass
+class SyntheticLogFolder:
+    """Where scripts/generate_synthetic.py writes the log (a flag, pretraining.cli)."""
+
+    output_dir: Path = field(metadata={"help": "folder to write (replaced atomically)"})
+
+
 def _as_int(config: SyntheticConfig, name: str) -> int:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

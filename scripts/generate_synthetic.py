@@ -10,18 +10,20 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from peftrec.dataset_tools.synthetic import SyntheticConfig, write_synthetic_log
+from peftrec.dataset_tools.synthetic import (
+    SyntheticConfig,
+    SyntheticLogFolder,
+    write_synthetic_log,
+)
 from peftrec.pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = cli_parser(__doc__)
-    add_settings(p, SyntheticConfig)
-    p.add_argument("--output-dir", type=Path, required=True,
-                   help="folder to write (replaced atomically)")
-    return parse_args(p, argv)
+    parser = cli_parser(__doc__)
+    add_settings(parser, SyntheticConfig)
+    add_settings(parser, SyntheticLogFolder)
+    return parse_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
