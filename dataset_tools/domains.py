@@ -26,6 +26,7 @@ written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -54,6 +55,34 @@ from .folder import (
 
 SIDES = ("source", "target")
 MULTI_VALUE_SEPARATORS = re.compile(r"[\s|,]+")
+
+
+@dataclass(kw_only=True)
+class SplitSettings:
+    """The settings of scripts/split_domains.py (a flag each, pretraining.cli)."""
+
+    dataset: str = field(metadata={
+        "help": "built-in name (ml-100k, ml-1m, ...) or a dataset folder"})
+    # The flag is --field: below this line `field` in the class body is this setting,
+    # so the fields after it call dataclasses.field.
+    field: str = field(metadata={
+        "help": "item table column that decides the domain (e.g. genre)"})
+    # One of these two: the group is exclusive and required.
+    source_values: str | None = dataclasses.field(default=None, metadata={
+        "help": "comma-separated values: an item whose value (or first value of a "
+        "multi-valued field) is listed goes to the source"})
+    source_range: str | None = dataclasses.field(default=None, metadata={
+        "help": "LO,HI: items with LO <= value < HI go to the source (',1990': < 1990; "
+        "'1990,': >= 1990)"})
+    source_output: Path = dataclasses.field(metadata={"help": "source dataset folder to write"})
+    target_output: Path = dataclasses.field(metadata={"help": "target dataset folder to write"})
+    source_name: str | None = dataclasses.field(default=None, metadata={
+        "help": "source dataset name (default: its folder's name)"})
+    target_name: str | None = dataclasses.field(default=None, metadata={
+        "help": "target dataset name (default: its folder's name)"})
+
+
+RULE_SETTINGS = ("source_values", "source_range")
 
 
 @dataclass(frozen=True)

@@ -20,33 +20,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from peftrec.dataset_tools import SplitRule, describe_split, split_domains
+from peftrec.dataset_tools.domains import RULE_SETTINGS, SplitSettings
 from peftrec.pretraining.cli import RunSettings, add_settings, cli_parser, parse_args, run_main
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = cli_parser(__doc__)
-    p.add_argument("--dataset", required=True,
-                   help="built-in name (ml-100k, ml-1m, ...) or a dataset folder")
-    add_settings(p, RunSettings, ("cache_dir",))
-    p.add_argument("--field", required=True,
-                   help="item table column that decides the domain (e.g. genre)")
-    rule = p.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--source-values",
-                      help="comma-separated values: an item whose value (or first value of a "
-                      "multi-valued field) is listed goes to the source")
-    rule.add_argument("--source-range",
-                      help="LO,HI: items with LO <= value < HI go to the source (',1990': "
-                      "< 1990; '1990,': >= 1990)")
-    p.add_argument("--source-output", type=Path, required=True,
-                   help="source dataset folder to write")
-    p.add_argument("--target-output", type=Path, required=True,
-                   help="target dataset folder to write")
-    p.add_argument("--source-name", help="source dataset name (default: its folder's name)")
-    p.add_argument("--target-name", help="target dataset name (default: its folder's name)")
-    return parse_args(p, argv)
+    parser = cli_parser(__doc__)
+    add_settings(parser, SplitSettings, exclude=RULE_SETTINGS)
+    add_settings(parser.add_mutually_exclusive_group(required=True), SplitSettings,
+                 RULE_SETTINGS)
+    add_settings(parser, RunSettings, ("cache_dir",))
+    return parse_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
