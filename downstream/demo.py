@@ -8,12 +8,29 @@ finished runs and resumes interrupted ones, then prints the table.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftrec.dataset_tools.checkpoints import METRICS, RUN_CONFIG
 from peftrec.downstream.cli import finetune_parser, run_finetune
 from peftrec.pretraining.cli import parse_args, pretrain_parser
 from peftrec.pretraining.pipeline import format_metrics_table, pretrain
+
+
+@dataclass
+class DemoSettings:
+    """The settings of scripts/transfer_demo.py (a flag each, pretraining.cli)."""
+
+    source: str = field(default="ml-1m", metadata={
+        "help": "dataset the text SASRec is pretrained on (built-in name or folder)"})
+    target: str = field(default="ml-100k", metadata={
+        "help": "dataset it is fine-tuned on (built-in name or folder)"})
+    output_dir: Path = field(default=Path("runs/demo"), metadata={
+        "help": "folder of the demo's run folders (finished runs are reused)"})
+    encoder: str = field(default="minilm", metadata={"help": "text encoder (folder or minilm)"})
+    pretrain_epochs: int = field(default=5, metadata={"help": "epochs of pretraining"})
+    finetune_epochs: int = field(default=10, metadata={"help": "epochs of each fine-tuning run"})
+
 
 # name -> (adapter methods of the script, its flags)
 FINETUNING = {
@@ -26,17 +43,18 @@ FINETUNING = {
 
 
 def transfer_demo(
-    source: str = "ml-1m",
-    target: str = "ml-100k",
-    output_dir: Path = Path("runs/demo"),
-    encoder: str = "minilm",
-    pretrain_epochs: int = 5,
-    finetune_epochs: int = 10,
+    source: str,
+    target: str,
+    output_dir: Path,
+    encoder: str,
+    pretrain_epochs: int,
+    finetune_epochs: int,
     common: tuple[str, ...] = (),
     pretrain_flags: tuple[str, ...] = (),
 ) -> str:
-    """Run (or reuse) the demo's runs; returns the printed table. `common`: extra flags for
-    every run (e.g. `--cpu`); `pretrain_flags`: for pretraining only (e.g. model sizes)."""
+    """Run (or reuse) the demo's runs (the settings of `DemoSettings`, which holds their
+    defaults); returns the printed table. `common`: extra flags for every run (e.g.
+    `--cpu`); `pretrain_flags`: for pretraining only (e.g. model sizes)."""
     base = output_dir / f"{source}-text"
     _run_once(base, lambda resume: pretrain(parse_args(pretrain_parser("demo", "text"), [
         "--dataset", source, "--encoder", encoder, "--output-dir", str(base),
