@@ -16,6 +16,7 @@ log.jsonl, the training summary and trainer_state.json.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -696,6 +697,22 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
     )
     check_process_count(accelerator)
     return accelerator
+
+
+def leave_process_group() -> None:
+    """Destroy this process's process group, if it has one, while the interpreter is still
+    whole. Left to interpreter finalization, gloo's worker threads can abort the process
+    ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489):
+    the process that finishes first, its share of the final evaluation done, dies, and the
+    launcher then SIGTERMs the others. Every collective is behind it: no barrier first (a
+    process leaving on an error must not wait for the others)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# At the exit of every script (they all import this module), also on an error: none ends
+# its run through `Accelerator.end_training`, which would destroy the group mid-script.
+atexit.register(leave_process_group)
 
 
 def check_process_count(accelerator: Accelerator) -> None:
