@@ -188,10 +188,11 @@ def _declares_sites(module: nn.Module) -> bool:
     return isinstance(getattr(module, "adapter_sites", None), dict)
 
 
-def num_layers(host: nn.Module) -> int:
+def num_layers(host: nn.Module, adapter_sites: dict[str, str] | None = None) -> int:
     """How many layers the host has: the count of consecutive `{i}` that resolve; a host
-    whose site patterns have no `{i}` (a content encoder's output head) is one layer."""
-    patterns = list(host.adapter_sites.values())
+    whose site patterns have no `{i}` (a content encoder's output head) is one layer.
+    `adapter_sites`: site patterns other than the host's own (default `host.adapter_sites`)."""
+    patterns = list((adapter_sites or host.adapter_sites).values())
     if not any("{i}" in p for p in patterns):
         return 1
     count = 0
@@ -207,11 +208,14 @@ def layer_path(host: nn.Module, index: int) -> str:
     return f"{head}{index}" if marker else pattern
 
 
-def select_sites(host: nn.Module, layers: str, sites: Iterable[str]) -> list[tuple[int, str]]:
-    """(layer index, module path) of every chosen site in the chosen layers."""
-    site_names = parse_sites(tuple(sites), valid=host.adapter_sites)
-    indices = parse_layers(layers, num_layers(host))
-    return [(i, host.adapter_sites[s].format(i=i)) for i in indices for s in site_names]
+def select_sites(host: nn.Module, layers: str, sites: Iterable[str],
+                 adapter_sites: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """(layer index, module path) of every chosen site in the chosen layers, of
+    `adapter_sites` (default: the host's own `adapter_sites`)."""
+    adapter_sites = adapter_sites or host.adapter_sites
+    site_names = parse_sites(tuple(sites), valid=adapter_sites)
+    indices = parse_layers(layers, num_layers(host, adapter_sites))
+    return [(i, adapter_sites[s].format(i=i)) for i in indices for s in site_names]
 
 
 def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

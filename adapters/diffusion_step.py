@@ -17,7 +17,9 @@ the site's output) rather than the site: DiffRec's history-caching inference cal
 attention's projections directly, and so runs through the adapter too. The layers read
 z_n from the backbone's `step_context`, and refuse to run outside the denoiser's forward
 pass, where it holds no step. What a backbone provides for these adapters is
-`DiffusionStepHost`, defined here so that backbones follow the adapters' contract.
+`DiffusionStepHost`, defined here so that backbones follow the adapters' contract. A host
+whose denoising layers are not its `adapter_sites` (DreamRec: adapters in its history
+encoder, the step read by an MLP after it) names them in `step_adapter_sites`.
 
 `step_mlp_only` instead tunes the backbone's step-embedding MLP (`step_mlp`) alone.
 """
@@ -72,7 +74,9 @@ class DiffusionStepHost(Protocol):
     """A diffusion backbone that `diffusion_step` adapters can go into: besides the
     `adapter_sites` of every host, a `step_context` it fills while its layers denoise, the
     `step_mlp` that makes the step embedding (tuned alone with `step_mlp_only`), and
-    `config.hidden_size`, the width of that embedding."""
+    `config.hidden_size`, the width of that embedding. Optional: `step_adapter_sites`,
+    sites as `adapter_sites` names them, where the bottlenecks go instead (the layers that
+    run inside `step_context`)."""
 
     step_context: StepContext
     step_mlp: nn.Module
@@ -152,12 +156,14 @@ class DiffusionStepInjector:
     def inject(self, host: DiffusionStepHost, config: DiffusionStepConfig) -> None:
         context = getattr(host, "step_context", None)
         if context is None:
-            raise ValueError(f"diffusion_step adapters need a diffusion backbone (--backbone "
-                             f"diffrec); {type(host).__name__} has no diffusion step")
+            raise ValueError(f"diffusion_step adapters need a diffusion backbone (diffrec, "
+                             f"diffurec, adrec, dreamrec); {type(host).__name__} has no "
+                             "diffusion step: choose houlsby, lora or prefix")
         if config.step_mlp_only:
             host.step_mlp = TrainableStepMLP(host.step_mlp)
             return
-        for _, path in select_sites(host, config.layers, config.sites):
+        sites = getattr(host, "step_adapter_sites", host.adapter_sites)
+        for _, path in select_sites(host, config.layers, config.sites, sites):
             name, projection = _output_projection(host.get_submodule(path), path)
             size = max(1, projection.out_features // config.reduction_factor)
             adapter = StepModulatedBottleneck(context, projection.out_features, size,

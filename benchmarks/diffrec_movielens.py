@@ -59,12 +59,14 @@ from peftrec.pretraining.pipeline import evaluation_dataset, load_checkpoint, lo
 from peftrec.pretraining.recommender import SequentialRecommender
 from peftrec.pretraining.trainer import BEST_DIR
 
-MODELS = {  # name -> the flags that make its pretraining run
+# name -> the flags that make its pretraining run: each DiffRec the flags' defaults (no
+# default preset) plus what its name says.
+MODELS = {
     "sasrec": ["--backbone", "sasrec"],
-    "diffrec": ["--backbone", "diffrec"],
-    "diffrec causal": ["--backbone", "diffrec", "--causal-denoiser"],
+    "diffrec": ["--backbone", "diffrec", "--preset", "none"],
+    "diffrec causal": ["--backbone", "diffrec", "--preset", "none", "--causal-denoiser"],
     # The causal denoiser trained on every position's next item, not each window's last.
-    "diffrec every position": ["--backbone", "diffrec", "--causal-denoiser",
+    "diffrec every position": ["--backbone", "diffrec", "--preset", "none", "--causal-denoiser",
                                "--every-position"],
 }
 TRADE_OFF = [  # DiffRec inference settings compared on the same weights

@@ -37,7 +37,7 @@ NAME=$(basename "$DATASET")
 width_flags() { echo "--hidden-size $1 --ffn-size $(($1 * 4))"; }
 SASREC="--repeat-bias --lr 2e-3 --patience 8 --report-to none"
 # The batch-128 recipe; diffrec_movielens.py adds BACKBONE itself.
-BACKBONE="--backbone diffrec --causal-denoiser --every-position"
+BACKBONE="--backbone diffrec --preset none --causal-denoiser --every-position"
 RECIPE="--report-to none --max-len 50 --train-windows all --dropout 0.2 --batch-size 128
   --patience 10 --repeat-bias --untied-output --scheduler step --decay-epochs 23 28
   --decay-factor 0.25 --freeze-items-epochs 31 --epochs 78 --num-workers 2

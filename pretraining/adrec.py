@@ -24,7 +24,7 @@ The reference's three stages are run settings: the item table from a SASRec run
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -45,7 +45,9 @@ class ADRecConfig(SASRecConfig):
     # default to DiffRec's sqrt schedule of 1000 steps.
     schedule: str = "truncated-linear"
     num_steps: int = 32  # all run at inference
-    guide_scale: float = 0.001  # lambda: the noised item's share of the denoiser's input
+    guide_scale: float = field(default=0.001, metadata={
+        "help": "ADRec: lambda, the share of the noised next item (and its step) in the "
+        "denoiser's input next to the history's state"})
     mse_weight: float = 1.0  # of the MSE next to the cross-entropy
     num_seeds: int = 1  # reverse-sampling runs averaged at inference
     inference_seed: int = 0

@@ -3,13 +3,17 @@
 Every setting is declared once, as a field of a config dataclass (`TrainingConfig`,
 `RecommenderConfig`, `SASRecConfig`, `DiffRecConfig`, `EvaluationProtocol`, `RunSettings`):
 a field with `metadata={"help": ...}` is a flag (`add_settings`), typed by its annotation,
-with the field's default and its metadata's `choices`, `metavar` and `flag` (the flag's
-name where it is not the field's, e.g. `--diffusion-steps` for `num_steps`). The parsed
-value is stored under the field's name, so `settings(args, Config)` fills the dataclass.
+with the field's default and its metadata's `choices`, `metavar`, `flag` (the flag's
+name where it is not the field's, e.g. `--diffusion-steps` for `num_steps`), `aliases`
+(more names of the flag), `words` (a tuple of strings given as separate words, `--users a
+b`, not comma-separated) and `positional` (an argument without a flag name, such as
+report.py's RUN_OR_SWEEP). The parsed value is stored under the field's name, so
+`settings(args, Config)` fills the dataclass. A script's mutually exclusive flags are
+fields added to an `add_mutually_exclusive_group()`.
 
-Values come from, lowest first: the dataclass defaults, a `--preset` (pretraining.presets),
-the `--config` YAML file, the command line. Unknown keys in the file are an error, like
-unknown flags; the file may also give the required flags.
+Values come from, lowest first: the dataclass defaults, a `--preset` (pretraining.presets;
+unset: `--backbone`'s default preset), the `--config` YAML file, the command line. Unknown
+keys in the file are an error, like unknown flags; the file may also give the required flags.
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ from peftrec.modality_encoders import (
     item_encoder_modality,
     resolve_item_encoder_config,
 )
+from peftrec.pretraining.adrec import ADRecConfig
 from peftrec.pretraining.data import TRAIN_WINDOWS
 from peftrec.pretraining.diffrec import DiffRecConfig
+from peftrec.pretraining.diffurec import DiffuRecConfig
+from peftrec.pretraining.dimerec import DimeRecConfig
 from peftrec.pretraining.dreamrec import DreamRecConfig
 from peftrec.pretraining.evaluation import EvaluationProtocol
-from peftrec.pretraining.presets import PRESETS
+from peftrec.pretraining.presets import DEFAULT_PRESETS, NO_PRESET, PRESETS
 from peftrec.pretraining.recommender import BACKBONES, INFERENCE_SETTINGS, RecommenderConfig
 from peftrec.pretraining.sasrec import SASRecConfig
 from peftrec.pretraining.trainer import TrainingConfig
@@ -49,10 +56,15 @@ class CommandLineError(ValueError):
     """Bad flags or a bad --config file."""
 
 
-DIFFUSION_GROUP = "diffusion (--backbone diffrec; --schedule, --diffusion-steps also dreamrec)"
+DIFFUSION_GROUP = ("diffusion (--backbone diffrec; --schedule, --diffusion-steps also dreamrec "
+                   "and dimerec; --num-seeds, --inference-steps, --mse-weight also dimerec)")
 DREAMREC_GROUP = "guidance (--backbone dreamrec)"
+DIMEREC_GROUP = "interests (--backbone dimerec)"
+ADREC_GROUP = "guidance scale (--backbone adrec)"
+DIFFUREC_GROUP = "uncertainty (--backbone diffurec)"
 # The groups of flags that only some backbones read: title -> the backbone that owns them.
-BACKBONE_GROUPS = {DIFFUSION_GROUP: "diffrec", DREAMREC_GROUP: "dreamrec"}
+BACKBONE_GROUPS = {DIFFUSION_GROUP: "diffrec", DREAMREC_GROUP: "dreamrec",
+                   DIMEREC_GROUP: "dimerec", ADREC_GROUP: "adrec", DIFFUREC_GROUP: "diffurec"}
 
 
 @dataclass
@@ -143,25 +155,34 @@ def add_settings(
         if "choices" in setting.metadata:
             options["choices"] = list(setting.metadata["choices"])
         options.update(typed_options(hints[setting.name], f"{config_class.__name__}."
-                                     f"{setting.name}"))
-        group.add_argument(flag_name(setting), **options)
+                                     f"{setting.name}", setting.metadata.get("words", False)))
+        if setting.metadata.get("positional"):
+            # argparse names a positional by its destination, and requires it unless the
+            # --config file gives it (parse_args).
+            del options["dest"]
+            options.pop("required", None)
+            group.add_argument(setting.name, **options)
+        else:
+            group.add_argument(flag_name(setting), *setting.metadata.get("aliases", ()),
+                               **options)
 
 
-def typed_options(kind, where: str) -> dict:
+def typed_options(kind, where: str, words: bool = False) -> dict:
     """`add_argument`'s options for a field annotated `kind` (`where` names it in errors):
     bool is a switch with its `--no-` form (so a flag can undo a preset or a file);
-    `tuple[int, ...]` takes several values, `tuple[str, ...]` comma-separated names;
-    `X | None` is typed as X (None is the unset value, not something to type)."""
+    `tuple[int, ...]` and `tuple[Path, ...]` take several values, `tuple[str, ...]`
+    comma-separated names (several values with `words`); `X | None` is typed as X (None
+    is the unset value, not something to type)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         kind = next(member for member in typing.get_args(kind) if member is not type(None))
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     if kind in (int, float, str, Path):
         return {"type": kind}
-    if kind == tuple[int, ...]:
-        return {"type": int, "nargs": "+"}
-    if kind == tuple[str, ...]:
+    if kind == tuple[str, ...] and not words:
         return {"type": names_list}
+    if kind in (tuple[int, ...], tuple[Path, ...], tuple[str, ...]):
+        return {"type": typing.get_args(kind)[0], "nargs": "+"}
     raise TypeError(f"{where}: no flag for type {kind}")
 
 
@@ -189,13 +210,11 @@ def names_list(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def cli_parser(description: str, config_file: bool = True) -> argparse.ArgumentParser:
-    """A parser with the flags every script has: `--debug` (read by `run_main`) and, for the
-    scripts that read their flags through `parse_args`, `--config`."""
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the flags every script has: `--config` (read by `parse_args`) and
+    `--debug` (read by `run_main`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    if config_file:
-        parser.add_argument("--config", type=Path,
-                            help="YAML file of settings; flags override it")
+    parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
 
@@ -221,6 +240,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(diffusion, RunSettings, ("init_denoiser_from",))
     declared = [f.name for f in flag_fields(DiffRecConfig)]  # SASRec's and DiffRec's
     add_settings(parser.add_argument_group(DREAMREC_GROUP), DreamRecConfig, exclude=declared)
+    add_settings(parser.add_argument_group(DIMEREC_GROUP), DimeRecConfig, exclude=declared)
+    add_settings(parser.add_argument_group(ADREC_GROUP), ADRecConfig, exclude=declared)
+    add_settings(parser.add_argument_group(DIFFUREC_GROUP), DiffuRecConfig, exclude=declared)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,9 +284,10 @@ def pretrain_parser(description: str, modality: str | None = None) -> argparse.A
     """Flags of every pretraining script: common, preset, model, training and protocol, plus
     the content item encoder's for `modality` "text" or "image"."""
     parser = base_parser(description)
-    parser.add_argument("--preset", choices=sorted(PRESETS),
+    parser.add_argument("--preset", choices=[*sorted(PRESETS), NO_PRESET],
                         help="a named set of settings (docs/user-guide.md#presets); "
-                        "--config and flags override it")
+                        "--config and flags override it. Unset: --backbone's default preset "
+                        "(diffrec: diffrec-default, ...); none: the flags' own defaults")
     add_model_arguments(parser)
     add_training_arguments(parser)
     add_protocol_arguments(parser)
@@ -318,9 +341,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                 raise CommandLineError(f"--config {path}: {', '.join(chosen)} exclude each "
                                        "other; keep one")
             group.required = group.required and not chosen
-    preset = given.get("preset", values.get("preset"))
+    preset = _resolve_preset(parser, given, values)
     if preset is not None:
-        values = {**_preset_settings(preset, parser), **values}
+        values = {**_preset_settings(preset, parser), **values, "preset": preset}
     for action in parser._actions:
         action.required = action.required and action.dest not in values
     parser.set_defaults(**values)
@@ -334,6 +357,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                                    f"{PRESETS[preset].needs_why}")
     _refuse_other_backbones_settings(parser, args, defaults)
     return args
+
+
+def _resolve_preset(parser: argparse.ArgumentParser, given: dict, values: dict) -> str | None:
+    """The preset a pretraining run applies: the one named on the command line or in the
+    file, else the default preset of the backbone they name (or of the default backbone);
+    None for `--preset none`, a backbone without one, or a parser without `--preset`."""
+    if "preset" not in {action.dest for action in parser._actions}:
+        return None
+    preset = given.get("preset", values.get("preset"))
+    if preset is None:
+        backbone = given.get("backbone", values.get("backbone", parser.get_default("backbone")))
+        preset = DEFAULT_PRESETS.get(backbone)
+    return None if preset == NO_PRESET else preset
 
 
 def _refuse_other_backbones_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -363,7 +399,8 @@ def _preset_settings(name: str, parser: argparse.ArgumentParser) -> dict:
     """The settings of preset `name` by destination (a name from the `--config` file is
     checked here; argparse checks the command line's)."""
     if name not in PRESETS:
-        raise CommandLineError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise CommandLineError(f"unknown preset {name!r}; choose one of "
+                               f"{[*sorted(PRESETS), NO_PRESET]}")
     return _by_destination(PRESETS[name].settings, parser, f"--preset {name}")
 
 
@@ -446,7 +483,18 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
         raise CommandLineError(f"--config {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise CommandLineError(f"--config {path} must be a mapping of setting: value")
-    return _by_destination(values, parser, f"--config {path}")
+    values = _by_destination(values, parser, f"--config {path}")
+    # argparse types a file's value only when it is one string: a list's items are typed
+    # here, as the command line's words would be (`runs: [a, b]` -> two Paths).
+    several = {action.dest: action.type for action in parser._actions
+               if action.nargs in ("+", "*") and action.type is not None}
+    for dest, value in values.items():
+        if isinstance(value, list) and dest in several:
+            try:
+                values[dest] = [several[dest](str(item)) for item in value]
+            except (TypeError, ValueError) as error:
+                raise CommandLineError(f"--config {path}: {dest}: {error}") from None
+    return values
 
 
 def model_config(

@@ -21,7 +21,7 @@ user's recommendations do not depend on the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,9 +44,9 @@ class DiffuRecConfig(SASRecConfig):
     # --diffusion-steps, --num-seeds) set DiffRec's fields, with DiffRec's defaults.
     schedule: str = "sqrt"  # noise schedule of the target
     num_steps: int = 32  # steps of the (short) diffusion process, all run at inference
-    # delta: the mean and spread of the scale lambda ~ N(delta, delta) of the noised target
-    # added to every history position (the reference's lambda_uncertainty).
-    uncertainty: float = 0.001
+    uncertainty: float = field(default=0.001, metadata={  # the reference's lambda_uncertainty
+        "help": "DiffuRec: delta, the mean and spread of the scale lambda ~ N(delta, delta) of "
+        "the noised target added to every history position"})
     num_seeds: int = 1  # reverse-sampling runs averaged at inference
     inference_seed: int = 0
 

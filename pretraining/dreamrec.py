@@ -14,6 +14,11 @@ each step from the guided prediction x_0 = (1 + w) f(x_n, h, n) - w f(x_n, null,
 product. The noise comes from a CPU generator seeded with `inference_seed`, shared by every
 user, so a user's recommendations do not depend on the batch.
 
+`diffusion_step` adapters go in the denoiser (`step_adapter_sites`): the MLP runs on
+[B, 1, 3d] rows, its one position the noised one, and `step_context` holds the step
+embedding while it runs (`adapters.diffusion_step.DiffusionStepHost`). The other adapters go
+in the history encoder.
+
 Departures from the reference code: the denoiser is its two-layer MLP (`mlp2`; its default
 is one linear layer), and the schedule and steps are the shared `--schedule` and
 `--diffusion-steps` (sqrt, 1000; its default is an exponential schedule of 200 steps).
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from peftrec.adapters.diffusion_step import StepContext
 from peftrec.pretraining.diffrec import DiffRecConfig, seed_noise, sinusoidal_embedding
 from peftrec.pretraining.sasrec import SASRec, SASRecConfig
 from peftrec.pretraining.schedules import build_schedule
@@ -98,6 +104,8 @@ class DreamRec(nn.Module):
                      for site, path in SASRec.adapter_sites.items()}
     lora_targets = SASRec.lora_targets
     attention_modules = f"history_encoder.{SASRec.attention_modules}"
+    # diffusion_step adapters go where the step is read: after the denoiser's output layer.
+    step_adapter_sites = {"ffn": "denoiser"}
     scorer = GeneratedVectorScorer()
 
     def __init__(self, config: DreamRecConfig) -> None:
@@ -110,6 +118,7 @@ class DreamRec(nn.Module):
         self.null_history = nn.Parameter(torch.randn(d))
         self.step_mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.denoiser = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.step_context = StepContext()
 
     def condition(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """h [B, d]: the history encoder's state at the last position of histories [B, L, d]."""
@@ -119,7 +128,9 @@ class DreamRec(nn.Module):
                 steps: torch.Tensor) -> torch.Tensor:
         """f(x_n, h, n): the predicted x_0 [B, d] from x_n [B, d], h [B, d] and steps [B]."""
         step = self.step_mlp(sinusoidal_embedding(steps, self.config.hidden_size))
-        return self.denoiser(torch.cat([noised, condition, step.to(noised.dtype)], dim=-1))
+        rows = torch.cat([noised, condition, step.to(noised.dtype)], dim=-1)[:, None]
+        with self.step_context.use(step[:, None], 1):  # one position, the noised one
+            return self.denoiser(rows)[:, 0]
 
     def guided_prediction(self, noised: torch.Tensor, condition: torch.Tensor,
                           steps: torch.Tensor) -> torch.Tensor:

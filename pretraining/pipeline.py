@@ -76,6 +76,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         denoiser_source = denoiser_source_checkpoint(args.init_denoiser_from)
         model_section["denoiser_init"] = source_record(denoiser_source)
     run_config = {
+        "preset": args.preset,  # as resolved: named, the backbone's default, or none
         "dataset": dataset_section(data, args),
         "model": model_section,
         "training": asdict(training_config(args, output_dir)),

@@ -4,6 +4,10 @@ A preset sits below a `--config` file and the command line, which override any o
 settings; the resolved values are what the run's config.json records. Settings are named
 as their flags are. docs/user-guide.md#presets lists every preset's settings (a test
 checks the table against this file).
+
+`--backbone NAME` without `--preset` applies NAME's default preset (`DEFAULT_PRESETS`), so a
+first run of a backbone trains with a recipe known to learn; `--preset none` opts out and
+keeps the flags' own defaults. SASRec has none: its flags' defaults are its recipe.
 """
 
 from __future__ import annotations
@@ -19,7 +23,36 @@ class Preset:
     needs_why: str = ""  # what they are for, said when one is missing
 
 
+NO_PRESET = "none"  # --preset none: the flags' own defaults, no backbone default
+
 PRESETS: dict[str, Preset] = {
+    "diffrec-default": Preset(
+        description="what --backbone diffrec trains unless --preset is given: the causal "
+        "denoiser trained on every position's next item of every window (~50 targets per "
+        "window, not one), with the repeat bias, in batches of 64 (4x the steps of 256, which "
+        "stayed at popularity level: docs/default-presets.md); the item table trains from "
+        "the start (no SASRec run needed)",
+        settings={
+            "backbone": "diffrec", "causal-denoiser": True, "every-position": True,
+            "repeat-bias": True, "max-len": 50, "train-windows": "all", "batch-size": 64,
+            "lr": 2e-3,
+        },
+    ),
+    "diffurec-default": Preset(
+        description="what --backbone diffurec trains unless --preset is given: the "
+        "reference's sample construction (every prefix of the last 50 items a sample)",
+        settings={"backbone": "diffurec", "max-len": 50, "train-windows": "prefixes"},
+    ),
+    "adrec-default": Preset(
+        description="what --backbone adrec trains unless --preset is given: every 50-item "
+        "window of a history (ADRec learns every position's next item)",
+        settings={"backbone": "adrec", "max-len": 50, "train-windows": "all"},
+    ),
+    "dreamrec-default": Preset(
+        description="what --backbone dreamrec trains unless --preset is given: the "
+        "reference's sample construction (every prefix of the last 50 items a sample)",
+        settings={"backbone": "dreamrec", "max-len": 50, "train-windows": "prefixes"},
+    ),
     "diffrec-plus": Preset(
         description="the best DiffRec recipe found here (ML-1M, test NDCG@10 0.1882 in "
         "docs/results-history.md): causal denoiser, every position its own step, repeat "
@@ -49,4 +82,10 @@ PRESETS: dict[str, Preset] = {
             "lr": 1e-3, "weight-decay": 0.0, "epochs": 50, "patience": 50,
         },
     ),
+}
+
+# --backbone NAME -> the preset it trains with when no --preset is given.
+DEFAULT_PRESETS: dict[str, str] = {
+    "diffrec": "diffrec-default", "diffurec": "diffurec-default", "adrec": "adrec-default",
+    "dreamrec": "dreamrec-default",
 }

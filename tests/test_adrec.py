@@ -18,8 +18,8 @@ TINY = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_size": 16, "max_
 NUM_ITEMS = 11
 BATCH = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]),
          "target_ids": torch.tensor([[0, 0, 4, 5, 6], [2, 3, 4, 5, 9]])}
-RUN = ["--backbone", "adrec", "--max-len", "10", "--num-layers", "1", "--dropout", "0.0",
-       "--lr", "1e-2"]
+RUN = ["--backbone", "adrec", "--preset", "none", "--max-len", "10", "--num-layers", "1",
+       "--dropout", "0.0", "--lr", "1e-2"]
 
 
 def backbone(**overrides) -> ADRec:

@@ -14,8 +14,8 @@ from peftrec.pretraining.sasrec import SASRec, SASRecConfig
 from tests.helpers import run_pretrain
 
 SHAPE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_size": 32, "dropout": 0.0}
-DIFFREC = ["--backbone", "diffrec", "--causal-denoiser", "--diffusion-steps", "20",
-           "--num-seeds", "2"]
+DIFFREC = ["--backbone", "diffrec", "--preset", "none", "--causal-denoiser", "--diffusion-steps",
+           "20", "--num-seeds", "2"]
 
 
 def trained_like_sasrec(max_len: int) -> SASRec:

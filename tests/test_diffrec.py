@@ -442,10 +442,10 @@ def test_a_diffrec_run_from_before_every_position_resumes(tiny_dataset_dir, tmp_
 
 
 # -- training and checkpoints --------------------------------------------------------------
-SMALL = ["--backbone", "diffrec", "--hidden-size", "16", "--num-heads", "2", "--ffn-size", "32",
-         "--max-len", "10", "--num-layers", "1", "--dropout", "0.0", "--batch-size", "16",
-         "--eval-batch-size", "64", "--report-to", "none", "--cpu", "--diffusion-steps", "50",
-         "--num-seeds", "2", "--patience", "100"]
+SMALL = ["--backbone", "diffrec", "--preset", "none", "--hidden-size", "16", "--num-heads", "2",
+         "--ffn-size", "32", "--max-len", "10", "--num-layers", "1", "--dropout", "0.0",
+         "--batch-size", "16", "--eval-batch-size", "64", "--report-to", "none", "--cpu",
+         "--diffusion-steps", "50", "--num-seeds", "2", "--patience", "100"]
 
 
 @pytest.mark.parametrize("targets", [[], ["--causal-denoiser", "--every-position"]],

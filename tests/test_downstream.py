@@ -292,7 +292,8 @@ def test_diffusion_step_adapters_transfer_a_diffrec(tiny_dataset_dir, id_base, t
     base = tmp_path / "diffrec"
     pretrain(parse_args(pretrain_parser("t"), [
         "--dataset", str(tiny_dataset_dir), "--output-dir", str(base), "--epochs", "1",
-        "--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2", *MODEL, *TRAIN]))
+        "--backbone", "diffrec", "--preset", "none", "--diffusion-steps", "20", "--num-seeds", "2",
+        *MODEL, *TRAIN]))
     run = tmp_path / "step"
     metrics = finetune(("diffusion_step",), "--pretrained", str(base), "--dataset",
                        str(target_dir), "--output-dir", str(run), "--epochs", "1",

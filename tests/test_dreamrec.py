@@ -125,8 +125,23 @@ def test_adapters_in_the_history_encoder_start_as_the_identity_and_then_act(conf
     assert not torch.allclose(model.scores(inputs), scores)
 
 
-def test_diffusion_step_adapters_are_refused_in_one_line():
-    with pytest.raises(ValueError, match="DreamRec has no diffusion step"):
+@pytest.mark.parametrize("config", [DiffusionStepConfig(sites=("ffn",)),
+                                    DiffusionStepConfig(step_mlp_only=True)],
+                         ids=["bottleneck", "step-mlp-only"])
+def test_diffusion_step_adapters_in_the_denoiser_start_as_the_identity_and_then_act(config):
+    model = recommender().eval()
+    inputs = {"input_ids": torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])}
+    scores = model.scores(inputs)
+    get_adapted_model(model, config)
+    torch.testing.assert_close(model.scores(inputs), scores)
+    perturb_adapters(model, 0.3)
+    assert not torch.allclose(model.scores(inputs), scores)
+    assert all(name.startswith(("backbone.denoiser.", "backbone.step_mlp."))
+               for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_the_denoiser_has_no_attention_site_for_diffusion_step_adapters():
+    with pytest.raises(ValueError, match="unknown adapter site.* 'attn'; valid sites: ffn"):
         get_adapted_model(recommender(), DiffusionStepConfig())
 
 
@@ -147,9 +162,9 @@ def test_flags_set_dreamrec_and_other_backbones_refuse_them():
 def test_the_loss_falls_on_a_short_run_and_the_checkpoint_scores_alike(tiny_dataset_dir,
                                                                        tmp_path):
     run = tmp_path / "run"
-    metrics = run_pretrain(tiny_dataset_dir, run, "--backbone", "dreamrec", "--max-len", "10",
-                           "--num-layers", "1", "--dropout", "0.0", "--lr", "1e-2",
-                           "--diffusion-steps", "20",
+    metrics = run_pretrain(tiny_dataset_dir, run, "--backbone", "dreamrec", "--preset", "none",
+                           "--max-len", "10", "--num-layers", "1", "--dropout", "0.0",
+                           "--lr", "1e-2", "--diffusion-steps", "20",
                            "--batch-size", "16", "--epochs", "3")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["train_loss"] < log[0]["train_loss"]

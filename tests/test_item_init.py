@@ -11,8 +11,8 @@ from peftrec.pretraining.trainer import TrainingConfig
 from tests.helpers import run_pretrain, weights, write_synthetic_interactions
 
 TABLE = "item_encoder.embedding.weight"
-DIFFREC = ["--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",
-           "--num-layers", "1"]
+DIFFREC = ["--backbone", "diffrec", "--preset", "none", "--diffusion-steps", "20",
+           "--num-seeds", "2", "--num-layers", "1"]
 
 
 @pytest.fixture(scope="module")

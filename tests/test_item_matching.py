@@ -39,8 +39,8 @@ from tests.helpers import (
     write_synthetic_interactions,
 )
 
-DIFFREC = ["--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",
-           "--untied-output"]
+DIFFREC = ["--backbone", "diffrec", "--preset", "none", "--diffusion-steps", "20",
+           "--num-seeds", "2", "--untied-output"]
 HOULSBY = ("houlsby", "pfeiffer")
 BY = ["--match-items-by", "title,year"]
 SCRIPTS = ("finetune_full", "adapter_houlsby", "adapter_lora", "adapter_prefix",

@@ -8,8 +8,8 @@ from peftrec.pretraining import trainer
 from peftrec.pretraining.pcgrad import pcgrad_objective, project_conflicting
 from tests.helpers import run_pretrain
 
-DIFFREC = ["--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",
-           "--max-len", "10", "--num-layers", "1"]
+DIFFREC = ["--backbone", "diffrec", "--preset", "none", "--diffusion-steps", "20",
+           "--num-seeds", "2", "--max-len", "10", "--num-layers", "1"]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -21,8 +21,8 @@ def runs(tiny_dataset_dir, target_dir, text_base, tmp_path_factory) -> dict[str,
     """name -> (run folder, encoder cache or None): one of each kind of run."""
     root = tmp_path_factory.mktemp("recommend_runs")
     text_run, cache = text_base
-    for name, flags in (("id", []), ("diffrec", ["--backbone", "diffrec", "--diffusion-steps",
-                                                 "20", "--num-seeds", "2"])):
+    for name, flags in (("id", []), ("diffrec", ["--backbone", "diffrec", "--preset", "none",
+                                                 "--diffusion-steps", "20", "--num-seeds", "2"])):
         pretrain(parse_args(pretrain_parser("t"), [
             "--dataset", str(tiny_dataset_dir), "--output-dir", str(root / name),
             "--epochs", "1", *flags, *MODEL, *TRAIN]))
@@ -247,7 +247,7 @@ def test_a_new_catalogs_per_item_parameters_start_fresh_from_the_trained_encoder
     run = tmp_path / "text_diffrec"
     pretrain(parse_args(pretrain_parser("t", modality="text"), [
         "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
-        "--backbone", "diffrec", "--diffusion-steps", "20", "--num-seeds", "2",
+        "--backbone", "diffrec", "--preset", "none", "--diffusion-steps", "20", "--num-seeds", "2",
         "--untied-output", "--encoder", str(save_bert(tmp_path / "bert", dropout=0.0)),
         "--text-template", "{title} ({genre})", "--encoder-cache-dir", str(cache),
         *MODEL, *TRAIN]))

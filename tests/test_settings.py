@@ -54,7 +54,7 @@ def test_every_setting_with_help_is_a_flag_with_the_fields_default_and_help(conf
 
 
 def test_the_parsed_flags_fill_the_configs_with_the_dataclass_defaults():
-    args = parse_args(pretrain_parser("t"), ["--backbone", "diffrec"])
+    args = parse_args(pretrain_parser("t"), ["--backbone", "diffrec", "--preset", "none"])
     config = model_config(args, num_items=10, fingerprint="f")
     assert config.backbone_settings() == DiffRecConfig()
     assert training_config(args, "out") == TrainingConfig(output_dir="out")
