@@ -13,13 +13,17 @@ def full_softmax_loss(
     catalog: torch.Tensor,
     targets: torch.Tensor,
     item_offsets: torch.Tensor | None = None,
+    seen_ids: torch.Tensor | None = None,
+    seen_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy over every real item, averaged over positions that have a target.
 
     states [..., d], catalog [N + 1, d] (row 0 = padding, never a candidate), targets [...]
     in 1..N, or 0 where there is no target (ignored). `item_offsets` are added to each
-    position's logits (e.g. the repeat bias of already-seen items): [..., N + 1], one row
-    per position, or [N + 1], shared by all.
+    position's logits: [..., N + 1], one row per position, or [N + 1], shared by all.
+    `seen_bias` (a scalar) is added to the logits of the items `seen_ids` [..., S] lists
+    for each position (0: none; an item listed twice gets it once): the repeat bias,
+    without its [..., N + 1] offsets.
 
     The logits are made a block of positions at a time (`logit_block_rows`), and each block
     goes straight to its loss and, when a gradient is needed, to its share of the gradients
@@ -32,10 +36,14 @@ def full_softmax_loss(
     states, targets = states.reshape(-1, width), targets.reshape(-1)
     if item_offsets is not None and item_offsets.dim() > 1:
         item_offsets = item_offsets.reshape(len(states), -1)
-    inputs = (states, catalog, item_offsets)
+    if seen_ids is not None:
+        seen_ids = seen_ids.reshape(len(states), -1)
+    inputs = (states, catalog, item_offsets, seen_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _BlockwiseCrossEntropy.apply(states, catalog, targets, item_offsets)
-    return blockwise_cross_entropy(states, catalog, targets, item_offsets)[0]
+        return _BlockwiseCrossEntropy.apply(states, catalog, targets, item_offsets, seen_ids,
+                                            seen_bias)
+    return blockwise_cross_entropy(states, catalog, targets, item_offsets, seen_ids,
+                                   seen_bias)[0]
 
 
 def logit_block_rows(num_items: int, device: torch.device) -> int:
@@ -52,17 +60,21 @@ def blockwise_cross_entropy(
     catalog: torch.Tensor,
     targets: torch.Tensor,
     item_offsets: torch.Tensor | None,
+    seen_ids: torch.Tensor | None = None,
+    seen_bias: torch.Tensor | None = None,
     gradients: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The mean cross-entropy of states [P, d] over items 1..N of catalog [N + 1, d], and
-    its gradients with respect to those of "states", "catalog" and "offsets" ([P, N + 1]
-    or [N + 1]) named in `gradients`, computed one block of positions at a time."""
+    """The mean cross-entropy of states [P, d] over items 1..N of catalog [N + 1, d] (plus
+    the offsets [P, N + 1] or [N + 1], and the bias of the items seen_ids [P, S] lists),
+    and its gradients with respect to those of "states", "catalog", "offsets" and
+    "seen_bias" named in `gradients`, computed one block of positions at a time."""
     items = catalog[1:]
     has_target = targets > 0
     count = has_target.sum()
     weight = has_target / count  # each position's share of the mean: 1 / count, or 0
     total = states.new_zeros((), dtype=torch.float32)
-    inputs = {"states": states, "catalog": catalog, "offsets": item_offsets}
+    inputs = {"states": states, "catalog": catalog, "offsets": item_offsets,
+              "seen_bias": seen_bias}
     grads = {name: torch.zeros_like(inputs[name]) for name in gradients}
     rows = logit_block_rows(len(items), states.device)
     for start in range(0, len(states), rows):
@@ -71,6 +83,11 @@ def blockwise_cross_entropy(
         logits = (block_states @ items.T).float()
         if item_offsets is not None:
             logits += item_offsets[1:] if item_offsets.dim() == 1 else item_offsets[block, 1:]
+        if seen_ids is not None:
+            block_ids = seen_ids[block]
+            seen = block_ids.new_zeros((len(block_ids), len(catalog)), dtype=torch.bool)
+            seen = seen.scatter_(1, block_ids, True)[:, 1:]
+            logits += seen_bias * seen
         # One softmax kernel, then log-sum-exp = max - log(the largest probability): exact
         # where -log(probability of the target) would underflow.
         probs = torch.softmax(logits, dim=1)
@@ -91,6 +108,8 @@ def blockwise_cross_entropy(
             grads["offsets"][1:] += grad.sum(0)
         elif "offsets" in grads:
             grads["offsets"][block, 1:] = grad
+        if "seen_bias" in grads:
+            grads["seen_bias"] += (grad * seen).sum()
     return total / count, grads
 
 
@@ -98,13 +117,14 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
     """`blockwise_cross_entropy` whose gradients are made in the forward, block by block,
     and only scaled by the incoming gradient in the backward."""
 
-    inputs = ("states", "catalog", "targets", "offsets")  # forward's, in order
+    inputs = ("states", "catalog", "targets", "offsets", "seen_ids", "seen_bias")  # in order
 
     @staticmethod
-    def forward(ctx, states, catalog, targets, item_offsets):
+    def forward(ctx, states, catalog, targets, item_offsets, seen_ids, seen_bias):
         needed = tuple(name for name, needs in zip(_BlockwiseCrossEntropy.inputs,
                                                    ctx.needs_input_grad, strict=True) if needs)
-        loss, grads = blockwise_cross_entropy(states, catalog, targets, item_offsets, needed)
+        loss, grads = blockwise_cross_entropy(states, catalog, targets, item_offsets, seen_ids,
+                                              seen_bias, needed)
         ctx.needed = needed
         ctx.save_for_backward(*grads.values())
         return loss

@@ -69,11 +69,16 @@ def history_indicator(input_ids: torch.Tensor, num_columns: int, causal: bool) -
     position when `causal` (bool). Items index the columns; padding (0) marks column 0,
     which is never a candidate."""
     if causal:
-        length = input_ids.shape[-1]
-        upto = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-        input_ids = torch.where(upto, input_ids[..., None, :], 0)  # [B, L(t), L(s)]: s <= t
+        input_ids = inputs_so_far(input_ids)
     seen = input_ids.new_zeros((*input_ids.shape[:-1], num_columns), dtype=torch.bool)
     return seen.scatter_(-1, input_ids, True)
+
+
+def inputs_so_far(input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L(t), L(s)]: the inputs [B, L] up to each position t (s <= t), 0 after it."""
+    length = input_ids.shape[-1]
+    upto = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    return torch.where(upto, input_ids[..., None, :], 0)
 
 
 def seen_items(input_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
@@ -118,15 +123,19 @@ class DotProductScorer:
         input_ids, targets = batch["input_ids"], batch["target_ids"]
         states = model.encode(input_ids)
         catalog = model.item_encoder.catalog()
-        offsets = model.repeat_offsets(input_ids, len(catalog))
+        # The repeat bias goes to the loss as the items seen so far, [B, L, L], not as
+        # [B, L, N + 1] offsets.
+        seen_ids = inputs_so_far(input_ids) if model.config.repeat_bias else None
         if states.device.type == "cpu":
             # Skip padding positions: their logits cost as much as real ones. (On an
             # accelerator this boolean selection would wait for the device every step, so
             # there the loss ignores padding targets instead.)
             has_target = targets > 0
             states, targets = states[has_target], targets[has_target]
-            offsets = None if offsets is None else offsets[has_target]
-        return {"loss": full_softmax_loss(states, catalog, targets, offsets)}
+            seen_ids = None if seen_ids is None else seen_ids[has_target]
+        loss = full_softmax_loss(states, catalog, targets, seen_ids=seen_ids,
+                                 seen_bias=model.repeat_bias if seen_ids is not None else None)
+        return {"loss": loss}
 
     def loss_on_needed_items(self, model: SequentialRecommender,
                              batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

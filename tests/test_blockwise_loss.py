@@ -99,3 +99,23 @@ def test_a_frozen_catalog_leaves_the_states_gradient_unchanged(five_position_blo
     full_softmax_loss(states, catalog, targets).backward()
     torch.testing.assert_close(states.grad, expected)
     assert catalog.grad is None
+
+
+def test_seen_items_get_the_bias_once_as_dense_offsets_would(five_position_blocks):
+    (states, catalog), targets = inputs(None)
+    generator = torch.Generator().manual_seed(2)
+    seen_ids = torch.randint(0, NUM_ITEMS + 1, (POSITIONS, 6), generator=generator)
+    seen_ids[:, 1] = seen_ids[:, 0]  # listed twice: still one bias
+    bias = torch.tensor(-0.8, requires_grad=True)
+    indicator = torch.zeros(POSITIONS, NUM_ITEMS + 1).scatter_(1, seen_ids, 1.0)
+    results = []
+    for loss in (lambda: whole_logits_loss(states, catalog, targets, bias * indicator),
+                 lambda: full_softmax_loss(states, catalog, targets, seen_ids=seen_ids,
+                                           seen_bias=bias)):
+        for tensor in (states, catalog, bias):
+            tensor.grad = None
+        value = loss()
+        value.backward()
+        results.append([value.detach(), states.grad, catalog.grad, bias.grad])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
