@@ -14,6 +14,7 @@ from peftrec.adapters import (
     PrefixConfig,
     get_adapted_model,
 )
+from peftrec.pretraining.cli import CommandLineError, model_config, parse_args, pretrain_parser
 from peftrec.pretraining.dimerec import (
     DimeRec,
     DimeRecConfig,
@@ -175,6 +176,22 @@ def test_a_saved_model_loads_back_and_scores_alike(tmp_path):
     loaded = SequentialRecommender.from_pretrained(tmp_path / "model").eval()
     assert loaded.backbone.config == model.backbone.config
     torch.testing.assert_close(loaded.scores(inputs), model.scores(inputs))
+
+
+def test_flags_set_dimerec_and_other_backbones_refuse_them():
+    args = parse_args(pretrain_parser("t"), [
+        "--backbone", "dimerec", "--num-interests", "2", "--temperature", "0.05",
+        "--denoised-softmax-weight", "0.5", "--mse-weight", "3", "--diffusion-steps", "50",
+        "--inference-steps", "10", "--num-seeds", "3"])
+    config = model_config(args, NUM_ITEMS, "data").backbone_settings()
+    assert (config.num_interests, config.temperature, config.denoised_softmax_weight,
+            config.mse_weight, config.num_steps, config.inference_steps,
+            config.num_seeds) == (2, 0.05, 0.5, 3.0, 50, 10, 3)
+    with pytest.raises(CommandLineError, match="^--num-interests: DimeRec settings, which do "
+                       "nothing with --backbone diffrec"):
+        parse_args(pretrain_parser("t"), ["--backbone", "diffrec", "--num-interests", "2"])
+    with pytest.raises(CommandLineError, match="^--untied-output: DiffRec settings"):
+        parse_args(pretrain_parser("t"), ["--backbone", "dimerec", "--untied-output"])
 
 
 def test_the_loss_falls_on_a_short_run_and_the_checkpoint_scores_alike(tiny_dataset_dir,
