@@ -1,6 +1,6 @@
 """Reports on run folders: `scripts/report.py RUN_OR_SWEEP... --output-dir DIR`.
 
-    write_report(report_parser("").parse_args(["runs/bench", "--output-dir", "report"]))
+    write_report(parse_args(report_parser(""), ["runs/bench", "--output-dir", "report"]))
 
 One self-contained HTML file (`report.html`: tables as HTML tables, figures embedded as PNG
 data URIs, no external assets) and the same figures as PNG files beside it:
@@ -577,12 +577,12 @@ def write_report(args: argparse.Namespace) -> Report:
     datasets: dict[str, SequenceData] = {}
     views: dict[str, ModelView | None] = {}
     for run in runs:  # one model at a time: its item map drawn, its vectors dropped
-        view = views[run.label] = None if args.no_models else model_view(run, args, datasets)
+        view = views[run.label] = model_view(run, args, datasets) if args.models else None
         if view is not None:
             figures[f"items:{run.label}"] = (_file_name(run.label, names), item_map_figure(
                 run.label, view, args.max_map_items, args.seed))
             view.vectors = None
-        elif not args.no_models:
+        elif args.models:
             left_out.append(f"{run.path}: no {BEST_DIR}/ (nothing trained, e.g. zero-shot): "
                             "no item map, embedding statistics or parameter split")
     rows = [result_row(run, views[run.label]) for run in runs]
@@ -619,7 +619,7 @@ def render_html(args: argparse.Namespace, runs: list[ReportRun], rows: list[dict
     fields = sorted({view.color_field or "none" for _, view in shown})
     statistics = [statistics_row(run.label, view.statistics) for run, view in shown]
     unavailable = ("--no-models: item maps, embedding statistics and the parameter split "
-                   "were left out" if args.no_models else "no run has a best model")
+                   "were left out" if not args.models else "no run has a best model")
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         _section("results", "Results",
@@ -675,21 +675,30 @@ def _file_name(label: str, taken: set[str]) -> str:
     return name
 
 
+@dataclass(kw_only=True)
+class ReportSettings:
+    """The settings of scripts/report.py of its own (a flag each, pretraining.cli)."""
+
+    runs: tuple[Path, ...] = field(metadata={
+        "positional": True, "metavar": "RUN_OR_SWEEP",
+        "help": "run folders, or folders with run folders below them"})
+    output_dir: Path = field(metadata={"help": f"where {REPORT_HTML} and its PNGs are written"})
+    color_field: str | None = field(default=None, metadata={
+        "metavar": "FIELD",
+        "help": "item field the item maps are coloured by (default: the first of "
+        f"{', '.join(COLOR_FIELDS)} the item table has)"})
+    max_map_items: int = field(default=2000, metadata={
+        "metavar": "N", "help": "items drawn per item map (sampled; PCA is fitted on all)"})
+    models: bool = field(default=True, metadata={
+        "help": "load the runs' models for the item maps, embedding statistics and parameter "
+        "split (--no-models: leave them out)"})
+    seed: int = field(default=0, metadata={"help": "sampling of the item maps, t-SNE"})
+
+
 def report_parser(description: str) -> argparse.ArgumentParser:
     """Flags of scripts/report.py."""
-    parser = cli_parser(description, config_file=False)
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_SWEEP",
-                        help="run folders, or folders with run folders below them")
-    parser.add_argument("--output-dir", type=Path, required=True,
-                        help=f"where {REPORT_HTML} and its PNGs are written")
-    parser.add_argument("--color-field", metavar="FIELD",
-                        help="item field the item maps are coloured by (default: the first "
-                        f"of {', '.join(COLOR_FIELDS)} the item table has)")
-    parser.add_argument("--max-map-items", type=int, default=2000, metavar="N",
-                        help="items drawn per item map (sampled; PCA is fitted on all)")
-    parser.add_argument("--no-models", action="store_true",
-                        help="do not load the runs' models: no item maps, embedding statistics "
-                        "or parameter split")
+    parser = cli_parser(description)
+    add_settings(parser, ReportSettings, exclude=("seed",))
     add_settings(parser, RunSettings, ("encoder_cache_dir", "cache_dir"))
-    parser.add_argument("--seed", type=int, default=0, help="sampling of the item maps, t-SNE")
+    add_settings(parser, ReportSettings, ("seed",))
     return parser

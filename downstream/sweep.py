@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -50,7 +50,7 @@ import yaml
 
 from peftrec.dataset_tools import atomic_write
 from peftrec.dataset_tools.checkpoints import METRICS, RUN_CONFIG
-from peftrec.pretraining.cli import CommandLineError, cli_parser, parse_args
+from peftrec.pretraining.cli import CommandLineError, add_settings, cli_parser, parse_args
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 KEYS = ("script", "output_dir", "base", "grid", "runs", "seeds", "launcher", "launch_args")
@@ -503,17 +503,31 @@ def write_results(sweep: Sweep) -> str:
 # ------------------------------------------------------------------------- the script
 
 
+@dataclass(kw_only=True)
+class SweepSettings:
+    """The settings of scripts/sweep.py (a flag each, pretraining.cli); the sweep file
+    itself holds the runs'."""
+
+    sweep: Path = field(metadata={"positional": True, "metavar": "SWEEP",
+                                  "help": "sweep file (YAML)"})
+    output_dir: Path | None = field(default=None, metadata={
+        "help": "where the runs and the table go (default: the file's output_dir)"})
+    # At most one of these two: the group is exclusive.
+    dry_run: bool = field(default=False, metadata={
+        "help": "run nothing: print each run's command, and whether it would be skipped "
+        "(finished) or resumed"})
+    collect_only: bool = field(default=False, metadata={
+        "help": "run nothing: write the table of the finished runs"})
+
+
+RUN_MODES = ("dry_run", "collect_only")
+
+
 def sweep_parser(description: str) -> argparse.ArgumentParser:
-    parser = cli_parser(description, config_file=False)  # the sweep file is the config
-    parser.add_argument("sweep", type=Path, help="sweep file (YAML)")
-    parser.add_argument("--output-dir", type=Path,
-                        help="where the runs and the table go (default: the file's output_dir)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true",
-                      help="run nothing: print each run's command, and whether it would be "
-                      "skipped (finished) or resumed")
-    mode.add_argument("--collect-only", action="store_true",
-                      help="run nothing: write the table of the finished runs")
+    """Flags of scripts/sweep.py."""
+    parser = cli_parser(description)
+    add_settings(parser, SweepSettings, exclude=RUN_MODES)
+    add_settings(parser.add_mutually_exclusive_group(), SweepSettings, RUN_MODES)
     return parser
 
 

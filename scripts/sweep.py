@@ -10,11 +10,11 @@ continues a sweep. The sweep file's keys: docs/user-guide.md#sweeps.
 """
 
 from peftrec.downstream.sweep import sweep_command, sweep_parser
-from peftrec.pretraining.cli import run_main
+from peftrec.pretraining.cli import parse_args, run_main
 
 
 def main(argv=None):
-    return sweep_command(sweep_parser(__doc__).parse_args(argv))
+    return sweep_command(parse_args(sweep_parser(__doc__), argv))
 
 
 if __name__ == "__main__":
