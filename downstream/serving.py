@@ -39,7 +39,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -270,29 +270,44 @@ def model_on_catalog(model: SequentialRecommender, checkpoint: Path,
 # --- scripts/recommend.py ----------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
+class RecommendSettings:
+    """The settings of scripts/recommend.py of its own (a flag each, pretraining.cli)."""
+
+    run: Path = field(metadata={
+        "help": "run folder of a pretraining, full fine-tuning or adapter script"})
+    # One of these two: the group is exclusive and required.
+    users: tuple[str, ...] | None = field(default=None, metadata={
+        "words": True, "metavar": "USER",
+        "help": "original user ids of the run's dataset; each one's history is everything the "
+        "dataset knows (train + valid + test)"})
+    histories: Path | None = field(default=None, metadata={
+        "metavar": "FILE",
+        "help": 'JSON lines {"user": optional, "items": [item ids, oldest first]}'})
+    k: int = field(default=10, metadata={"help": "items recommended per user"})
+    exclude_history: bool = field(default=False, metadata={
+        "help": "never recommend an item of the history"})
+    output: Path = field(metadata={
+        "help": 'JSON lines written: {"user", "items": [{"item_id", "score", "title"}, ...]} '
+        "per user or history, in input order"})
+    items: Path | None = field(default=None, metadata={
+        "metavar": "FILE",
+        "help": "content models: recommend among the items of this item table (.csv, .tsv or "
+        ".jsonl with the columns of the run's text template) instead of the run's catalog; "
+        "histories then name its ids"})
+    item_col: str = field(default="item_id", metadata={"help": "the --items column of item ids"})
+
+
+REQUEST_SOURCES = ("users", "histories")
+
+
 def recommend_parser(description: str) -> argparse.ArgumentParser:
     """Flags of scripts/recommend.py."""
     parser = base_parser(description)
     parser.set_defaults(dataset=None)  # default: the dataset the run was trained on
-    parser.add_argument("--run", type=Path, required=True,
-                        help="run folder of a pretraining, full fine-tuning or adapter script")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--users", nargs="+", metavar="USER",
-                        help="original user ids of the run's dataset; each one's history is "
-                        "everything the dataset knows (train + valid + test)")
-    source.add_argument("--histories", type=Path, metavar="FILE",
-                        help='JSON lines {"user": optional, "items": [item ids, oldest first]}')
-    parser.add_argument("--k", type=int, default=10, help="items recommended per user")
-    parser.add_argument("--exclude-history", action="store_true",
-                        help="never recommend an item of the history")
-    parser.add_argument("--output", type=Path, required=True,
-                        help='JSON lines written: {"user", "items": [{"item_id", "score", '
-                        '"title"}, ...]} per user or history, in input order')
-    parser.add_argument("--items", type=Path, metavar="FILE",
-                        help="content models: recommend among the items of this item table "
-                        "(.csv, .tsv or .jsonl with the columns of the run's text template) "
-                        "instead of the run's catalog; histories then name its ids")
-    parser.add_argument("--item-col", default="item_id", help="the --items column of item ids")
+    add_settings(parser, RecommendSettings, exclude=REQUEST_SOURCES)
+    add_settings(parser.add_mutually_exclusive_group(required=True), RecommendSettings,
+                 REQUEST_SOURCES)
     add_settings(parser, RunSettings, ("encoder_cache_dir",))
     add_settings(parser, TrainingConfig, ("eval_batch_size", "cpu"))
     add_settings(parser, EvaluationProtocol, ("item_chunk_size",))
