@@ -53,6 +53,12 @@ PRESETS: dict[str, Preset] = {
         "reference's sample construction (every prefix of the last 50 items a sample)",
         settings={"backbone": "dreamrec", "max-len": 50, "train-windows": "prefixes"},
     ),
+    "dimerec-default": Preset(
+        description="what --backbone dimerec trains unless --preset is given: every prefix "
+        "of the last 50 items a sample, as DreamRec's and DiffuRec's (DimeRec learns one "
+        "target per sample)",
+        settings={"backbone": "dimerec", "max-len": 50, "train-windows": "prefixes"},
+    ),
     "diffrec-plus": Preset(
         description="the best DiffRec recipe found here (ML-1M, test NDCG@10 0.1882 in "
         "docs/results-history.md): causal denoiser, every position its own step, repeat "
@@ -87,5 +93,5 @@ PRESETS: dict[str, Preset] = {
 # --backbone NAME -> the preset it trains with when no --preset is given.
 DEFAULT_PRESETS: dict[str, str] = {
     "diffrec": "diffrec-default", "diffurec": "diffurec-default", "adrec": "adrec-default",
-    "dreamrec": "dreamrec-default",
+    "dreamrec": "dreamrec-default", "dimerec": "dimerec-default",
 }

@@ -197,7 +197,8 @@ def test_flags_set_dimerec_and_other_backbones_refuse_them():
 def test_the_loss_falls_on_a_short_run_and_the_checkpoint_scores_alike(tiny_dataset_dir,
                                                                        tmp_path):
     run = tmp_path / "run"
-    metrics = run_pretrain(tiny_dataset_dir, run, "--backbone", "dimerec", "--max-len", "10",
+    metrics = run_pretrain(tiny_dataset_dir, run, "--backbone", "dimerec", "--preset", "none",
+                           "--max-len", "10",
                            "--num-layers", "1", "--dropout", "0.0", "--lr", "1e-2",
                            "--diffusion-steps", "20", "--inference-steps", "4",
                            "--num-seeds", "2", "--batch-size", "16", "--epochs", "3")
