@@ -92,7 +92,8 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
         raise ValueError(f"unknown adapter method(s) {unknown}; registered: {sorted(ADAPTERS)}")
     group = parser.add_argument_group("adapter")
     if len(methods) > 1:
-        group.add_argument("--method", choices=list(methods), default=methods[0])
+        group.add_argument("--method", choices=list(methods), default=methods[0],
+                           help="the adapter method this script trains")
     else:
         parser.set_defaults(method=methods[0])
     add_settings(group, AdapterConfig)
