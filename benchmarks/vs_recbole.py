@@ -387,7 +387,7 @@ def report(table: list[dict], setup: dict, differences: dict) -> str:
         markdown(table, COLUMNS, cell), "",
         f"RecBole: autograd anomaly detection {anomaly}; {setup['users']:,} users, "
         f"{setup['items']:,} items, {setup['interactions']:,} interactions; "
-        f"{setup['torch_threads']} torch threads. Seconds are wall time since each run's "
+        f"torch threads: {setup['torch_threads']}. Seconds are wall time since each run's "
         "process started; load is the 1-minute load average. RecBole orders interactions by "
         "float32 timestamps scaled to [0, 1], which ties those about a second apart: "
         f"{differences['order_differs']} of {differences['users']} users' sequences are "
