@@ -532,8 +532,8 @@ def test_cli_puts_diffusion_flags_in_the_backbone_config_only_for_diffrec():
     from peftrec.pretraining.cli import model_config
 
     parser = pretrain_parser("test")
-    args = parse_args(parser, ["--backbone", "diffrec", "--schedule", "cosine",
-                               "--diffusion-steps", "30", "--inference", "strided",
+    args = parse_args(parser, ["--backbone", "diffrec", "--preset", "none", "--schedule",
+                               "cosine", "--diffusion-steps", "30", "--inference", "strided",
                                "--inference-steps", "5", "--noised-positions", "2",
                                "--causal-denoiser", "--num-seeds", "4",
                                "--detach-noised-items", "--logit-scale", "--untied-output",
