@@ -103,7 +103,9 @@ def blockwise_cross_entropy(
         if "states" in grads:
             grads["states"][block] = grad @ items
         if "catalog" in grads:
-            grads["catalog"][1:].addmm_(grad.T, block_states)
+            # In place, so autocast does not cast: bf16 states meet a float32 table under
+            # --mixed-precision bf16.
+            grads["catalog"][1:].addmm_(grad.T, block_states.to(grad.dtype))
         if "offsets" in grads and item_offsets.dim() == 1:
             grads["offsets"][1:] += grad.sum(0)
         elif "offsets" in grads:

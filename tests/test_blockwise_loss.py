@@ -119,3 +119,20 @@ def test_seen_items_get_the_bias_once_as_dense_offsets_would(five_position_block
         results.append([value.detach(), states.grad, catalog.grad, bias.grad])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_mixed_precision_states_train_a_float32_catalog(five_position_blocks):
+    """Under bf16 autocast the backbone's states are bf16 while the item table stays float32
+    (what `--mixed-precision bf16` gives): each gradient comes back in its input's dtype and
+    close to the whole-logits loss under the same autocast."""
+    (states, catalog), targets = inputs(None)
+    results = []
+    for loss_function in (whole_logits_loss, full_softmax_loss):
+        states.grad = catalog.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_function(states.to(torch.bfloat16), catalog, targets)
+        loss.backward()
+        assert states.grad.dtype == catalog.grad.dtype == torch.float32
+        results.append((loss.detach().float(), states.grad.clone(), catalog.grad.clone()))
+    for got, want in zip(*reversed(results), strict=True):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)  # bf16: 8 bits of mantissa
