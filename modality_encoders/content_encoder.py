@@ -247,10 +247,12 @@ class ContentItemEncoder(nn.Module):
 
     # --- the content vectors: head(pooled encoder outputs) ---------------------------------
     def content_catalog(self) -> torch.Tensor:
-        """Content vectors of every item [num_items + 1, d], row 0 (padding) zero."""
-        if self.encoder is None:
-            vectors = self.projection(self.outputs)
-            return torch.cat([vectors.new_zeros(1, self.output_dim), vectors])
+        """Content vectors of every item [num_items + 1, d], row 0 (padding) zero.
+
+        In eval mode they are made once and kept until the next `train()`: the evaluator
+        and `recommend` score the catalog in chunks, batch after batch, and each chunk
+        asked for the whole catalog again (with cached encoder outputs, a head pass over
+        every item per chunk: ~400 GFLOP for a moe head at 1M items)."""
         if self.training:
             return self._encode_catalog()
         if self._catalog_memo is None:
@@ -321,6 +323,9 @@ class ContentItemEncoder(nn.Module):
 
     # --- building ------------------------------------------------------------------------
     def _encode_catalog(self) -> torch.Tensor:
+        if self.encoder is None:  # cached encoder outputs: the head over all of them at once
+            vectors = self.projection(self.outputs)
+            return torch.cat([vectors.new_zeros(1, self.output_dim), vectors])
         # In chunks of `encode_batch_size` items, by input length (see `encode_pooled`).
         return self.content_vectors(torch.arange(self.num_items + 1,
                                                  device=self.head_parameter().device))

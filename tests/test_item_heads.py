@@ -132,6 +132,24 @@ def test_noisy_gating_is_an_option_and_only_in_training():
     assert torch.equal(noisy.gate_weights(x), noisy.gate_weights(x))
 
 
+def test_evaluation_runs_the_head_over_the_cached_catalog_once_until_training(bert, tmp_path):
+    """The evaluator scores the catalog in chunks, batch after batch: in eval mode the head
+    runs over the cached encoder outputs once, not once per chunk; train() drops them."""
+    model = with_random_parameters(text_model(bert, tmp_path, head="moe"))
+    assert model.item_encoder.encoder is None  # frozen encoder: cached outputs, head on top
+    head_passes = []
+    model.item_encoder.projection.register_forward_hook(lambda *_: head_passes.append(1))
+    trained_catalog = model.item_encoder.catalog()
+    model.eval()
+    chunks = [model.item_encoder.catalog()[ids] for ids in (torch.arange(1, 3),
+                                                             torch.arange(3, len(TEXTS) + 1))]
+    assert len(head_passes) == 2  # one in training mode, one for both chunks
+    torch.testing.assert_close(torch.cat(chunks), trained_catalog[1:].detach())
+    with_random_parameters(model.train()).eval()  # a training step moved the head
+    assert not torch.allclose(model.item_encoder.catalog()[1:], torch.cat(chunks))
+    assert len(head_passes) == 3
+
+
 def test_the_head_is_recorded_and_rebuilt_from_the_checkpoint(bert, tmp_path):
     model = with_random_parameters(text_model(bert, tmp_path, head="moe", num_experts=3)).eval()
     config = model.config.item_encoder_config
