@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -154,6 +154,14 @@ class DiffRecConfig(SASRecConfig):
                              f"{list(MSE_REDUCTIONS)}")
 
 
+def diffrec_setting(name: str):
+    """DiffRec's field `name` with its default and flag, for another diffusion backbone's
+    config: one `--schedule`, one `--diffusion-steps`, ... serve every backbone that
+    declares them."""
+    shared = next(setting for setting in fields(DiffRecConfig) if setting.name == name)
+    return field(default=shared.default, metadata=shared.metadata)
+
+
 class ImportanceStepSampler(nn.Module):
     """Draws diffusion steps with p_n proportional to sqrt(E[L_n^2]) (Eq. 18).
 
@@ -231,7 +239,7 @@ def seeded_sampling(item_vectors: torch.Tensor, padding_mask: torch.Tensor, num_
 
 
 class TransformerDenoiser(nn.Module):
-    """What DiffRec and DiffuRec share: the noise schedule, positions, the step MLP over a
+    """What DiffRec, DiffuRec and DimeRec share: the noise schedule, positions, the step MLP over a
     sinusoid, input dropout, SASRec blocks and a final norm (their names are checkpoint
     keys), the adapter sites in those blocks and the step context the diffusion_step
     adapters read. A subclass adds its own parts, then applies `_init_weights`."""

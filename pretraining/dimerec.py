@@ -51,10 +51,10 @@ from torch import nn
 from peftrec.pretraining.diffrec import (
     MAX_SEEDS,
     TransformerDenoiser,
+    diffrec_setting,
     seeded_sampling,
     sinusoidal_embedding,
 )
-from peftrec.pretraining.dreamrec import _diffrec_setting
 from peftrec.pretraining.losses import full_softmax_loss, sampled_softmax_loss
 from peftrec.pretraining.sasrec import SASRecConfig, _init_weights
 from peftrec.pretraining.schedules import build_schedule
@@ -72,11 +72,11 @@ class DimeRecConfig(SASRecConfig):
 
     # DiffRec's flags, read by DimeRec too: one --schedule, --diffusion-steps, --num-seeds,
     # --inference-steps and --mse-weight (lambda of L_recon, 1) for the diffusion family.
-    schedule: str = _diffrec_setting("schedule")
-    num_steps: int = _diffrec_setting("num_steps")
-    num_seeds: int = _diffrec_setting("num_seeds")
-    inference_steps: int = _diffrec_setting("inference_steps")
-    mse_weight: float = _diffrec_setting("mse_weight")
+    schedule: str = diffrec_setting("schedule")
+    num_steps: int = diffrec_setting("num_steps")
+    num_seeds: int = diffrec_setting("num_seeds")
+    inference_steps: int = diffrec_setting("inference_steps")
+    mse_weight: float = diffrec_setting("mse_weight")
     # K = 4: ComiRec's default number of interests (DimeRec's GEM is ComiRec-SA).
     num_interests: int = field(default=4, metadata={
         "help": "DimeRec: K, the interest vectors the guidance module extracts from a history"})

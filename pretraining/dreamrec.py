@@ -26,14 +26,14 @@ is one linear layer), and the schedule and steps are the shared `--schedule` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from peftrec.adapters.diffusion_step import StepContext
-from peftrec.pretraining.diffrec import DiffRecConfig, seed_noise, sinusoidal_embedding
+from peftrec.pretraining.diffrec import diffrec_setting, seed_noise, sinusoidal_embedding
 from peftrec.pretraining.sasrec import SASRec, SASRecConfig
 from peftrec.pretraining.schedules import build_schedule
 from peftrec.pretraining.scoring import DotProductScorer
@@ -42,19 +42,12 @@ if TYPE_CHECKING:  # the type only: the recommender imports the backbones, which
     from peftrec.pretraining.recommender import SequentialRecommender
 
 
-def _diffrec_setting(name: str):
-    """DiffRec's field `name` with its default and flag: one `--schedule` and one
-    `--diffusion-steps` serve every diffusion backbone that declares them."""
-    shared = next(setting for setting in fields(DiffRecConfig) if setting.name == name)
-    return field(default=shared.default, metadata=shared.metadata)
-
-
 @dataclass
 class DreamRecConfig(SASRecConfig):
     """The history encoder's settings (as SASRec's) plus DreamRec's diffusion and guidance."""
 
-    schedule: str = _diffrec_setting("schedule")
-    num_steps: int = _diffrec_setting("num_steps")
+    schedule: str = diffrec_setting("schedule")
+    num_steps: int = diffrec_setting("num_steps")
     guidance_weight: float = field(default=2.0, metadata={
         "help": "DreamRec: w, sampling from (1 + w) x the conditional minus w x the "
         "unconditional prediction (0: the conditional alone)"})
