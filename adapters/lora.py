@@ -58,6 +58,10 @@ class LoRAConfig(AdapterConfig):
     target_modules: tuple[str, ...] | None = field(default=None, metadata={
         "help": "Linear layers to adapt, comma-separated module names (unset: the model's "
         "own list, its `lora_targets`)"})
+    rank_pattern: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "other ranks for some of the adapted layers, comma-separated NAME=RANK "
+        "(e.g. fc1=2,fc2=2: those layers at rank 2, the rest at --rank); alpha scales with "
+        "the rank, so every layer's update keeps the scale alpha / rank"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +75,8 @@ class LoRAConfig(AdapterConfig):
             object.__setattr__(self, "target_modules", targets)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if self.rank_pattern is not None:
+            object.__setattr__(self, "rank_pattern", _parse_rank_pattern(self.rank_pattern))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -210,9 +216,28 @@ def _inject_peft(model: nn.Module, names: list[str], config: LoRAConfig) -> None
     """peft LoRA layers on exactly the modules `names` (full names under `model`)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                             lora_dropout=config.dropout, target_modules=names)
+    ranks = dict(entry.split("=") for entry in config.rank_pattern or ())
+    # peft matches a pattern against the end of a module's name, as target_modules does.
+    peft_config = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=names,
+        rank_pattern={name: int(rank) for name, rank in ranks.items()},
+        alpha_pattern={name: config.alpha * int(rank) / config.rank
+                       for name, rank in ranks.items()})
     inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+
+
+def _parse_rank_pattern(pattern: str | tuple[str, ...]) -> tuple[str, ...]:
+    """`fc1=2,fc2=2` (or its entries) as a tuple of checked `NAME=RANK` entries."""
+    entries = pattern.split(",") if isinstance(pattern, str) else pattern
+    parsed = []
+    for entry in entries:
+        name, _, rank = entry.strip().partition("=")
+        if not name or not rank.isdigit() or int(rank) < 1:
+            raise ValueError(f"malformed rank_pattern entry {entry!r}: expected NAME=RANK with "
+                             "a module name and a rank >= 1, e.g. fc1=2")
+        parsed.append(f"{name.strip()}={int(rank)}")
+    return tuple(parsed)
 
 
 def _inside_adapter(root: nn.Module, name: str) -> bool:

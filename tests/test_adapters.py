@@ -146,6 +146,29 @@ def test_peft_lora_on_a_backbone_linear_adds_the_update_and_merges():
     assert torch.equal(o_proj.bias, bias)
 
 
+def test_a_rank_pattern_gives_the_named_layers_their_own_rank_at_the_same_scale():
+    model = tiny_model()
+    get_adapted_model(model, LoRAConfig(rank=4, alpha=8, target_modules="q_proj,fc1,fc2",
+                                        rank_pattern="fc1=2, fc2=1"))
+    ranks, scales = {}, set()
+    for name, module in model.backbone.named_modules():
+        if isinstance(module, LoraLayer):
+            ranks[name.rsplit(".", 1)[-1]] = module.lora_A[ADAPTER_NAME].weight.shape[0]
+            scales.add(module.scaling[ADAPTER_NAME])
+    assert ranks == {"q_proj": 4, "fc1": 2, "fc2": 1}
+    assert scales == {2.0}  # alpha / rank everywhere: alpha follows the pattern's rank
+    # Two layers (hidden 16, ffn 32), each: q_proj 4 * (16 + 16), fc1 2 * (16 + 32),
+    # fc2 1 * (32 + 16).
+    expected = 2 * (4 * 32 + 2 * 48 + 48)
+    assert trainable_share(model)[0] == expected
+
+
+@pytest.mark.parametrize("pattern", ["fc1", "fc1=0", "=2", "fc1=two"])
+def test_a_malformed_rank_pattern_is_refused_naming_the_entry(pattern):
+    with pytest.raises(ValueError, match="malformed rank_pattern entry"):
+        LoRAConfig(rank=4, rank_pattern=pattern)
+
+
 def test_lora_draws_its_a_matrices_as_the_hand_written_layer_did():
     """One kaiming-uniform A per adapted Linear, in placement order, from the global RNG
     (peft's own init draws more): a fixed-seed run is the one before peft."""
