@@ -3,16 +3,17 @@
 Every script takes the pretraining run (`--pretrained`), the target `--dataset`, the
 training and evaluation-protocol flags of the pretraining scripts, and, for adapter
 methods, the placement flags (`--adapt`, `--layers`, `--tune`) plus one flag per setting
-of the method's config dataclass (`--reduction-factor`, `--rank`, ...), generated from its
-fields so the flags and the configs cannot drift apart.
+of the method's config dataclass (`--reduction-factor`, `--rank`, ...). Every flag is a
+field (`TransferSettings` holds the fine-tuning scripts' own), added by
+`pretraining.cli.add_settings`, so the flags and the configs cannot drift apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftrec.adapters import ADAPTERS
@@ -26,23 +27,62 @@ from peftrec.pretraining.cli import (
     add_settings,
     add_training_arguments,
     base_parser,
-    names_list,
+    flag_fields,
     parse_args,
     settings,
-    typed_options,
 )
 from peftrec.pretraining.recommender import RecommenderConfig
 from peftrec.pretraining.trainer import TrainingConfig
 
-PLACEMENT = {field.name for field in dataclasses.fields(AdapterConfig)}
+PLACEMENT = {setting.name for setting in dataclasses.fields(AdapterConfig)}
+
+
+@dataclass
+class TransferSettings:
+    """The fine-tuning scripts' own settings (a flag each, pretraining.cli). config.json's
+    transfer section records them resolved: the base's checkpoint and fingerprint, the
+    method (a baseline's name for --from-scratch / --zero-shot), --freeze, and the item
+    matching (fields, source dataset, counts, frozen)."""
+
+    pretrained: Path = field(metadata={
+        "help": "run folder of a pretraining script (or its best_model/)"})
+    match_items_by: tuple[str, ...] | None = field(default=None, metadata={
+        "metavar": "FIELD[,FIELD...]",
+        "help": "item fields both datasets have (e.g. movie_title,release_year): a target item "
+        "whose values (case and whitespace ignored) are a source item's keeps that item's "
+        "pretrained rows in every per-item parameter (ID table, item bias, output table); the "
+        "others start fresh"})
+    freeze_matched_items: bool = field(default=False, metadata={
+        "help": "keep the matched items' rows as pretrained (no gradient, no weight decay); an "
+        "adapter checkpoint then stores only the others"})
+    source_dataset: str | None = field(default=None, metadata={
+        "help": "the dataset --pretrained was trained on, if its folder moved (default: the "
+        "one its run's config.json records)"})
+    # Full fine-tuning's baselines, exclusive.
+    from_scratch: bool = field(default=False, metadata={
+        "help": "same architecture, random weights, trained on the target"})
+    zero_shot: bool = field(default=False, metadata={
+        "help": "evaluate on the target without training (content models, or an ID model "
+        "with --match-items-by)"})
+    freeze: tuple[str, ...] = field(default=(), metadata={
+        "metavar": "GROUP[,GROUP...]",
+        "help": f"keep these pretrained parameter groups fixed, of {list(EXTRAS)} (as "
+        "adapters' --tune defines them): embeddings = every nn.Embedding (positions, ...) "
+        "except the per-item tables transfer restarts, which train (with --match-items-by, "
+        "their matched rows stay as pretrained, as --freeze-matched-items)"})
+    # A flag of the scripts of several methods (choices: theirs); the others train one.
+    method: str | None = field(default=None, metadata={
+        "choices": tuple(ADAPTERS), "help": "the adapter method this script trains"})
+
+
+MATCHING = ("match_items_by", "freeze_matched_items", "source_dataset")
 
 
 def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Flags of a fine-tuning script for adapter `methods` (first = default); none: the
     full fine-tuning script, with `--from-scratch` and `--zero-shot` baselines."""
     parser = base_parser(description)
-    parser.add_argument("--pretrained", type=Path, required=True,
-                        help="run folder of a pretraining script (or its best_model/)")
+    add_settings(parser, TransferSettings, ("pretrained",))
     add_training_arguments(parser)
     add_protocol_arguments(parser)
     encoder = parser.add_argument_group(
@@ -56,35 +96,16 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
         "objective replaces its for training, evaluation always ranks the whole catalog; "
         "--repeat-bias adds a score offset, starting at 0, to a base trained without one, "
         "and a base's own is always kept and trained)")
-    add_settings(model, RecommenderConfig, exclude=("repeat_bias",), unset=True)
+    # The item encoder is the pretrained model's: no --item-encoder.
+    add_settings(model, RecommenderConfig, exclude=("repeat_bias", "item_encoder"), unset=True)
     add_settings(model, RecommenderConfig, ("repeat_bias",))
-    matching = parser.add_argument_group("items matched across domains (per-item parameters)")
-    matching.add_argument("--match-items-by", type=names_list, metavar="FIELD[,FIELD...]",
-                          help="item fields both datasets have (e.g. movie_title,release_year): "
-                          "a target item whose values (case and whitespace ignored) are a "
-                          "source item's keeps that item's pretrained rows in every per-item "
-                          "parameter (ID table, item bias, output table); the others start "
-                          "fresh")
-    matching.add_argument("--freeze-matched-items", action="store_true",
-                          help="keep the matched items' rows as pretrained (no gradient, no "
-                          "weight decay); an adapter checkpoint then stores only the others")
-    matching.add_argument("--source-dataset",
-                          help="the dataset --pretrained was trained on, if its folder moved "
-                          "(default: the one its run's config.json records)")
+    add_settings(parser.add_argument_group("items matched across domains (per-item parameters)"),
+                 TransferSettings, MATCHING)
     if not methods:
-        baseline = parser.add_mutually_exclusive_group()
-        baseline.add_argument("--from-scratch", action="store_true",
-                              help="same architecture, random weights, trained on the target")
-        baseline.add_argument("--zero-shot", action="store_true",
-                              help="evaluate on the target without training (content models, "
-                              "or an ID model with --match-items-by)")
+        add_settings(parser.add_mutually_exclusive_group(), TransferSettings,
+                     ("from_scratch", "zero_shot"))
         strategy = parser.add_argument_group("full fine-tuning strategies")
-        strategy.add_argument("--freeze", type=names_list, default=(), metavar="GROUP[,GROUP...]",
-                              help=f"keep these pretrained parameter groups fixed, of "
-                              f"{list(EXTRAS)} (as adapters' --tune defines them): embeddings "
-                              "= every nn.Embedding (positions, ...) except the per-item tables "
-                              "transfer restarts, which train (with --match-items-by, their "
-                              "matched rows stay as pretrained, as --freeze-matched-items)")
+        add_settings(strategy, TransferSettings, ("freeze",))
         add_settings(strategy, TrainingConfig, ("unfreeze_every",))
         return parser
     unknown = [m for m in methods if m not in ADAPTERS]
@@ -92,12 +113,18 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
         raise ValueError(f"unknown adapter method(s) {unknown}; registered: {sorted(ADAPTERS)}")
     group = parser.add_argument_group("adapter")
     if len(methods) > 1:
-        group.add_argument("--method", choices=list(methods), default=methods[0],
-                           help="the adapter method this script trains")
+        add_settings(group, TransferSettings, ("method",), defaults={"method": methods[0]},
+                     choices={"method": methods})
     else:
         parser.set_defaults(method=methods[0])
     add_settings(group, AdapterConfig)
-    _add_method_settings(group, methods)
+    # A setting several methods share is one flag (the first method's default shown); unset,
+    # the chosen method's own default applies.
+    declared = set(PLACEMENT)
+    for method in methods:
+        config_class, _ = ADAPTERS[method]
+        add_settings(group, config_class, exclude=declared, unset=method)
+        declared.update(setting.name for setting in flag_fields(config_class))
     return parser
 
 
@@ -105,13 +132,14 @@ def adapter_config(args: argparse.Namespace) -> AdapterConfig:
     """The method's config from the parsed flags (unset method flags keep its defaults)."""
     config_class, _ = ADAPTERS[args.method]
     own = _method_fields(config_class)
-    foreign = sorted({name for other, _ in ADAPTERS.values() for name in _method_fields(other)
-                      if name not in own and hasattr(args, name)})
+    given = {name for other, _ in ADAPTERS.values() for name in _method_fields(other)
+             if getattr(args, name, None) is not None}  # None: unset
+    foreign = sorted(given - set(own))
     if foreign:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
         raise CommandLineError(f"{flags}: not a setting of --method {args.method}; drop it or "
                                "choose the method it belongs to")
-    method_settings = {name: getattr(args, name) for name in own if hasattr(args, name)}
+    method_settings = {name: getattr(args, name) for name in own if name in given}
     return config_class(**settings(args, AdapterConfig), **method_settings)
 
 
@@ -136,24 +164,3 @@ def main_for(description: str, methods: Sequence[str] = ()):
 def _method_fields(config_class: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_class) if f.name not in PLACEMENT]
 
-
-def _add_method_settings(group: argparse._ArgumentGroup, methods: Sequence[str]) -> None:
-    """One flag per method setting, typed by the config field's annotation, with its help
-    text and choices; a setting shared by several methods gets one flag (the first
-    method's default is shown)."""
-    added: set[str] = set()
-    for method in methods:
-        config_class, _ = ADAPTERS[method]
-        hints = typing.get_type_hints(config_class)
-        defaults = config_class()
-        for setting in dataclasses.fields(config_class):
-            if setting.name in PLACEMENT or setting.name in added:
-                continue
-            added.add(setting.name)
-            options = typed_options(hints[setting.name], f"{config_class.__name__}.{setting.name}")
-            if "choices" in setting.metadata:
-                options["choices"] = list(setting.metadata["choices"])
-            # Unset flags stay unset (SUPPRESS), so the method's own default applies.
-            group.add_argument("--" + setting.name.replace("_", "-"), default=argparse.SUPPRESS,
-                               help=f"{setting.metadata['help']} ({method} default: "
-                               f"{getattr(defaults, setting.name)!r})", **options)

@@ -69,7 +69,9 @@ class ContentEncoderSettings:
         "mask; images: the patches)"})
     # Frozen with cached outputs, or trained inside the step.
     freeze: bool = field(default=True, metadata={
-        "flag": "freeze-encoder", "help": "keep the encoder frozen and cache its outputs"})
+        "flag": "freeze-encoder", "help": "keep the encoder frozen and cache its outputs",
+        "off_flag": ("train-encoder", "train the encoder end to end (sampled softmax over the "
+                     "items each batch needs; see --trainable-layers), as --no-freeze-encoder")})
     trainable_layers: int = field(default=-1, metadata={
         "help": "with --train-encoder: train only the top K layers and cache the hidden "
         "states below them (-1: all layers)"})

@@ -1,15 +1,18 @@
 """The argument vocabulary every script shares, `--config FILE.yaml`, presets, and errors.
 
 Every setting is declared once, as a field of a config dataclass (`TrainingConfig`,
-`RecommenderConfig`, `SASRecConfig`, `DiffRecConfig`, `EvaluationProtocol`, `RunSettings`):
-a field with `metadata={"help": ...}` is a flag (`add_settings`), typed by its annotation,
-with the field's default and its metadata's `choices`, `metavar`, `flag` (the flag's
-name where it is not the field's, e.g. `--diffusion-steps` for `num_steps`), `aliases`
-(more names of the flag), `words` (a tuple of strings given as separate words, `--users a
-b`, not comma-separated) and `positional` (an argument without a flag name, such as
-report.py's RUN_OR_SWEEP). The parsed value is stored under the field's name, so
-`settings(args, Config)` fills the dataclass. A script's mutually exclusive flags are
-fields added to an `add_mutually_exclusive_group()`.
+`RecommenderConfig`, `SASRecConfig`, `DiffRecConfig`, `EvaluationProtocol`, `RunSettings`,
+`EvaluateSettings`, the fine-tuning scripts' `TransferSettings`, ...): a field with
+`metadata={"help": ...}` is a flag (`add_settings`), typed by its annotation, with the
+field's default and its metadata's `choices`, `metavar`, `flag` (the flag's name where it
+is not the field's, e.g. `--diffusion-steps` for `num_steps`), `aliases` (more names of the
+flag), `off_flag` (a switch's second flag that turns it off, with its own help:
+`--train-encoder` for `--no-freeze-encoder`), `words` (a tuple of strings given as separate
+words, `--users a b`, not comma-separated) and `positional` (an argument without a flag
+name, such as report.py's RUN_OR_SWEEP). The parsed value is stored under the field's
+name, so `settings(args, Config)` fills the dataclass. A script's mutually exclusive flags
+are fields added to an `add_mutually_exclusive_group()`. Only `--config` and `--debug`
+are the parser's own (`cli_parser`): they are not settings of a job.
 
 Values come from, lowest first: the dataclass defaults, a `--preset` (pretraining.presets;
 unset: `--backbone`'s default preset), the `--config` YAML file, the command line. Unknown
@@ -25,7 +28,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +72,14 @@ BACKBONE_GROUPS = {DIFFUSION_GROUP: "diffrec", DREAMREC_GROUP: "dreamrec",
 
 @dataclass
 class RunSettings:
-    """Settings of the scripts outside the model, training and protocol configs: where the
-    caches are, what a training run samples and starts from."""
+    """Settings of the scripts outside the model, training and protocol configs: the data
+    and where the caches are, where a training run writes, what it samples and starts from.
+    config.json records them resolved (the dataset's path and fingerprint, the preset
+    applied, `training.output_dir`, the sources' checkpoints)."""
 
+    dataset: str = field(default="ml-100k", metadata={
+        "help": "built-in name (ml-100k, ml-1m, or its domain split ml-1m-old / ml-1m-new) or a "
+        "folder written by scripts/prepare_data.py"})
     cache_dir: Path | None = field(default=None, metadata={
         "help": "where built-in datasets are prepared (unset: $PEFTREC_CACHE or "
         "~/.cache/peftrec)"})
@@ -97,6 +105,24 @@ class RunSettings:
         "help": "start the denoiser's Transformer (and the repeat bias) from this SASRec run "
         "folder or its best_model/: the history is then encoded as SASRec encodes it (same "
         "layer sizes, --max-len at most the SASRec's + 1)"})
+    output_dir: Path | None = field(default=None, metadata={
+        "help": "run folder (default: runs/<dataset>-<backbone>, fine-tuning: "
+        "runs/<dataset>-<method>)"})
+    preset: str | None = field(default=None, metadata={
+        "choices": (*sorted(PRESETS), NO_PRESET),
+        "help": "a named set of settings (docs/user-guide.md#presets); --config and flags "
+        "override it. Unset: --backbone's default preset (diffrec: diffrec-default, ...); "
+        "none: the flags' own defaults"})
+
+
+@dataclass
+class EvaluateSettings:
+    """The settings of scripts/evaluate.py of its own."""
+
+    run: Path = field(metadata={
+        "help": "run folder written by a pretraining or fine-tuning script"})
+    output: Path | None = field(default=None, metadata={
+        "help": "where to write the metrics (default RUN/evaluation.json)"})
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -122,20 +148,24 @@ def add_settings(
     group: argparse._ActionsContainer,
     config_class: type,
     names: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    unset: bool = False,
+    exclude: Collection[str] = (),
+    unset: bool | str = False,
     defaults: dict | None = None,
     required: Sequence[str] = (),
+    choices: dict[str, Sequence[str]] | None = None,
 ) -> None:
     """One flag per flag field of `config_class` (`names` only, if given; less `exclude`).
 
     `unset`: the flags default to None, not to the field's default, so that whatever the
-    caller applies them to (a pretrained model's settings, a run's own) keeps its value.
+    caller applies them to (a pretrained model's settings, a run's own, a method's config)
+    keeps its value; a string names what applies instead in the help, with the field's
+    default: `unset="lora"` ends the help with "(lora default: 8)".
     `defaults`: field name -> this script's default, where it is not the field's (e.g. an
     image encoder pools the CLS token); `required`: fields this script needs given, whatever
-    their default (a field without one always is). Types: see `typed_options`.
+    their default (a field without one always is); `choices`: field name -> this script's
+    choices (e.g. the item encoders of its modality). Types: see `typed_options`.
     """
-    defaults = defaults or {}
+    defaults, choices = defaults or {}, choices or {}
     hints = typing.get_type_hints(config_class)
     for setting in flag_fields(config_class):
         if (names is not None and setting.name not in names) or setting.name in exclude:
@@ -143,6 +173,8 @@ def add_settings(
         options = {"dest": setting.name, "help": setting.metadata["help"]}
         if unset:
             options["default"] = None
+            if isinstance(unset, str):
+                options["help"] += f" ({unset} default: {_default(setting)!r})"
         elif setting.name in defaults:
             options["default"] = defaults[setting.name]
         elif setting.name in required or setting.default is setting.default_factory is (
@@ -152,8 +184,8 @@ def add_settings(
             options["default"] = _default(setting)
         if "metavar" in setting.metadata:
             options["metavar"] = setting.metadata["metavar"]
-        if "choices" in setting.metadata:
-            options["choices"] = list(setting.metadata["choices"])
+        if setting.name in choices or "choices" in setting.metadata:
+            options["choices"] = list(choices.get(setting.name, setting.metadata.get("choices")))
         options.update(typed_options(hints[setting.name], f"{config_class.__name__}."
                                      f"{setting.name}", setting.metadata.get("words", False)))
         if setting.metadata.get("positional"):
@@ -165,6 +197,11 @@ def add_settings(
         else:
             group.add_argument(flag_name(setting), *setting.metadata.get("aliases", ()),
                                **options)
+        if "off_flag" in setting.metadata:
+            # Unset (SUPPRESS), so that it leaves the switch's default alone.
+            name, text = setting.metadata["off_flag"]
+            group.add_argument("--" + name, dest=setting.name, action="store_false",
+                               default=argparse.SUPPRESS, help=text)
 
 
 def typed_options(kind, where: str, words: bool = False) -> dict:
@@ -214,6 +251,10 @@ def cli_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the flags every script has: `--config` (read by `parse_args`) and
     `--debug` (read by `run_main`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    # The two flags declared here, not as fields: neither is a setting of the job. --config
+    # is where the settings come from (read before any dataclass is filled, and a file
+    # cannot name itself); --debug is how run_main reports a failure, read from the raw
+    # command line so that it also holds for errors in the flags and the file themselves.
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
@@ -222,17 +263,13 @@ def cli_parser(description: str) -> argparse.ArgumentParser:
 def base_parser(description: str) -> argparse.ArgumentParser:
     """`--config`, `--debug` and the dataset: the flags of every script that loads data."""
     parser = cli_parser(description)
-    parser.add_argument("--dataset", default="ml-100k",
-                        help="built-in name (ml-100k, ml-1m, or its domain split ml-1m-old / "
-                        "ml-1m-new) or a folder written by "
-                        "scripts/prepare_data.py")
-    add_settings(parser, RunSettings, ("cache_dir",))
+    add_settings(parser, RunSettings, ("dataset", "cache_dir"))
     return parser
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    add_settings(group, RecommenderConfig)
+    add_settings(group, RecommenderConfig, exclude=("item_encoder",))  # a content script's
     add_settings(group, SASRecConfig)
     add_settings(group, RunSettings, ("init_items_from", "freeze_items_epochs"))
     diffusion = parser.add_argument_group(DIFFUSION_GROUP)
@@ -248,9 +285,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of every script that trains a run folder: `--output-dir` and the
     training settings (`--unfreeze-every` is full fine-tuning's alone)."""
-    parser.add_argument("--output-dir", type=Path,
-                        help="run folder (default: runs/<dataset>-<backbone>, fine-tuning: "
-                        "runs/<dataset>-<method>)")
+    add_settings(parser, RunSettings, ("output_dir",))
     group = parser.add_argument_group("training")
     add_settings(group, TrainingConfig, exclude=("unfreeze_every",))
     add_settings(group, RunSettings, ("train_windows",))
@@ -264,19 +299,14 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
     """Flags of the content item encoders (`modality` = "text" or "image"), and of the
     content + ID fusion encoder of that modality."""
     group = parser.add_argument_group(f"{modality} item encoder")
-    group.add_argument("--item-encoder", choices=[modality, f"{modality}+id"], default=modality,
-                       help=f"{modality}: the content vector; {modality}+id: plus a learned "
-                       "per-item ID vector (a table that starts at zero; see --fusion)")
+    add_settings(group, RecommenderConfig, ("item_encoder",), defaults={"item_encoder": modality},
+                 choices={"item_encoder": (modality, f"{modality}+id")})
     if modality == "text":
         add_settings(group, ContentEncoderSettings, exclude=("image_store",),
                      defaults={"encoder": "minilm"})
     else:
         add_settings(group, ContentEncoderSettings, exclude=("template", "max_text_length"),
                      defaults={"pooling": "cls"}, required=("image_store",))
-    group.add_argument("--train-encoder", dest="freeze", action="store_false",
-                       default=argparse.SUPPRESS,
-                       help="train the encoder end to end (sampled softmax over the items "
-                       "each batch needs; see --trainable-layers), as --no-freeze-encoder")
     add_settings(group, RunSettings, ("encoder_cache_dir",))
 
 
@@ -284,10 +314,7 @@ def pretrain_parser(description: str, modality: str | None = None) -> argparse.A
     """Flags of every pretraining script: common, preset, model, training and protocol, plus
     the content item encoder's for `modality` "text" or "image"."""
     parser = base_parser(description)
-    parser.add_argument("--preset", choices=[*sorted(PRESETS), NO_PRESET],
-                        help="a named set of settings (docs/user-guide.md#presets); "
-                        "--config and flags override it. Unset: --backbone's default preset "
-                        "(diffrec: diffrec-default, ...); none: the flags' own defaults")
+    add_settings(parser, RunSettings, ("preset",))
     add_model_arguments(parser)
     add_training_arguments(parser)
     add_protocol_arguments(parser)
@@ -300,10 +327,7 @@ def evaluate_parser(description: str) -> argparse.ArgumentParser:
     """Flags of scripts/evaluate.py: a run folder, optionally another dataset folder."""
     parser = base_parser(description)
     parser.set_defaults(dataset=None)  # default: the dataset the run was trained on
-    parser.add_argument("--run", required=True, type=Path,
-                        help="run folder written by a pretraining script")
-    parser.add_argument("--output", type=Path,
-                        help="where to write the metrics (default RUN/evaluation.json)")
+    add_settings(parser, EvaluateSettings)
     add_settings(parser, TrainingConfig, ("eval_batch_size", "seed", "cpu"))
     add_protocol_arguments(parser)
     add_settings(parser.add_argument_group("DiffRec inference (unset: the run's own)"),
@@ -500,14 +524,14 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
 def model_config(
     args: argparse.Namespace, num_items: int, fingerprint: str, data: SequenceData | None = None
 ) -> RecommenderConfig:
-    item_encoder = getattr(args, "item_encoder", "id")
-    encoder_config = ({} if item_encoder_modality(item_encoder) is None
-                      else item_encoder_config(args, item_encoder, data))
-    return RecommenderConfig(
-        num_items=num_items, item_encoder=item_encoder, item_encoder_config=encoder_config,
-        backbone_config=settings(args, BACKBONES[args.backbone][0]),
+    config = RecommenderConfig(  # item_encoder: a content script's flag, else the default
+        num_items=num_items, backbone_config=settings(args, BACKBONES[args.backbone][0]),
         dataset_fingerprint=fingerprint, **settings(args, RecommenderConfig),
     )
+    if item_encoder_modality(config.item_encoder) is None:
+        return config
+    return dataclasses.replace(config, item_encoder_config=item_encoder_config(
+        args, config.item_encoder, data))
 
 
 def item_encoder_config(args: argparse.Namespace, item_encoder: str, data: SequenceData | None):

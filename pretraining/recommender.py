@@ -89,7 +89,10 @@ class RecommenderConfig:
     backbone: str = field(default="sasrec", metadata={"choices": sorted(BACKBONES),
                                                       "help": "sequence backbone"})
     backbone_config: dict = field(default_factory=dict)
-    item_encoder: str = "id"
+    # A flag of the content scripts alone, with their modality's choices (pretraining.cli).
+    item_encoder: str = field(default="id", metadata={
+        "help": "text / image: the content vector; text+id / image+id: plus a learned per-item "
+        "ID vector (a table that starts at zero; see --fusion)"})
     item_encoder_config: dict = field(default_factory=dict)  # the encoder's own settings
     loss: str = field(default="full", metadata={
         "choices": LOSSES,

@@ -17,15 +17,9 @@ from tests.helpers import ROOT
 
 SCRIPTS = sorted(path.stem for path in (ROOT / "scripts").glob("*.py"))
 
-# The flags the shared vocabularies still declare by hand: --config and --debug are the
-# generator's own (cli_parser); the others are to become fields as well.
-HAND_DECLARED = {
-    "pretraining/cli.py": {"--config", "--debug", "--dataset", "--output-dir", "--item-encoder",
-                           "--train-encoder", "--preset", "--run", "--output"},
-    "downstream/cli.py": {"--pretrained", "--match-items-by", "--freeze-matched-items",
-                          "--source-dataset", "--from-scratch", "--zero-shot", "--freeze",
-                          "--method"},
-}
+# The only flags declared by hand: --config and --debug, the parser's own (cli_parser),
+# which are not settings of a job (where the settings come from; how errors are shown).
+HAND_DECLARED = {"pretraining/cli.py": {"--config", "--debug"}}
 
 
 def imported_modules(script: Path) -> list[Path]:
@@ -105,3 +99,43 @@ def test_a_positional_argument_left_out_everywhere_is_argparses_error(tmp_path, 
     args = parse_args(sweep_parser("t"), ["--config", str(config)])
     assert (args.sweep, args.dry_run, args.collect_only) == (Path("grid.yaml"), True, False)
 
+
+
+def test_the_config_file_gives_the_fine_tuning_and_evaluation_settings(tmp_path):
+    """--pretrained and --run are required flags a file may give; the fine-tuning scripts'
+    own settings (baseline, matching, strategy, method) are fields like the others."""
+    from peftrec.downstream.cli import adapter_config, finetune_parser
+    from peftrec.pretraining.cli import evaluate_parser
+
+    config = tmp_path / "finetune.yaml"
+    config.write_text("pretrained: runs/base\nzero-shot: true\nmatch_items_by: title,year\n"
+                      "freeze-matched-items: true\nfreeze: embeddings\nsource-dataset: ml-1m\n")
+    args = parse_args(finetune_parser("t"), ["--config", str(config)])
+    assert (args.pretrained, args.zero_shot, args.from_scratch, args.match_items_by,
+            args.freeze_matched_items, args.freeze, args.source_dataset) == (
+        Path("runs/base"), True, False, ("title", "year"), True, ("embeddings",), "ml-1m")
+    # The command line's baseline replaces the file's; a switch's --no- form undoes it.
+    args = parse_args(finetune_parser("t"), ["--config", str(config), "--from-scratch",
+                                             "--no-freeze-matched-items"])
+    assert (args.from_scratch, args.zero_shot, args.freeze_matched_items) == (True, False, False)
+
+    config.write_text("pretrained: runs/base\nmethod: pfeiffer\nreduction-factor: 4\n")
+    args = parse_args(finetune_parser("t", ("houlsby", "pfeiffer")), ["--config", str(config)])
+    adapter = adapter_config(args)
+    assert (type(adapter).__name__, adapter.reduction_factor, adapter.non_linearity) == (
+        "PfeifferConfig", 4, "relu")  # unset: pfeiffer's own default, not houlsby's
+
+    config = tmp_path / "evaluate.yaml"
+    config.write_text("run: runs/base\noutput: metrics.json\n")
+    args = parse_args(evaluate_parser("t"), ["--config", str(config)])
+    assert (args.run, args.output, args.dataset) == (Path("runs/base"), Path("metrics.json"),
+                                                     None)
+
+
+def test_a_setting_several_methods_share_is_one_flag_showing_the_first_methods_default():
+    from peftrec.downstream.cli import finetune_parser
+
+    parser = finetune_parser("t", ("houlsby", "pfeiffer"))
+    actions = [action for action in parser._actions if "--non-linearity" in action.option_strings]
+    assert len(actions) == 1 and actions[0].default is None
+    assert actions[0].help.endswith("(houlsby default: 'swish')")
