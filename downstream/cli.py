@@ -64,6 +64,11 @@ class TransferSettings:
     zero_shot: bool = field(default=False, metadata={
         "help": "evaluate on the target without training (content models, or an ID model "
         "with --match-items-by)"})
+    popularity_prior: str | None = field(default=None, metadata={
+        "metavar": "auto|WEIGHT",
+        "help": "with --zero-shot: add WEIGHT * log(1 + count) to each item's score, count = its "
+        "interactions in the target's training part (no training); auto: the weight chosen "
+        "on validation NDCG@10 from downstream.popularity_prior.WEIGHT_GRID"})
     freeze: tuple[str, ...] = field(default=(), metadata={
         "metavar": "GROUP[,GROUP...]",
         "help": f"keep these pretrained parameter groups fixed, of {list(EXTRAS)} (as "
@@ -104,6 +109,8 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
     if not methods:
         add_settings(parser.add_mutually_exclusive_group(), TransferSettings,
                      ("from_scratch", "zero_shot"))
+        add_settings(parser.add_argument_group("zero-shot"), TransferSettings,
+                     ("popularity_prior",))
         strategy = parser.add_argument_group("full fine-tuning strategies")
         add_settings(strategy, TransferSettings, ("freeze",))
         add_settings(strategy, TrainingConfig, ("unfreeze_every",))

@@ -69,6 +69,7 @@ from peftrec.downstream.matching import (
     plain_state_dict,
     read_matching,
 )
+from peftrec.downstream.popularity_prior import evaluate_with_prior, parse_prior
 from peftrec.modality_encoders.base import item_table_names
 from peftrec.modality_encoders.content_encoder import HEAD_SITE
 from peftrec.modality_encoders.transformer import (
@@ -370,6 +371,10 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
     # Frozen pretrained embeddings include the item rows carried from the base.
     frozen = matching is not None and (bool(getattr(args, "freeze_matched_items", False))
                                        or "embeddings" in freeze)
+    prior = parse_prior(getattr(args, "popularity_prior", None))  # finetune_full only
+    if prior is not None and method != "zero_shot":
+        raise ValueError("--popularity-prior: a zero-shot setting (training learns the target's "
+                         "popularity itself); add --zero-shot or drop it")
     if method == "zero_shot" and base.item_encoder == "id" and matching is None:
         raise ValueError("zero-shot transfer needs a content item encoder (text or image): an "
                          "ID model has never seen the target's items; fine-tune it instead, "
@@ -391,6 +396,8 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
     }
     if freeze:  # only when given: runs from before the flag resume unchanged
         run_config["transfer"]["freeze"] = list(freeze)
+    if prior is not None:
+        run_config["transfer"]["popularity_prior"] = prior
     extra_files = {}
     if matching is not None:
         run_config["transfer"]["item_matching"] = matching_record(
@@ -399,7 +406,7 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
     label = f"{data.name} {method}"
     if method == "zero_shot":
         return _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
-                          matching)
+                          matching, prior)
 
     def build_model() -> SequentialRecommender:
         return matched_target_model(config, None if method == "scratch" else base_dir, data,
@@ -496,7 +503,7 @@ def encoder_overrides(args: argparse.Namespace) -> dict:
 
 
 def _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
-               matching: ItemMatching | None = None) -> dict:
+               matching: ItemMatching | None = None, prior: str | float | None = None) -> dict:
     # Checked before evaluating: metrics.json must not silently replace another run's.
     check_run_folder(output_dir, run_config, args.resume, with_later_settings)
     accelerator = build_accelerator(training_config(args, output_dir))
@@ -505,8 +512,14 @@ def _zero_shot(args, data, config, base_dir, output_dir, run_config, label,
         carried = carry_matched_rows(model, base_dir, matching, unmatched="source_mean")
         accelerator.print(f"{matching.summary()}; carried {', '.join(carried)}; the "
                           "others scored as the average source item")
-    metrics = evaluate_model(model, data, protocol_config(args), args.eval_batch_size,
-                             accelerator)
+    if prior is None:
+        metrics = evaluate_model(model, data, protocol_config(args), args.eval_batch_size,
+                                 accelerator)
+    else:
+        metrics, chosen = evaluate_with_prior(model, data, protocol_config(args),
+                                              args.eval_batch_size, accelerator, prior)
+        metrics["popularity_prior"] = chosen
+        accelerator.print(f"popularity prior: weight {chosen['weight']:g}")
     if accelerator.is_main_process:
         extra_files = {MATCHING_FILE: matching.to_json()} if matching is not None else {}
         write_run_config(output_dir, run_config, extra_files)

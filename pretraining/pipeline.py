@@ -304,19 +304,22 @@ def evaluate_model(
     protocol: EvaluationProtocol,
     batch_size: int,
     accelerator: Accelerator,
+    splits: tuple[str, ...] = ("valid", "test"),
 ) -> dict:
-    """Validation and test metrics of `model` on `data` by full ranking, plus the protocol."""
+    """Metrics of `model` on `data` by full ranking for each split in `splits`, plus the
+    protocol."""
     model.to(accelerator.device)
     max_len = model.config.backbone_settings().max_len
     results = {}
-    for split in ("valid", "test"):
+    for split in splits:
         loader = accelerator.prepare(DataLoader(
             evaluation_dataset(data, split, max_len, protocol), batch_size=batch_size,
             collate_fn=collate_left_padded,
         ))
         results[split] = evaluate(model, loader, accelerator, protocol, split)
-    results["protocol"] = results["valid"].pop("protocol")
-    results["test"].pop("protocol")
+    results["protocol"] = results[splits[0]].pop("protocol")
+    for split in splits[1:]:
+        results[split].pop("protocol")
     return results
 
 
