@@ -49,6 +49,10 @@ TEXT = ("text", "text+id")  # source kinds with a text encoder (a fusion one inc
 GRID = [
     ("scratch", "finetune_full", ["--from-scratch"], ("id", *TEXT, "diffrec")),
     ("zero-shot", "finetune_full", ["--zero-shot"], TEXT),
+    # No training either, but the target's item counts: log(1 + count) added to the scores
+    # with the weight chosen on validation.
+    ("zero-shot + popularity prior", "finetune_full",
+     ["--zero-shot", "--popularity-prior", "auto"], TEXT),
     # An ID (or text+id) model scores the target's items it shares with the source by their
     # pretrained vectors, without training (the others start fresh).
     ("zero-shot matched", "finetune_full", ["--zero-shot", "--match-items-by", MATCH],
@@ -173,7 +177,8 @@ GRID = [
     ("diffusion_step step MLP only", "adapter_diffusion_step", ["--step-mlp-only"],
      ("diffrec",)),
 ]
-BASELINES = ("scratch", "zero-shot", "zero-shot matched", "popularity")
+BASELINES = ("scratch", "zero-shot", "zero-shot + popularity prior", "zero-shot matched",
+             "popularity")
 ADAPTER_SHARE = 5.0  # % of the model an adapter may train for the targets
 COLUMNS = ("source", "method", "seeds", "test ndcg@10", "test hr@10", "trainable",
            "trainable %", "% incl. encoder", "matched items", "checkpoint MB", "fine-tune s",
@@ -299,7 +304,7 @@ def check_targets(rows: list[dict]) -> list[str]:
         fulls = [row for name, row in by_name.items() if name.startswith("full fine-tuning")]
         adapters = [row for name, row in by_name.items()
                     if name not in BASELINES and row not in fulls]
-        for name in ("zero-shot", "zero-shot matched"):
+        for name in ("zero-shot", "zero-shot + popularity prior", "zero-shot matched"):
             if name in by_name and popular is not None:
                 ratio = mean(by_name[name]) / mean(popular)
                 lines.append(f"{source}: {name} {mean(by_name[name]):.4f} = {ratio:.2f}x "
