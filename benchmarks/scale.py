@@ -288,7 +288,7 @@ def evaluation_rows(catalogs: list[int], chunks: list[int], users: int, variants
                                          users=users, variant=variant,
                                          cache_dir=str(work / "encoder-cache"))}
                 rows.append(row)
-            print(json.dumps(row), flush=True)
+                print(json.dumps(row), flush=True)
     return rows
 
 
