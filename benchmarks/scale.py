@@ -387,7 +387,8 @@ def plot(results: dict, path: Path) -> None:
         axis.set_xlabel("catalog size (items)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # none: that table was skipped
+            axis.legend()
     figure.suptitle(f"peftrec scale ({results['device']})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
