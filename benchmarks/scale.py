@@ -2,15 +2,23 @@
 
 Every measurement runs in a fresh subprocess, so its peak memory is its own (peak RSS on
 CPU, peak allocated memory on a GPU, which is used when present). Prints tables, writes
-results.json / results.md and a plot (scale.png) into --output-dir.
+results.json / results.md and a plot (scale.png) into --output-dir (and, with --results
+NAME, benchmarks/results/NAME.{json,md}).
 
     python benchmarks/scale.py --output-dir runs/bench-scale          # full sizes
     python benchmarks/scale.py --quick --output-dir /tmp/scale        # a smoke run
+    python benchmarks/scale.py --skip catalog logs processes --catalogs 1000000 \
+        --chunks 10000 100000 1000000 --eval-users 256     # evaluation at 1M items only
 
-1. training step (SASRec, batch 64 x 50 positions) against catalog size, full softmax vs
-   sampled softmax (1,024 shared negatives, logQ-corrected);
-2. full-ranking evaluation of 1,000 users against catalog size, and its peak memory
-   against the item chunk size;
+1. training step (SASRec, batch 64 x 50 positions) against catalog size, full softmax (made
+   a block of positions at a time, pretraining/losses.py) vs sampled softmax (1,024 shared
+   negatives, logQ-corrected);
+2. full-ranking evaluation against catalog size, and its peak memory against the item
+   chunk size, for three models (--variants): ID item vectors (`id`), the same with the
+   repeat bias (`id+repeat-bias`, which scores each chunk against the users' inputs), and
+   a frozen text encoder (`text`: MiniLM's folder, its cache of pooled outputs filled with
+   synthetic vectors, so the encoder never runs; the catalog's content vectors are made
+   once per evaluation, `catalog_mb`, before the measured part);
 3. the real pipeline on synthetic logs of growing size: generate -> prepare (k-core 2)
    -> train (memory-mapped, on-the-fly windows) for a fixed number of steps;
 4. one epoch on ML-100k with 1 process x 2 threads vs 2 processes x 1 thread, and the
@@ -27,11 +35,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from tables import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, BATCH, LENGTH, NEGATIVES = 64, 64, 50, 1024
+VARIANTS = ("id", "id+repeat-bias", "text")  # the models of the evaluation table
 
 
 # ---------------------------------------------------------------- measurements (subprocess)
@@ -75,18 +85,51 @@ def _proc_status_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _model(num_items: int, loss: str, device):
+def _model(num_items: int, loss: str, device, variant: str = "id", cache_dir: str | None = None):
+    """SASRec of `variant` (see VARIANTS) over `num_items` items."""
     import torch
 
+    from peftrec.modality_encoders.content_encoder import ContentItemEncoder
     from peftrec.pretraining import RecommenderConfig, SequentialRecommender
 
     torch.manual_seed(0)
+    encoder, encoder_config, content = "id", {}, None
+    if variant == "text":
+        from peftrec.modality_encoders import resolve_item_encoder_config
+
+        encoder = "text"
+        encoder_config = resolve_item_encoder_config("text", {"encoder": "minilm",
+                                                              "template": "{title}"})
+        content = _synthetic_text_content(num_items, Path(cache_dir))
     config = RecommenderConfig(
-        num_items=num_items, loss=loss, num_negatives=NEGATIVES,
+        num_items=num_items, loss=loss, num_negatives=NEGATIVES, item_encoder=encoder,
+        item_encoder_config=encoder_config, repeat_bias=variant == "id+repeat-bias",
         backbone_config={"hidden_size": HIDDEN, "num_heads": 2, "ffn_size": 4 * HIDDEN,
                          "max_len": LENGTH},
     )
-    return SequentialRecommender(config).to(device)
+    # A text encoder's cache of pooled outputs, when missing, is filled with synthetic vectors
+    # in place of running the encoder (MiniLM over 1M texts would take hours on a CPU);
+    # later measurements load it, as a real run loads the cache its first run wrote.
+    with mock.patch.object(ContentItemEncoder, "_build_pooled", _synthetic_outputs):
+        return SequentialRecommender(config, content=content).to(device)
+
+
+def _synthetic_outputs(encoder):
+    """Seeded normal vectors [N, H] in place of a content encoder's pooled outputs."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(encoder.num_items, encoder.hidden_size, generator=generator)
+
+
+def _synthetic_text_content(num_items: int, cache_dir: Path):
+    """The texts of `num_items` items ("item 0", "item 1", ...), cached under `cache_dir`."""
+    from peftrec.modality_encoders import ItemContent
+
+    return ItemContent(item_ids=[str(i) for i in range(num_items)],
+                       dataset_fingerprint=f"scale-synthetic-{num_items}", cache_dir=cache_dir,
+                       texts=[f"item {i}" for i in range(num_items)],
+                       content_fingerprint=f"item 0 .. item {num_items - 1}")
 
 
 def _synthetic_windows(num_items: int, rows: int):
@@ -103,13 +146,13 @@ def _synthetic_windows(num_items: int, rows: int):
     return torch.from_numpy(items[:needed].reshape(rows, LENGTH + 1) + 1)
 
 
-def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
+def measure_train_step(num_items: int, loss: str, steps: int, warmup: int = 2) -> dict:
     import torch
 
     from peftrec.pretraining.trainer import fused_if_supported
 
     device = _device()
-    windows = _synthetic_windows(num_items, BATCH * (steps + 2)).to(device)
+    windows = _synthetic_windows(num_items, BATCH * (steps + warmup)).to(device)
     _reset_peak(device)
     baseline = _current_mb(device)
     model = _model(num_items, loss, device).train()
@@ -125,11 +168,11 @@ def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for window in batches[:2]:  # warm-up: allocator, kernels
+    for window in batches[:warmup]:  # warm-up: allocator, kernels
         step(window)
     _sync(device)
     started = time.perf_counter()
-    for window in batches[2:]:
+    for window in batches[warmup:]:
         step(window)
     _sync(device)
     seconds = (time.perf_counter() - started) / steps
@@ -140,14 +183,19 @@ def measure_train_step(num_items: int, loss: str, steps: int) -> dict:
             "working_mb": peak - baseline - state}
 
 
-def measure_evaluation(num_items: int, chunk: int, users: int) -> dict:
+def measure_evaluation(num_items: int, chunk: int, users: int, variant: str = "id",
+                       cache_dir: str | None = None) -> dict:
     import torch
 
     from peftrec.pretraining.evaluation import chunked_target_ranks
 
     device = _device()
-    model = _model(num_items, "full", device).eval()
+    model = _model(num_items, "full", device, variant, cache_dir).eval()
     windows = _synthetic_windows(num_items, users).to(device)
+    with torch.no_grad():
+        # The item vectors: an ID model's table; a content encoder's made once here and kept
+        # while in eval mode, as the evaluation's first chunk would make them.
+        catalog_mb = _tensor_mb(model.item_encoder.catalog())
     _reset_peak(device)
     baseline = _current_mb(device)
     started = time.perf_counter()
@@ -157,7 +205,7 @@ def measure_evaluation(num_items: int, chunk: int, users: int) -> dict:
             chunked_target_ranks(model, query, window[:, -1], chunk)
     _sync(device)
     return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb(device),
-            "working_mb": _peak_mb(device) - baseline}
+            "working_mb": _peak_mb(device) - baseline, "catalog_mb": catalog_mb}
 
 
 def measure_generate(interactions: int, num_items: int, folder: str) -> dict:
@@ -189,6 +237,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _tensor_mb(tensor) -> float:
+    return tensor.numel() * tensor.element_size() / 2**20
+
+
 def _size_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
@@ -211,33 +263,32 @@ def _run(command: list[str], env: dict | None = None) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
-def catalog_rows(catalogs: list[int], steps: int, memory_mb: float) -> list[dict]:
+def catalog_rows(catalogs: list[int], steps: int, warmup: int) -> list[dict]:
     rows = []
     for num_items in catalogs:
         for loss in ("full", "sampled"):
-            # logits, their gradient and the softmax, in float32
-            needed = 3 * BATCH * LENGTH * (num_items if loss == "full" else NEGATIVES) * 4 / 2**20
-            row = {"items": num_items, "loss": loss}
-            if needed > 0.5 * memory_mb:
-                row["error"] = f"skipped: the logits alone need ~{needed / 1024:.0f} GB"
-            else:
-                row.update(run_measurement("train_step", num_items=num_items, loss=loss,
-                                           steps=steps))
+            row = {"items": num_items, "loss": loss,
+                   **run_measurement("train_step", num_items=num_items, loss=loss, steps=steps,
+                                     warmup=warmup)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
-def evaluation_rows(catalogs: list[int], chunks: list[int], users: int) -> list[dict]:
+def evaluation_rows(catalogs: list[int], chunks: list[int], users: int, variants: list[str],
+                    work: Path) -> list[dict]:
     rows = []
-    for num_items in catalogs:
-        for chunk in chunks:
-            if chunk > num_items and chunk != chunks[0]:
-                continue
-            row = {"items": num_items, "chunk": chunk, "users": users,
-                   **run_measurement("evaluation", num_items=num_items, chunk=chunk, users=users)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for variant in variants:
+        for num_items in catalogs:
+            for chunk in chunks:
+                if chunk > num_items and chunk != chunks[0]:
+                    continue
+                row = {"model": variant, "items": num_items, "chunk": chunk, "users": users,
+                       **run_measurement("evaluation", num_items=num_items, chunk=chunk,
+                                         users=users, variant=variant,
+                                         cache_dir=str(work / "encoder-cache"))}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     return rows
 
 
@@ -325,7 +376,8 @@ def plot(results: dict, path: Path) -> None:
         axes[1].plot(x, [r["peak_mb"] for r in rows], "o-", label=f"{loss}: peak")
         axes[1].plot(x, [r["working_mb"] for r in rows], "s--", label=f"{loss}: working")
     chunk = results["evaluation"][0]["chunk"] if results["evaluation"] else None
-    rows = [r for r in results["evaluation"] if r["chunk"] == chunk and "error" not in r]
+    rows = [r for r in results["evaluation"] if r["chunk"] == chunk and r["model"] == "id"
+            and "error" not in r]
     axes[2].plot([r["items"] for r in rows], [r["seconds"] for r in rows], "o-",
                  label=f"chunk {chunk:,}" if chunk else None)
     titles = ("training throughput (positions/s)", "training peak memory (MB)",
@@ -335,7 +387,8 @@ def plot(results: dict, path: Path) -> None:
         axis.set_xlabel("catalog size (items)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # none: that table was skipped
+            axis.legend()
     figure.suptitle(f"peftrec scale ({results['device']})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -348,6 +401,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["catalog", "evaluation", "logs", "processes"])
+    parser.add_argument("--catalogs", type=int, nargs="+",
+                        help="catalog sizes of the catalog and evaluation tables (default: "
+                        "10K, 100K, 1M; --quick: 1K, 10K)")
+    parser.add_argument("--chunks", type=int, nargs="+",
+                        help="item chunk sizes of the evaluation table (default: 100K, 10K, "
+                        "1M; --quick: 1K, 100)")
+    parser.add_argument("--eval-users", type=int,
+                        help="users ranked per evaluation (default: 1,000; --quick: 200)")
+    parser.add_argument("--train-steps", type=int,
+                        help="timed training steps per catalog row (default: 10; --quick: 3)")
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="untimed training steps before them")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the models of the evaluation table")
+    parser.add_argument("--results", metavar="NAME",
+                        help="also write benchmarks/results/NAME.{json,md}")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     if args.measure:
@@ -357,18 +426,20 @@ def main() -> None:
     import torch
 
     quick = args.quick
-    catalogs = [1_000, 10_000] if quick else [10_000, 100_000, 1_000_000]
+    catalogs = args.catalogs or ([1_000, 10_000] if quick else [10_000, 100_000, 1_000_000])
     logs = [20_000, 100_000] if quick else [100_000, 1_000_000, 10_000_000]
-    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else (
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     work = args.output_dir / "work"
     results = {"device": device, "catalog": [], "evaluation": [], "logs": [], "processes": []}
     if "catalog" not in args.skip:
-        results["catalog"] = catalog_rows(catalogs, 3 if quick else 10, memory_mb)
+        results["catalog"] = catalog_rows(catalogs, args.train_steps or (3 if quick else 10),
+                                          args.warmup_steps)
     if "evaluation" not in args.skip:
-        chunks = [1_000, 100] if quick else [100_000, 10_000, 1_000_000]
-        results["evaluation"] = evaluation_rows(catalogs, chunks, 200 if quick else 1_000)
+        chunks = args.chunks or ([1_000, 100] if quick else [100_000, 10_000, 1_000_000])
+        results["evaluation"] = evaluation_rows(catalogs, chunks, args.eval_users
+                                                or (200 if quick else 1_000), args.variants,
+                                                work)
     if "logs" not in args.skip:
         results["logs"] = log_rows(logs, 1_000 if quick else 100_000, 5 if quick else 100, work)
     if "processes" not in args.skip:
@@ -384,6 +455,12 @@ def main() -> None:
     print(report)
     if results["catalog"]:
         plot(results, args.output_dir / "scale.png")
+    if args.results:
+        from results import write_result
+
+        rows = [{"table": name, **row} for name in ("catalog", "evaluation", "logs", "processes")
+                for row in results[name]]
+        print(f"wrote {write_result(args.results, rows, report)}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ the whole command against the pandas engine.
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +33,8 @@ import pyarrow.parquet as pq
 
 from .errors import DataError
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from .folder import PrepareConfig
 
@@ -38,6 +43,9 @@ if TYPE_CHECKING:
 # keeps a 100M-row log under 6 GB.
 MEMORY_LIMIT = "2GB"
 INSTALL_HINT = "pip install 'peftrec[streaming]' (or duckdb)"
+# The temporary folders under $TMPDIR: WORK_PREFIX + random + "/", each beside its lock file
+# (the same name + ".lock").
+WORK_PREFIX = "peftrec-prepare-"
 
 
 def duckdb_available() -> bool:
@@ -233,9 +241,58 @@ def spilled_log(chunks: Iterable[pd.DataFrame],
     temporary folder (under $TMPDIR: about the log's size on disk), deleted on exit;
     DuckDB's memory cap is `memory_limit` (e.g. "2GB")."""
     check_memory_limit(memory_limit)
-    with tempfile.TemporaryDirectory(prefix="peftrec-prepare-") as work:
-        log = SpilledLog(Path(work), memory_limit)
+    with work_folder() as work:
+        log = SpilledLog(work, memory_limit)
         (log.folder / "parts").mkdir()
         for number, df in enumerate(chunks):
             log.append(number, df)
         yield log
+
+
+@contextmanager
+def work_folder() -> Iterator[Path]:
+    """A new folder under $TMPDIR, deleted on exit; first deletes those of killed runs.
+
+    A killed run cannot delete its own folder (the log's size on disk, spilled as Parquet,
+    and DuckDB's database and spill files), so each run holds a lock on a file beside its
+    folder while it works, which the operating system drops when the process ends however
+    it ends (SIGKILL too); a folder whose lock no one holds belongs to a run that is gone.
+    The lock file is made and locked before the folder exists, so a run starting beside
+    another never sees that one's folder unlocked.
+    """
+    from filelock import FileLock
+
+    root = Path(tempfile.gettempdir())
+    remove_abandoned_work_folders(root)
+    handle, name = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=".lock", dir=root)
+    os.close(handle)
+    lock_path = Path(name)
+    folder = lock_path.with_suffix("")
+    with FileLock(lock_path):
+        try:
+            folder.mkdir()
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+
+
+def remove_abandoned_work_folders(root: Path) -> list[Path]:
+    """Delete the `work_folder`s under `root` that no live run holds (those of killed runs)
+    with their lock files, and return them."""
+    from filelock import FileLock, Timeout
+
+    removed = []
+    for lock_path in sorted(root.glob(f"{WORK_PREFIX}*.lock")):
+        try:
+            with FileLock(lock_path, timeout=0):
+                folder = lock_path.with_suffix("")
+                shutil.rmtree(folder, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+        except (Timeout, OSError):  # a live run's, or another user's
+            continue
+        removed.append(folder)
+    if removed:
+        logger.warning("removed the temporary folders of %d killed prepare_data runs: %s",
+                       len(removed), ", ".join(map(str, removed)))
+    return removed

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from peftrec.pretraining.losses import full_softmax_loss
-from peftrec.pretraining.scoring import history_indicator, seen_items
+from peftrec.pretraining.scoring import inputs_so_far, seen_items
 
 if TYPE_CHECKING:  # the type only: the recommender imports the backbones, which import this
     from peftrec.pretraining.recommender import SequentialRecommender
@@ -105,25 +105,26 @@ class DiffusionScorer:
         input_ids, targets = batch["input_ids"], batch["target_ids"]
         backbone: DiffusionBackbone = model.backbone
         catalog = model.item_encoder.catalog()
+        # The repeat bias goes to the loss as the items each position has seen, [P, L], not
+        # as [P, N + 1] offsets (and their gradient, as large).
+        repeat_bias = model.config.repeat_bias
         if getattr(backbone.config, "every_position", False):
-            repeat = model.repeat_offsets(input_ids, len(catalog))  # [B, L, N + 1] or None
+            seen_ids = inputs_so_far(input_ids) if repeat_bias else None  # [B, L, L]
             losses = backbone.every_position_losses(catalog[input_ids], input_ids > 0,
                                                     catalog[targets], targets > 0)
             has_target = losses["has_target"]
             kept = has_target.shape[1]  # the positions the backbone kept, from the right
             predicted, targets = losses["predicted"][has_target], targets[:, -kept:][has_target]
-            repeat = None if repeat is None else repeat[:, -kept:][has_target]
+            seen_ids = None if seen_ids is None else seen_ids[:, -kept:][has_target]
         else:
             has_target = targets[:, -1] > 0  # every training window ends with a target
             input_ids, targets = input_ids[has_target], targets[has_target, -1]
             losses = backbone.training_losses(catalog[input_ids], input_ids > 0,
                                               catalog[targets])
-            predicted, repeat = losses["predicted"], None
-            if model.config.repeat_bias:
-                repeat = model.repeat_bias * history_indicator(input_ids, len(catalog), False)
-        offsets = model.item_bias if repeat is None else model.item_bias + repeat
+            predicted, seen_ids = losses["predicted"], input_ids if repeat_bias else None
         ce = full_softmax_loss(backbone.scoring_vectors(predicted),
-                               self.output_catalog(model, catalog), targets, offsets)
+                               self.output_catalog(model, catalog), targets, model.item_bias,
+                               seen_ids, model.repeat_bias if repeat_bias else None)
         terms, logged = {"ce": ce}, {"ce": ce.detach()}
         if "mse" in losses:  # DiffRec's; DiffuRec trains on the cross-entropy alone
             terms["mse"] = backbone.config.mse_weight * losses["mse"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import transfer  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import scale  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import transfer  # noqa: E402
 
 
 def write_run(folder: Path, backbone: str, item_encoder: str) -> Path:
@@ -25,6 +28,22 @@ def write_run(folder: Path, backbone: str, item_encoder: str) -> Path:
 ])
 def test_transfer_source_kind_follows_the_run_config(tmp_path, backbone, item_encoder, kind):
     assert transfer.source_kind(write_run(tmp_path / "run", backbone, item_encoder)) == kind
+
+
+def test_scale_evaluation_models_are_the_variants_named(tmp_path):
+    """benchmarks/scale.py's evaluation models: ID vectors, with the repeat bias, and a frozen
+    text encoder whose cache holds synthetic vectors, written by the first build and loaded
+    by the next (the encoder itself never runs)."""
+    cpu = torch.device("cpu")
+    plain, repeat = (scale._model(50, "full", cpu, variant) for variant in ("id", "id+repeat-bias"))
+    assert not plain.config.repeat_bias and repeat.config.repeat_bias
+    first = scale._model(50, "full", cpu, "text", str(tmp_path))
+    assert first.config.item_encoder == "text" and first.item_encoder.encoder is None
+    assert torch.equal(first.item_encoder.outputs, scale._synthetic_outputs(first.item_encoder))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    with mock.patch.object(scale, "_synthetic_outputs", side_effect=AssertionError("rebuilt")):
+        second = scale._model(50, "full", cpu, "text", str(tmp_path))
+    assert torch.equal(second.item_encoder.outputs, first.item_encoder.outputs)
 
 
 def test_transfer_source_that_is_not_a_run_folder_is_refused(tmp_path):

@@ -1,15 +1,26 @@
 """prepare_data.py --engine duckdb running out of memory or of disk space: one error line
 naming what ran out and what to change, no traceback, nothing written, no temporary files
-left (issue 23)."""
+left; a killed run's temporary folder is removed by the next run (issue 23)."""
 
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import duckdb
 import pytest
 
-from peftrec.dataset_tools.out_of_core import SpilledLog
+from peftrec.dataset_tools.out_of_core import (
+    SpilledLog,
+    remove_abandoned_work_folders,
+    work_folder,
+)
 from peftrec.pretraining.cli import run_main
 from tests.helpers import load_script, write_synthetic_interactions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # DuckDB 2.0's message when its spill folder is full (the disk, or max_temp_directory_size).
 SPILL_FULL = ("Out of Memory Error: failed to offload data block of size 96.0 KiB (896.0 "
@@ -62,3 +73,32 @@ def test_a_memory_limit_duckdb_cannot_read_is_refused(tmp_path, monkeypatch, cap
     assert code == 2 and errors == ["error: --memory-limit 'lots' is not a size DuckDB reads "
                                     "(Parser Error: Memory must have a number (e.g. 1GB)); "
                                     "give one such as 4GB"]
+
+
+# A prepare_data run SIGKILLed while it spills the log into its temporary folder.
+KILLED_RUN = """
+import os, signal, tempfile, sys
+tempfile.tempdir = sys.argv[1]
+from peftrec.dataset_tools.out_of_core import work_folder
+with work_folder() as folder:
+    (folder / "parts").mkdir()
+    (folder / "parts" / "000000.parquet").write_bytes(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path, monkeypatch,
+                                                                    caplog):
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(spill)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = [path for path in spill.iterdir() if path.is_dir()]
+    assert (left / "parts" / "000000.parquet").is_file()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    with work_folder() as live:  # the next run removes it, and never a live run's folder
+        assert sorted(spill.iterdir()) == [live, live.with_suffix(".lock")]
+        assert remove_abandoned_work_folders(spill) == [] and live.is_dir()
+    assert f"removed the temporary folders of 1 killed prepare_data runs: {left}" in caplog.text
+    assert not list(spill.iterdir())

@@ -97,6 +97,42 @@ def test_every_loss_path_adds_the_same_offsets():
     torch.testing.assert_close(sampled, loss)
 
 
+@pytest.mark.parametrize("every_position", [False, True])
+def test_diffrec_loss_takes_the_bias_as_seen_items_not_catalog_wide_offsets(every_position,
+                                                                           monkeypatch):
+    """DiffRec's cross-entropy gets the repeat bias as the items each position has seen, as
+    SASRec's does: the loss of the dense [positions, N + 1] offsets, which are not built
+    (they and their gradient were two such tensors every step)."""
+    settings = {**DIFFREC, "causal_denoiser": every_position, "every_position": every_position}
+    torch.manual_seed(0)
+    model = SequentialRecommender(RecommenderConfig(
+        num_items=NUM_ITEMS, backbone="diffrec", backbone_config=settings, repeat_bias=True))
+    with torch.no_grad():
+        model.repeat_bias.fill_(-1.5)
+        model.item_bias.normal_()
+    calls = []
+
+    def recorded(*args):
+        calls.append(args)
+        return full_softmax_loss(*args)
+
+    monkeypatch.setattr(diffusion_scorer_module, "full_softmax_loss", recorded)
+    ce = model.loss(BATCH)["ce"]
+    ((states, catalog, targets, offsets, *_),) = calls
+    assert offsets is model.item_bias  # shared by every position: no [P, N + 1] offsets
+    inputs, all_targets = BATCH["input_ids"], BATCH["target_ids"]
+    if every_position:  # each position has seen the inputs up to it
+        has_target = all_targets > 0
+        seen = history_indicator(inputs, NUM_ITEMS + 1, causal=True)[has_target]
+    else:  # the window's last target has seen every input
+        has_target = all_targets[:, -1] > 0
+        seen = history_indicator(inputs, NUM_ITEMS + 1, causal=False)[has_target]
+        all_targets = all_targets[:, -1]
+    assert torch.equal(targets, all_targets[has_target])
+    dense = model.item_bias + model.repeat_bias * seen
+    torch.testing.assert_close(ce, full_softmax_loss(states, catalog, targets, dense))
+
+
 @pytest.mark.parametrize("backbone", ["sasrec", "diffrec", "diffrec every position"])
 @pytest.mark.parametrize("repeats, sign", [(False, -1), (True, 1)])
 def test_the_bias_learns_whether_users_repeat(repeats, sign, backbone):
