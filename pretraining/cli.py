@@ -388,6 +388,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                                        "other; keep one")
             group.required = group.required and not chosen
     preset = _resolve_preset(parser, given, values)
+    named = "preset" in given or "preset" in values  # else the backbone's default preset
     if preset is not None:
         values = {**_preset_settings(preset, parser), **values, "preset": preset}
     for action in parser._actions:
@@ -399,7 +400,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         missing = [flag for flag in PRESETS[preset].needs
                    if getattr(args, names[flag.lstrip("-").replace("-", "_")]) is None]
         if missing:
-            raise CommandLineError(f"--preset {preset} needs {', '.join(missing)}: "
+            source = (f"--preset {preset}" if named else f"--backbone {args.backbone} (its "
+                      f"default preset {preset}; --preset none opts out)")
+            raise CommandLineError(f"{source} needs {', '.join(missing)}: "
                                    f"{PRESETS[preset].needs_why}")
     _refuse_other_backbones_settings(parser, args, defaults)
     _resolve_backbone_defaults(args)
