@@ -8,7 +8,8 @@ by scripts/pretrain_id.py, the best checkpoint on validation NDCG@10 tested:
 - `adrec pcgrad`: ADRec with `--pcgrad`;
 - `diffrec paper`: `--preset diffrec-paper`;
 - `diffrec plus`: `--preset diffrec-plus`, its item table from the row `sasrec d256` of the
-  same seed (a SASRec of the preset's width, trained first).
+  same seed (a SASRec of the preset's width, trained first); `dreamrec`'s from the row
+  `sasrec` (its default preset needs one).
 Full ranking over the catalog, all users. The first table has the history unmasked (the
 runs' own metrics.json), with the training seconds (the epochs' sum, evaluation excluded)
 and the inference seconds per 1,000 test users (a timed full-ranking evaluation of a seeded
@@ -56,7 +57,8 @@ ROWS: dict[str, tuple[list[str], str | None]] = {
     "adrec": (["--backbone", "adrec"], None),
     "adrec pcgrad": (["--backbone", "adrec", "--pcgrad"], None),
     "diffurec": (["--backbone", "diffurec"], None),
-    "dreamrec": (["--backbone", "dreamrec"], None),
+    # DreamRec's default preset freezes a SASRec run's item table (it needs one).
+    "dreamrec": (["--backbone", "dreamrec"], "sasrec"),
 }
 if "dimerec" in BACKBONES:  # registered by its own module; the table includes it when it is
     ROWS["dimerec"] = (["--backbone", "dimerec"], None)

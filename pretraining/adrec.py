@@ -31,7 +31,12 @@ import torch
 from torch import nn
 
 from peftrec.adapters.diffusion_step import StepContext
-from peftrec.pretraining.diffrec import MAX_SEEDS, seeded_sampling, sinusoidal_embedding
+from peftrec.pretraining.diffrec import (
+    MAX_SEEDS,
+    diffrec_setting,
+    seeded_sampling,
+    sinusoidal_embedding,
+)
 from peftrec.pretraining.diffusion_scorer import DiffusionScorer
 from peftrec.pretraining.sasrec import SASRec, SASRecBlock, SASRecConfig, _init_weights
 from peftrec.pretraining.schedules import build_schedule
@@ -41,15 +46,15 @@ from peftrec.pretraining.schedules import build_schedule
 class ADRecConfig(SASRecConfig):
     """Both Transformers' settings (as SASRec's) plus ADRec's diffusion process."""
 
-    # Not command-line flags yet (as DiffuRec's): the shared --schedule and --diffusion-steps
-    # default to DiffRec's sqrt schedule of 1000 steps.
-    schedule: str = "truncated-linear"
-    num_steps: int = 32  # all run at inference
+    # DiffRec's flags with the reference's values (config.yaml of Nemo-1024/ADRec: trunc_lin,
+    # 32 steps, all run at inference; one sample; loss_scale 1 for the MSE next to the CE).
+    schedule: str = diffrec_setting("schedule", "truncated-linear")
+    num_steps: int = diffrec_setting("num_steps", 32)
+    num_seeds: int = diffrec_setting("num_seeds", 1)
+    mse_weight: float = diffrec_setting("mse_weight", 1.0)
     guide_scale: float = field(default=0.001, metadata={
         "help": "ADRec: lambda, the share of the noised next item (and its step) in the "
         "denoiser's input next to the history's state"})
-    mse_weight: float = 1.0  # of the MSE next to the cross-entropy
-    num_seeds: int = 1  # reverse-sampling runs averaged at inference
     inference_seed: int = 0
     every_position: ClassVar[bool] = True  # trained on every position (DiffusionScorer)
 
@@ -57,10 +62,10 @@ class ADRecConfig(SASRecConfig):
         super().__post_init__()
         build_schedule(self.schedule, self.num_steps)  # names a bad schedule or step count
         if self.guide_scale <= 0 or self.mse_weight < 0:
-            raise ValueError(f"ADRec needs guide_scale > 0 and mse_weight >= 0, got "
+            raise ValueError(f"ADRec needs --guide-scale > 0 and --mse-weight >= 0, got "
                              f"{self.guide_scale} and {self.mse_weight}")
         if not 1 <= self.num_seeds <= MAX_SEEDS:
-            raise ValueError(f"ADRec's num_seeds must be in 1..{MAX_SEEDS}, got {self.num_seeds}")
+            raise ValueError(f"--num-seeds must be in 1..{MAX_SEEDS}, got {self.num_seeds}")
 
 
 class ADRec(nn.Module):
@@ -70,7 +75,9 @@ class ADRec(nn.Module):
     adapter_sites = {"attn": "layers.{i}.attention", "ffn": "layers.{i}.feed_forward"}
     lora_targets = SASRec.lora_targets
     attention_modules = "layers.{i}.attention"
-    scorer = DiffusionScorer()  # MSE + softmax of x_0 over the catalog at every position
+    # MSE + softmax of x_0 over the catalog at every position; --num-seeds may change after
+    # training (scripts/evaluate.py).
+    scorer = DiffusionScorer(inference_settings=("num_seeds",))
 
     def __init__(self, config: ADRecConfig) -> None:
         super().__init__()

@@ -59,15 +59,10 @@ class CommandLineError(ValueError):
     """Bad flags or a bad --config file."""
 
 
-DIFFUSION_GROUP = ("diffusion (--backbone diffrec; --schedule, --diffusion-steps also dreamrec "
-                   "and dimerec; --num-seeds, --inference-steps, --mse-weight also dimerec)")
 DREAMREC_GROUP = "guidance (--backbone dreamrec)"
 DIMEREC_GROUP = "interests (--backbone dimerec)"
 ADREC_GROUP = "guidance scale (--backbone adrec)"
 DIFFUREC_GROUP = "uncertainty (--backbone diffurec)"
-# The groups of flags that only some backbones read: title -> the backbone that owns them.
-BACKBONE_GROUPS = {DIFFUSION_GROUP: "diffrec", DREAMREC_GROUP: "dreamrec",
-                   DIMEREC_GROUP: "dimerec", ADREC_GROUP: "adrec", DIFFUREC_GROUP: "diffurec"}
 
 
 @dataclass
@@ -142,6 +137,39 @@ def flag_fields(config_class: type) -> list[dataclasses.Field]:
 
 def flag_name(setting: dataclasses.Field) -> str:
     return "--" + setting.metadata.get("flag", setting.name.replace("_", "-"))
+
+
+_MISSING = object()
+
+
+def _default(setting: dataclasses.Field):
+    if setting.default_factory is not dataclasses.MISSING:
+        return setting.default_factory()
+    return setting.default
+
+
+def backbone_defaults(name: str) -> dict[str, object]:
+    """Each backbone whose config has the flag field `name` -> that field's default."""
+    return {backbone: _default(setting) for backbone, (config_class, _) in BACKBONES.items()
+            for setting in flag_fields(config_class) if setting.name == name}
+
+
+def _diffusion_group_title() -> str:
+    """DiffRec's group, naming the other backbones that read each of its flags."""
+    sasrec = {setting.name for setting in flag_fields(SASRecConfig)}
+    readers: dict[str, list[str]] = {}  # the other backbones -> the flags they read
+    for setting in flag_fields(DiffRecConfig):
+        others = [b for b in backbone_defaults(setting.name) if b != "diffrec"]
+        if setting.name not in sasrec and others:
+            readers.setdefault(", ".join(others), []).append(flag_name(setting))
+    shared = "; ".join(f"{', '.join(flags)} also {others}" for others, flags in readers.items())
+    return f"diffusion (--backbone diffrec; {shared})"
+
+
+DIFFUSION_GROUP = _diffusion_group_title()
+# The groups of flags that only some backbones read: title -> the backbone that owns them.
+BACKBONE_GROUPS = {DIFFUSION_GROUP: "diffrec", DREAMREC_GROUP: "dreamrec",
+                   DIMEREC_GROUP: "dimerec", ADREC_GROUP: "adrec", DIFFUREC_GROUP: "diffurec"}
 
 
 def add_settings(
@@ -233,15 +261,6 @@ def settings(args: argparse.Namespace, config_class: type,
             and (value := getattr(args, f.name, _MISSING)) is not _MISSING}
 
 
-_MISSING = object()
-
-
-def _default(setting: dataclasses.Field):
-    if setting.default_factory is not dataclasses.MISSING:
-        return setting.default_factory()
-    return setting.default
-
-
 def names_list(text: str) -> tuple[str, ...]:
     """A comma-separated list of names on the command line."""
     return tuple(name.strip() for name in text.split(",") if name.strip())
@@ -274,12 +293,39 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(group, RunSettings, ("init_items_from", "freeze_items_epochs"))
     diffusion = parser.add_argument_group(DIFFUSION_GROUP)
     add_settings(diffusion, DiffRecConfig, exclude=[f.name for f in flag_fields(SASRecConfig)])
+    _default_per_backbone(diffusion)
     add_settings(diffusion, RunSettings, ("init_denoiser_from",))
     declared = [f.name for f in flag_fields(DiffRecConfig)]  # SASRec's and DiffRec's
     add_settings(parser.add_argument_group(DREAMREC_GROUP), DreamRecConfig, exclude=declared)
     add_settings(parser.add_argument_group(DIMEREC_GROUP), DimeRecConfig, exclude=declared)
     add_settings(parser.add_argument_group(ADREC_GROUP), ADRecConfig, exclude=declared)
     add_settings(parser.add_argument_group(DIFFUREC_GROUP), DiffuRecConfig, exclude=declared)
+
+
+def _default_per_backbone(group: argparse._ArgumentGroup) -> None:
+    """A flag that backbones read with defaults of their own (`--diffusion-steps`: DiffRec's
+    1000, ADRec's 32) parses to None when not given, and `parse_args` then sets the chosen
+    backbone's default; its help lists them."""
+    for action in group._group_actions:
+        by_value: dict[str, list[str]] = {}
+        for backbone, default in backbone_defaults(action.dest).items():
+            by_value.setdefault(str(default), []).append(backbone)
+        if len(by_value) > 1:
+            action.default = None
+            action.help += " (default: " + "; ".join(
+                f"{value} for {', '.join(backbones)}" for value, backbones in by_value.items()
+            ) + ")"
+
+
+def _resolve_backbone_defaults(args: argparse.Namespace) -> None:
+    """The chosen backbone's own default for each of its settings left unset (None, see
+    `_default_per_backbone`); another backbone's stay None."""
+    backbone = getattr(args, "backbone", None)
+    if backbone not in BACKBONES:
+        return
+    for setting in flag_fields(BACKBONES[backbone][0]):
+        if getattr(args, setting.name, _MISSING) is None:
+            setattr(args, setting.name, _default(setting))
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -366,6 +412,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                                        "other; keep one")
             group.required = group.required and not chosen
     preset = _resolve_preset(parser, given, values)
+    named = "preset" in given or "preset" in values  # else the backbone's default preset
     if preset is not None:
         values = {**_preset_settings(preset, parser), **values, "preset": preset}
     for action in parser._actions:
@@ -377,9 +424,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         missing = [flag for flag in PRESETS[preset].needs
                    if getattr(args, names[flag.lstrip("-").replace("-", "_")]) is None]
         if missing:
-            raise CommandLineError(f"--preset {preset} needs {', '.join(missing)}: "
+            source = (f"--preset {preset}" if named else f"--backbone {args.backbone} (its "
+                      f"default preset {preset}; --preset none opts out)")
+            raise CommandLineError(f"{source} needs {', '.join(missing)}: "
                                    f"{PRESETS[preset].needs_why}")
     _refuse_other_backbones_settings(parser, args, defaults)
+    _resolve_backbone_defaults(args)
     return args
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -154,12 +154,14 @@ class DiffRecConfig(SASRecConfig):
                              f"{list(MSE_REDUCTIONS)}")
 
 
-def diffrec_setting(name: str):
-    """DiffRec's field `name` with its default and flag, for another diffusion backbone's
-    config: one `--schedule`, one `--diffusion-steps`, ... serve every backbone that
-    declares them."""
+def diffrec_setting(name: str, default=MISSING):
+    """DiffRec's field `name` with its flag, for another diffusion backbone's config: one
+    `--schedule`, one `--diffusion-steps`, ... serve every backbone that declares them.
+    `default`: this backbone's own (unset: DiffRec's); where the backbones' defaults differ,
+    the flag left unset gives each backbone its own (`pretraining.cli`)."""
     shared = next(setting for setting in fields(DiffRecConfig) if setting.name == name)
-    return field(default=shared.default, metadata=shared.metadata)
+    return field(default=shared.default if default is MISSING else default,
+                 metadata=shared.metadata)
 
 
 class ImportanceStepSampler(nn.Module):

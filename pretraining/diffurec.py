@@ -1,8 +1,9 @@
 """DiffuRec: a diffusion model over the next item's vector (Li et al., 2023, TOIS).
 
-Training: the target item's vector x_0 is noised over a short schedule (`num_steps`,
-default 32), x_n = sqrt(abar_n) x_0 + sqrt(1 - abar_n) eps, with a step n drawn
-uniformly for each sequence. The noised target plus its step embedding (the sinusoid
+Training: the target item's vector x_0 is noised over a short schedule (`schedule`,
+`num_steps`: the reference's truncated linear one of 32 steps by default),
+x_n = sqrt(abar_n) x_0 + sqrt(1 - abar_n) eps, with a step n drawn uniformly for each
+sequence. The noised target plus its step embedding (the sinusoid
 through a small MLP, as DiffRec's) is added into every history position, scaled per
 element by lambda ~ N(delta, delta) (`uncertainty` = delta, 0.001 in the reference): the
 history is read through the lens of the noised target. A Transformer over the history
@@ -28,46 +29,44 @@ import torch
 from peftrec.pretraining.diffrec import (
     MAX_SEEDS,
     TransformerDenoiser,
+    diffrec_setting,
     seeded_sampling,
     sinusoidal_embedding,
 )
 from peftrec.pretraining.diffusion_scorer import DiffusionScorer
 from peftrec.pretraining.sasrec import SASRecConfig, _init_weights
-from peftrec.pretraining.schedules import SCHEDULES
+from peftrec.pretraining.schedules import build_schedule
 
 
 @dataclass
 class DiffuRecConfig(SASRecConfig):
     """The Transformer's settings (as SASRec's) plus DiffuRec's diffusion process."""
 
-    # Not command-line flags yet: DiffRec's flags of the same names (--schedule,
-    # --diffusion-steps, --num-seeds) set DiffRec's fields, with DiffRec's defaults.
-    schedule: str = "sqrt"  # noise schedule of the target
-    num_steps: int = 32  # steps of the (short) diffusion process, all run at inference
+    # DiffRec's flags with the reference's values (src/main.py of WHUIR/DiffuRec: trunc_lin,
+    # 32 steps, all run at inference; one sample). DiffuRec has no MSE term, so no
+    # --mse-weight.
+    schedule: str = diffrec_setting("schedule", "truncated-linear")
+    num_steps: int = diffrec_setting("num_steps", 32)
+    num_seeds: int = diffrec_setting("num_seeds", 1)
     uncertainty: float = field(default=0.001, metadata={  # the reference's lambda_uncertainty
         "help": "DiffuRec: delta, the mean and spread of the scale lambda ~ N(delta, delta) of "
         "the noised target added to every history position"})
-    num_seeds: int = 1  # reverse-sampling runs averaged at inference
     inference_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of "
-                             f"{sorted(SCHEDULES)}")
-        if self.num_steps < 2:
-            raise ValueError(f"DiffuRec needs num_steps >= 2, got {self.num_steps}")
+        build_schedule(self.schedule, self.num_steps)  # names a bad schedule or step count
         if self.uncertainty < 0:
             raise ValueError(f"DiffuRec's uncertainty must be >= 0, got {self.uncertainty}")
         if not 1 <= self.num_seeds <= MAX_SEEDS:
-            raise ValueError(f"DiffuRec's num_seeds must be in 1..{MAX_SEEDS}, "
-                             f"got {self.num_seeds}")
+            raise ValueError(f"--num-seeds must be in 1..{MAX_SEEDS}, got {self.num_seeds}")
 
 
 class DiffuRec(TransformerDenoiser):
     """The denoiser f(history, x_n, n) -> x_0 plus the diffusion around it (module doc)."""
 
-    scorer = DiffusionScorer()  # softmax of x_0 over the catalog, seed-averaged
+    # Softmax of x_0 over the catalog, seed-averaged; --num-seeds may change after training.
+    scorer = DiffusionScorer(inference_settings=("num_seeds",))
 
     def __init__(self, config: DiffuRecConfig) -> None:
         super().__init__(config)

@@ -7,7 +7,9 @@ checks the table against this file).
 
 `--backbone NAME` without `--preset` applies NAME's default preset (`DEFAULT_PRESETS`), so a
 first run of a backbone trains with a recipe known to learn; `--preset none` opts out and
-keeps the flags' own defaults. SASRec has none: its flags' defaults are its recipe.
+keeps the flags' own defaults. SASRec has none: its flags' defaults are its recipe. DreamRec's
+needs a SASRec run's item table (`needs`): it learns nothing without one, so it refuses in one
+line rather than waste the run.
 """
 
 from __future__ import annotations
@@ -50,8 +52,17 @@ PRESETS: dict[str, Preset] = {
     ),
     "dreamrec-default": Preset(
         description="what --backbone dreamrec trains unless --preset is given: the "
-        "reference's sample construction (every prefix of the last 50 items a sample)",
-        settings={"backbone": "dreamrec", "max-len": 50, "train-windows": "prefixes"},
+        "reference's sample construction (every prefix of the last 50 items a sample), the "
+        "item table copied from a SASRec run and frozen for 200 epochs (the whole run at the "
+        "default --epochs): DreamRec's MSE alone collapses a trained table "
+        "(docs/default-presets.md)",
+        settings={"backbone": "dreamrec", "max-len": 50, "train-windows": "prefixes",
+                  "freeze-items-epochs": 200},
+        needs=("--init-items-from",),
+        needs_why="DreamRec's MSE alone pulls a trained item table to one vector (ML-100k: "
+        "validation NDCG@10 0 after two epochs; docs/default-presets.md), so the preset "
+        "freezes a SASRec run's table: give that run folder, same dataset and --hidden-size "
+        "(scripts/pretrain_id.py --backbone sasrec)",
     ),
     "dimerec-default": Preset(
         description="what --backbone dimerec trains unless --preset is given: every prefix "

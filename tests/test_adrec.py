@@ -106,7 +106,7 @@ def test_diffusion_step_adapters_start_as_the_identity_and_then_act():
 @pytest.mark.parametrize("settings", [{"num_steps": 1}, {"guide_scale": 0.0},
                                       {"num_seeds": 0}, {"schedule": "nope"}])
 def test_bad_settings_are_named(settings):
-    with pytest.raises(ValueError, match="num_steps|guide_scale|num_seeds|schedule"):
+    with pytest.raises(ValueError, match="num_steps|--guide-scale|--num-seeds|schedule"):
         ADRecConfig(**settings)
 
 

@@ -21,7 +21,7 @@ PRETRAIN = {
     "diffrec": ["--diffusion-steps", "10", "--num-seeds", "2"],
     "adrec": [],
     "diffurec": [],
-    "dreamrec": ["--diffusion-steps", "10"],
+    "dreamrec": ["--preset", "none", "--diffusion-steps", "10"],  # its preset needs a run
     "dimerec": ["--diffusion-steps", "10", "--inference-steps", "5", "--num-seeds", "2"],
 }
 FAST = ["--epochs", "1", "--max-steps", "1", "--eval-users", "8"]

@@ -223,7 +223,8 @@ def test_set_inference_scores_as_a_model_built_with_those_settings():
     assert recommender.config == model().config and recommender.backbone.config.num_seeds == 3
     sasrec = SequentialRecommender(RecommenderConfig(num_items=NUM_ITEMS, backbone_config={
         k: TINY[k] for k in ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_len")}))
-    with pytest.raises(ValueError, match="DiffRec or DimeRec's; this model's backbone is sasrec"):
+    with pytest.raises(ValueError, match="DiffRec or DiffuRec or ADRec or DimeRec's; this "
+                       "model's backbone is sasrec"):
         sasrec.set_inference(num_seeds=2)
 
 

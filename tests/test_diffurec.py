@@ -91,7 +91,7 @@ def test_diffusion_step_adapters_start_as_the_identity_and_then_act(config):
 @pytest.mark.parametrize("settings", [{"num_steps": 1}, {"uncertainty": -1.0},
                                       {"num_seeds": 0}, {"schedule": "nope"}])
 def test_bad_settings_are_named(settings):
-    with pytest.raises(ValueError, match="num_steps|uncertainty|num_seeds|schedule"):
+    with pytest.raises(ValueError, match="num_steps|uncertainty|--num-seeds|schedule"):
         DiffuRecConfig(**settings)
 
 

@@ -149,8 +149,9 @@ def test_the_denoiser_has_no_attention_site_for_diffusion_step_adapters():
 
 def test_flags_set_dreamrec_and_other_backbones_refuse_them():
     args = parse_args(pretrain_parser("t"), [
-        "--backbone", "dreamrec", "--guidance-weight", "3", "--null-history-probability",
-        "0.2", "--diffusion-steps", "50", "--schedule", "truncated-linear"])
+        "--backbone", "dreamrec", "--preset", "none", "--guidance-weight", "3",
+        "--null-history-probability", "0.2", "--diffusion-steps", "50", "--schedule",
+        "truncated-linear"])
     config = model_config(args, NUM_ITEMS, "data").backbone_settings()
     assert (config.guidance_weight, config.null_history_probability, config.num_steps,
             config.schedule) == (3.0, 0.2, 50, "truncated-linear")
@@ -158,7 +159,8 @@ def test_flags_set_dreamrec_and_other_backbones_refuse_them():
                        "do nothing with --backbone diffrec"):
         parse_args(pretrain_parser("t"), ["--backbone", "diffrec", "--guidance-weight", "3"])
     with pytest.raises(CommandLineError, match="^--untied-output: DiffRec settings"):
-        parse_args(pretrain_parser("t"), ["--backbone", "dreamrec", "--untied-output"])
+        parse_args(pretrain_parser("t"), ["--backbone", "dreamrec", "--preset", "none",
+                                          "--untied-output"])
 
 
 def test_the_loss_falls_on_a_short_run_and_the_checkpoint_scores_alike(tiny_dataset_dir,

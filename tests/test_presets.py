@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from peftrec.pretraining.cli import model_config, parse_args, pretrain_parser
+from peftrec.pretraining.cli import CommandLineError, model_config, parse_args, pretrain_parser
 from peftrec.pretraining.presets import DEFAULT_PRESETS, PRESETS
 from peftrec.pretraining.recommender import BACKBONES
 from tests.helpers import SMALL
@@ -27,17 +27,34 @@ def values(args, preset: str) -> dict:
             for flag, value in parsed.items()}
 
 
+# `--backbone NAME` alone must be enough, but for DreamRec: its MSE collapses a trained item
+# table, and without a SASRec run's it learns nothing (docs/default-presets.md).
+NEEDS_A_RUN = {"dreamrec"}
+
+
+def needed(preset: str) -> list[str]:
+    return [item for flag in PRESETS[preset].needs for item in (flag, "RUN")]
+
+
 def test_each_default_preset_belongs_to_a_registered_backbone_and_sets_it():
     for backbone, preset in DEFAULT_PRESETS.items():
         assert backbone in BACKBONES
         assert PRESETS[preset].settings["backbone"] == backbone
-        assert not PRESETS[preset].needs  # `--backbone NAME` alone must be enough
+        assert bool(PRESETS[preset].needs) == (backbone in NEEDS_A_RUN)
+
+
+def test_dreamrec_alone_is_refused_in_one_line_naming_the_fix():
+    with pytest.raises(CommandLineError, match=r"^--backbone dreamrec \(its default preset "
+                       r"dreamrec-default; --preset none opts out\) needs --init-items-from: "
+                       r"DreamRec's MSE alone .* a SASRec run's table"):
+        parse("--backbone", "dreamrec")
+    assert parse("--backbone", "dreamrec", "--preset", "none").freeze_items_epochs == 0
 
 
 @pytest.mark.parametrize("backbone", sorted(DEFAULT_PRESETS))
 def test_the_backbone_alone_resolves_to_its_default_presets_settings(backbone):
-    args = parse("--backbone", backbone)
     preset = DEFAULT_PRESETS[backbone]
+    args = parse("--backbone", backbone, *needed(preset))
     assert args.preset == preset
     assert values(args, preset) == PRESETS[preset].settings
     model_config(args, num_items=10, fingerprint="f")  # a valid model

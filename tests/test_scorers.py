@@ -87,8 +87,9 @@ def test_inference_settings_and_losses_are_the_scorers(cumulative):
         after = cumulative.score_items(cumulative.query(BATCH), items)
     assert cumulative.config.backbone_config == {"temperature": 2.0}
     torch.testing.assert_close(after, before / 2)  # the bias is 0
-    with pytest.raises(ValueError, match="DiffRec or DimeRec's; this model's backbone is "
-                                         r"cumulative, which has only \['temperature'\]"):
+    with pytest.raises(ValueError, match="DiffRec or DiffuRec or ADRec or DimeRec's; this "
+                                         r"model's backbone is cumulative, which has "
+                                         r"only \['temperature'\]"):
         cumulative.set_inference(num_seeds=2)
     with pytest.raises(ValueError, match="the cumulative backbone trains with the full "
                                          "softmax only; use --loss full"):
