@@ -603,15 +603,37 @@ def drawn_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
             if not set(action.option_strings) & {*NOT_DRAWN, "--help"}]
 
 
+YAML_VALUES = st.one_of(st.integers(-2, 2**70), st.floats(), st.booleans(), st.none(),
+                        st.lists(st.sampled_from(["a", "1", "{data}"]), max_size=2),
+                        st.just({"a": 1}))
+
+
+@st.composite
+def config_file(draw, actions: list[argparse.Action]) -> str:
+    """A --config file of settings of the parser (by destination or flag name) with values
+    of their type, junk, or other YAML types; an unknown key now and then."""
+    settings_ = {}
+    for action in draw(st.lists(st.sampled_from(actions), min_size=1, max_size=3)):
+        names = [action.dest, *(o.lstrip("-") for o in action.option_strings if o[1] == "-")]
+        value = draw(action_values(action) | YAML_VALUES)
+        settings_[draw(st.sampled_from(names))] = value
+    if draw(st.integers(0, 9)) == 0:
+        settings_["no_such_setting"] = 1
+    return yaml.safe_dump(settings_, allow_unicode=True)
+
+
 @st.composite
 def script_command(draw, script: str) -> list[str]:
     """The script's working command, changed by up to four edits: a flag of its parser set
     (replacing the command's value, or repeated), a flag of the command removed, an unknown
-    flag or a stray word added."""
+    flag or a stray word added, a --config file of drawn settings given."""
     argv = list(BASES.get(script, []))
     actions = drawn_actions(script_parser(script))
     for _ in range(draw(st.integers(0, 4))):
-        edit = draw(st.sampled_from(["set", "set", "set", "drop", "unknown"]))
+        edit = draw(st.sampled_from(["set", "set", "set", "drop", "unknown", "config"]))
+        if edit == "config":
+            argv += ["--config", "{out}/drawn.yaml", "<yaml>", draw(config_file(actions))]
+            continue
         if edit == "set":
             action = draw(st.sampled_from(actions))
             tokens = draw(flag_tokens(action))
@@ -676,6 +698,10 @@ def flag_outcome(script: str, argv: list[str], places: dict[str, str]) -> str:
         here = {**places, "out": out}
         for name, value in here.items():
             argv = [token.replace(f"{{{name}}}", value) for token in argv]
+        while "<yaml>" in argv:  # "<yaml>", TEXT: the drawn --config file's text
+            at = argv.index("<yaml>")
+            (Path(out) / "drawn.yaml").write_text(argv[at + 1], encoding="utf-8")
+            del argv[at:at + 2]
 
         def stop(*args, **kwargs):
             raise WorkStarts
