@@ -470,7 +470,8 @@ def _command_line_settings(parser: argparse.ArgumentParser,
     for action in parser._actions:
         # argparse (3.11) takes `--flag=--` for no value at all, an empty list.
         if action.nargs is None and getattr(namespace, action.dest, None) == []:
-            raise CommandLineError(f"{action.option_strings[0]}: one value expected, not "
+            name = (action.option_strings or [action.metavar or action.dest])[0]
+            raise CommandLineError(f"{name}: one value expected, not "
                                    "'--'; give the value after the flag")
     return {dest: value for dest, value in vars(namespace).items() if value is not None}
 
