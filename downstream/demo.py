@@ -55,13 +55,15 @@ def transfer_demo(
     """Run (or reuse) the demo's runs (the settings of `DemoSettings`, which holds their
     defaults); returns the printed table. `common`: extra flags for every run (e.g.
     `--cpu`); `pretrain_flags`: for pretraining only (e.g. model sizes)."""
-    base = output_dir / f"{source}-text"
+    # Run folders are named by the datasets' names (a folder's last part): a dataset folder's
+    # whole path would place them beside it, outside output_dir.
+    base = output_dir / f"{Path(source).name}-text"
     _run_once(base, lambda resume: pretrain(parse_args(pretrain_parser("demo", "text"), [
         "--dataset", source, "--encoder", encoder, "--output-dir", str(base),
         "--epochs", str(pretrain_epochs), "--lr", "2e-3", *pretrain_flags, *common, *resume])))
     results = {}
     for name, (methods, flags) in FINETUNING.items():
-        run = output_dir / f"{target}-{name.replace(' ', '-')}"
+        run = output_dir / f"{Path(target).name}-{name.replace(' ', '-')}"
         results[f"{target} {name}"] = _run_once(
             run, lambda resume, methods=methods, flags=flags, run=run: run_finetune(parse_args(
                 finetune_parser("demo", methods),

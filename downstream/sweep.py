@@ -46,11 +46,15 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-import yaml
-
 from peftrec.dataset_tools import atomic_write
 from peftrec.dataset_tools.checkpoints import METRICS, RUN_CONFIG
-from peftrec.pretraining.cli import CommandLineError, add_settings, cli_parser, parse_args
+from peftrec.pretraining.cli import (
+    CommandLineError,
+    add_settings,
+    cli_parser,
+    parse_args,
+    read_yaml,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 KEYS = ("script", "output_dir", "base", "grid", "runs", "seeds", "launcher", "launch_args")
@@ -139,10 +143,7 @@ def load_sweep(path: Path, output_dir: Path | None = None) -> Sweep:
 
     if not path.is_file():
         raise CommandLineError(f"{path}: no such sweep file")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise CommandLineError(f"{path} is not valid YAML: {error}") from None
+    spec = read_yaml(path, str(path))
     if not isinstance(spec, dict):
         raise CommandLineError(f"{path}: a sweep file is a mapping of {', '.join(KEYS)}")
     for key in spec:

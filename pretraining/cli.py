@@ -470,11 +470,8 @@ def _refuse_other_backbones_settings(parser: argparse.ArgumentParser, args: argp
 
 
 def _preset_settings(name: str, parser: argparse.ArgumentParser) -> dict:
-    """The settings of preset `name` by destination (a name from the `--config` file is
-    checked here; argparse checks the command line's)."""
-    if name not in PRESETS:
-        raise CommandLineError(f"unknown preset {name!r}; choose one of "
-                               f"{[*sorted(PRESETS), NO_PRESET]}")
+    """The settings of preset `name` by destination (`name` is checked against the choices:
+    the command line's by argparse, the `--config` file's by `_file_value`)."""
     return _by_destination(PRESETS[name].settings, parser, f"--preset {name}")
 
 
@@ -520,6 +517,12 @@ def _command_line_settings(parser: argparse.ArgumentParser,
     finally:
         for item in required:
             item.required = True
+    for action in parser._actions:
+        # argparse (3.11) takes `--flag=--` for no value at all, an empty list.
+        if action.nargs is None and getattr(namespace, action.dest, None) == []:
+            name = (action.option_strings or [action.metavar or action.dest])[0]
+            raise CommandLineError(f"{name}: one value expected, not "
+                                   "'--'; give the value after the flag")
     return {dest: value for dest, value in vars(namespace).items() if value is not None}
 
 
@@ -548,27 +551,64 @@ def without_diffusion_flags(argv: Sequence[str]) -> list[str]:
     return kept
 
 
+def read_yaml(path: Path, what: str):
+    """The YAML document in `path`; bad YAML or text that is not UTF-8 is one line naming
+    `what` (e.g. "--config FILE") and where (PyYAML's own message runs to several lines)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise CommandLineError(f"{what} is not UTF-8 text (byte {error.start}: "
+                               f"{error.reason})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise CommandLineError(f"{what} is not valid YAML{where}: {problem}") from None
+
+
 def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     if not path.is_file():
         raise CommandLineError(f"--config {path}: no such file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise CommandLineError(f"--config {path} is not valid YAML: {error}") from None
+    values = read_yaml(path, f"--config {path}") or {}
     if not isinstance(values, dict):
         raise CommandLineError(f"--config {path} must be a mapping of setting: value")
     values = _by_destination(values, parser, f"--config {path}")
-    # argparse types a file's value only when it is one string: a list's items are typed
-    # here, as the command line's words would be (`runs: [a, b]` -> two Paths).
-    several = {action.dest: action.type for action in parser._actions
-               if action.nargs in ("+", "*") and action.type is not None}
-    for dest, value in values.items():
-        if isinstance(value, list) and dest in several:
-            try:
-                values[dest] = [several[dest](str(item)) for item in value]
-            except (TypeError, ValueError) as error:
-                raise CommandLineError(f"--config {path}: {dest}: {error}") from None
-    return values
+    actions = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, action)  # a switch before its off flag
+    typed = {dest: _file_value(actions[dest], value, f"--config {path}: {dest}")
+             for dest, value in values.items()}
+    return {dest: value for dest, value in typed.items() if value is not None}  # null: unset
+
+
+def _file_value(action: argparse.Action, value, where: str):
+    """A --config file's `value` for `action`, typed and checked as the command line's words
+    would be: argparse types a default only when it is one string (`runs: [a, b]` would stay
+    strings, `size: [8]` a list) and checks no default against its choices."""
+    if value is None:
+        if action.default is not None:  # only a setting that may be unset may be null
+            raise CommandLineError(f"{where}: a value is needed, not null (default "
+                                   f"{action.default!r})")
+        return None
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise CommandLineError(f"{where}: true or false, not {value!r}")
+        return value
+    if action.type is names_list and isinstance(value, list):  # a list for a comma-separated one
+        value = ",".join(str(item) for item in value)
+    several = action.nargs in ("+", "*")
+    if isinstance(value, dict) or (isinstance(value, list) and not several):
+        raise CommandLineError(f"{where}: one value expected, not {value!r}")
+    items = value if isinstance(value, list) else [value]
+    if action.type is not None:
+        try:
+            items = [action.type(str(item)) for item in items]
+        except (TypeError, ValueError) as error:
+            raise CommandLineError(f"{where}: {error}") from None
+    wrong = [item for item in items if action.choices is not None and item not in action.choices]
+    if wrong:
+        raise CommandLineError(f"{where}: {wrong[0]!r} is not one of {list(action.choices)}")
+    return items if several else items[0]
 
 
 def model_config(
@@ -640,9 +680,12 @@ def run_main(
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:
-        # A full disk is not a bug: saves are atomic, so what was saved before is whole.
-        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if debug or error.errno not in (errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT):
             raise
+        if error.errno == errno.ENAMETOOLONG:  # a path given (a flag's value) is too long
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        # A full disk is not a bug: saves are atomic, so what was saved before is whole.
         print(f"error: no space left on the device writing {error.filename or 'a file'}; "
               "the files saved before are intact: free some space and rerun (with --resume "
               "for a training run)", file=sys.stderr)

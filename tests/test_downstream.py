@@ -347,6 +347,9 @@ def test_transfer_demo_prints_the_three_runs_and_reuses_them(tiny_dataset_dir, t
         f"{target_dir} from scratch"]
     assert "100.0% trained" in lines[1] and "100.0% trained" not in lines[0]
     assert transfer_demo(**kwargs) == table  # finished runs are reused, not retrained
+    # In --output-dir, named by the datasets (a dataset folder's path put them beside it).
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
+        "target-from-scratch", "target-full-fine-tuning", "target-houlsby-adapters", "tiny-text"]
 
 
 @pytest.mark.parametrize("adapter", [

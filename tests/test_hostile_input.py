@@ -8,6 +8,7 @@ within about a minute on a loaded 2-core machine; docs/reliability.md lists the 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -15,12 +16,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
 from peftrec.dataset_tools import load_dataset_folder
+from peftrec.downstream.sweep import script_parser
 from peftrec.pretraining.cli import run_main
-from tests.helpers import load_script
+from tests.helpers import ROOT, load_script, run_pretrain, save_bert, save_vision
 
 PREPARE = load_script("prepare_data").main
 SYNTHETIC = load_script("generate_synthetic").main
@@ -47,6 +51,19 @@ def check_dataset(folder: Path) -> None:
         assert np.isfinite(stamps).all() and (np.diff(stamps) >= 0).all()
 
 
+def one_error_line(code, text: str) -> str:
+    """The one `error:` line of a script that exited with `code` and wrote `text` on stderr
+    (exit 2, no traceback)."""
+    assert code == 2, text
+    assert "Traceback" not in text, text
+    # Our errors are one line; argparse's own add its usage lines before its one error.
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1, text
+    if text.startswith("error:"):
+        assert text.count("\n") == 1, text
+    return errors[0]
+
+
 def outcome(argv: list[str], output: Path, script=PREPARE, outputs=None) -> str:
     """Run a script in-process: 'ok' (a valid dataset) or the one error line."""
     err, out = io.StringIO(), io.StringIO()
@@ -55,19 +72,13 @@ def outcome(argv: list[str], output: Path, script=PREPARE, outputs=None) -> str:
             run_main(script, argv)
     except SystemExit as exit_info:
         text = err.getvalue()
-        assert exit_info.code == 2, text
-        assert "Traceback" not in text, text
-        # Our errors are one line; argparse's own add its usage lines before its one error.
-        errors = [line for line in text.splitlines() if "error:" in line]
-        assert len(errors) == 1, text
-        if text.startswith("error:"):
-            assert text.count("\n") == 1, text
+        error = one_error_line(exit_info.code, text)
         for folder in [output] if outputs is None else outputs:
             assert not folder.exists(), f"partial output {folder} left after: {text}"
             leftovers = [p.name for p in folder.parent.iterdir()
                          if p.name.startswith(f".{folder.name}.")] if folder.parent.is_dir() else []
             assert not leftovers, leftovers
-        return errors[0]
+        return error
     for folder in [output] if script is PREPARE else outputs or []:
         check_dataset(folder)  # generate_synthetic's log is checked by its test
     return "ok"
@@ -481,3 +492,297 @@ def test_output_that_would_delete_something_is_refused():
         (root / "empty").mkdir()
         for output in (root / "empty", root / "empty"):  # an empty folder, then a dataset
             assert outcome([*base, "--output", str(output)], output) == "ok"
+
+
+# --- every script's flags ---------------------------------------------------------------------
+# Every script in scripts/, found by listing the folder: random combinations of its own flags
+# (read from the parser it builds) on top of a command that works. Each example runs the
+# script's main through run_main until its work would start (WORK_STARTS: the flags parsed,
+# the --config file and preset applied, the data and checkpoints read, the configs built and
+# checked); the outcome must be that point, or exit 2 with one error line.
+
+SCRIPTS = sorted(path.stem for path in (ROOT / "scripts").glob("*.py"))
+SCRIPT_FLAG_EXAMPLES = 50  # per script (docs/reliability.md quotes it)
+MODULES = {name: load_script(name) for name in SCRIPTS}
+SKIPPED_SCRIPTS: dict[str, str] = {}  # script -> why its flags are not drawn (none so far)
+NOT_DRAWN = {"-h": "prints the help and exits 0",
+             "--debug": "asks for the traceback instead of the one line"}
+
+
+class WorkStarts(Exception):
+    """Raised where a script's work would start: its flags and inputs are resolved."""
+
+
+# Where the work starts: a built-in dataset prepared (on the first use of its name), a training
+# run's accelerator (the model is built after it; pretraining, fine-tuning, zero-shot), the
+# demo's first run (its command parsed), an evaluation once the model is loaded,
+# recommendations, a report's figures, a sweep's runs, plan or table, an image store's writes.
+WORK_STARTS = (
+    "peftrec.dataset_tools.builtin._file_lock",
+    "peftrec.dataset_tools.builtin._prepare_split",
+    "peftrec.downstream.demo.pretrain",
+    "peftrec.pretraining.pipeline.build_accelerator",
+    "peftrec.downstream.transfer.build_accelerator",
+    "peftrec.pretraining.pipeline.evaluate_model",
+    "peftrec.downstream.serving.RunRecommender.recommend",
+    "peftrec.downstream.report.item_map_figure",
+    "peftrec.downstream.report.curves_figure",
+    "peftrec.downstream.sweep.print_plan",
+    "peftrec.downstream.sweep.run_sweep",
+    "peftrec.downstream.sweep.write_results",
+    "peftrec.dataset_tools.images._build",
+)
+# The dataset scripts' work, a function each imports by name (its checks run before it).
+SCRIPT_WORK = ("prepare_dataset", "prepare_builtin", "write_synthetic_log", "split_domains")
+
+PRETRAIN = ["--dataset", "{data}", "--output-dir", "{out}/run", "--cpu", "--report-to", "none"]
+FINETUNE = ["--pretrained", "{run}", "--dataset", "{target}", "--output-dir", "{out}/run",
+            "--cpu", "--report-to", "none"]
+# A command per script that reaches its work (test_every_script_has_a_working_command).
+BASES = {
+    "pretrain_id": PRETRAIN,
+    "pretrain_text": [*PRETRAIN, "--encoder", "{bert}", "--text-template", "{title} ({genre})"],
+    "pretrain_image": [*PRETRAIN, "--encoder", "{vit}", "--image-store", "{store}"],
+    "finetune_full": FINETUNE,
+    "adapter_houlsby": FINETUNE,
+    "adapter_lora": FINETUNE,
+    "adapter_prefix": FINETUNE,
+    "adapter_diffusion_step": FINETUNE,
+    "evaluate": ["--run", "{run}", "--cpu"],
+    "recommend": ["--run", "{run}", "--users", "u1", "--output", "{out}/recs.jsonl", "--cpu"],
+    "report": ["{run}", "--output-dir", "{out}/report"],
+    "sweep": ["{sweep}", "--output-dir", "{out}/sweep"],
+    "transfer_demo": ["--source", "{data}", "--target", "{target}", "--output-dir", "{out}/demo",
+                      "--encoder", "{bert}", "--pretrain-epochs", "1"],
+    "build_image_store": ["--source", "{images}", "--output-dir", "{out}/store", "--size", "8"],
+    "prepare_data": ["--input", "{log}", "--format", "csv", *COLS, "--output", "{out}/data"],
+    "generate_synthetic": ["--interactions", "300", "--items", "20", "--topics", "2",
+                           "--output-dir", "{out}/log"],
+    "split_domains": ["--dataset", "{data}", "--field", "genre", "--source-values", "group0",
+                      "--source-output", "{out}/s", "--target-output", "{out}/t"],
+}
+
+JUNK_VALUES = ["", "-1", "0", "nan", "inf", "-inf", "abc", "99999999999999999999", "1e400",
+               "0x10", "\u202e", "\U0001f3ac", "x" * 300, "--", "{out}/missing"]
+TYPED_VALUES = {
+    int: ["1", "2", "3", "16", "1.5"],
+    float: ["0.5", "1e-3", "1", "0", "-0.0"],
+    Path: ["{out}", "{out}/new", "{file}", "{data}", "{target}", "{run}", "{run}/best_model",
+           "{config_good}", "{config_unknown}", "{config_bad}", "{config_list}", "/dev/null"],
+}
+TEXT_VALUES = ["abc", "title,genre", ",", "genre", "item_id", "{title}", "{nope}", "{",
+               "{data}", "i1", "u1"]
+
+
+def action_values(action) -> st.SearchStrategy:
+    """Values for a flag: its choices or values of its type (its default among them), junk."""
+    if action.choices is not None:
+        valid = [str(choice) for choice in action.choices]
+    else:
+        valid = TYPED_VALUES.get(action.type, TEXT_VALUES)
+    if action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
+        valid = [*valid, str(action.default)]
+    valid = st.sampled_from(valid)
+    return st.one_of(valid, valid, valid, st.sampled_from(JUNK_VALUES))  # 3 of 4 valid
+
+
+@st.composite
+def flag_tokens(draw, action) -> list[str]:
+    """One occurrence of `action` on a command line: its name (any alias) and its values."""
+    if action.nargs == 0:
+        return [draw(st.sampled_from(action.option_strings))]
+    count = {"+": (1, 3), "*": (0, 3), "?": (0, 1), None: (1, 1)}.get(action.nargs)
+    values = draw(st.lists(action_values(action), min_size=count[0], max_size=count[1]))
+    if not action.option_strings:  # a positional
+        return values
+    name = draw(st.sampled_from(action.option_strings))
+    if len(values) == 1 and draw(st.booleans()):
+        return [f"{name}={values[0]}"]
+    return [name, *values]
+
+
+def drawn_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [action for action in parser._actions
+            if not set(action.option_strings) & {*NOT_DRAWN, "--help"}]
+
+
+YAML_VALUES = st.one_of(st.integers(-2, 2**70), st.floats(), st.booleans(), st.none(),
+                        st.lists(st.sampled_from(["a", "1", "{data}"]), max_size=2),
+                        st.just({"a": 1}))
+
+
+@st.composite
+def config_file(draw, actions: list[argparse.Action]) -> str:
+    """A --config file of settings of the parser (by destination or flag name) with values
+    of their type, junk, or other YAML types; an unknown key now and then."""
+    settings_ = {}
+    for action in draw(st.lists(st.sampled_from(actions), min_size=1, max_size=3)):
+        names = [action.dest, *(o.lstrip("-") for o in action.option_strings if o[1] == "-")]
+        value = draw(action_values(action) | YAML_VALUES)
+        settings_[draw(st.sampled_from(names))] = value
+    if draw(st.integers(0, 9)) == 0:
+        settings_["no_such_setting"] = 1
+    return yaml.safe_dump(settings_, allow_unicode=True)
+
+
+@st.composite
+def script_command(draw, script: str) -> list[str]:
+    """The script's working command, changed by up to four edits: a flag of its parser set
+    (replacing the command's value, or repeated), a flag of the command removed, an unknown
+    flag or a stray word added, a --config file of drawn settings given."""
+    argv = list(BASES.get(script, []))
+    actions = drawn_actions(script_parser(script))
+    for _ in range(draw(st.integers(0, 4))):
+        edit = draw(st.sampled_from(["set", "set", "set", "drop", "unknown", "config"]))
+        if edit == "config":
+            argv += ["--config", "{out}/drawn.yaml", "<yaml>", draw(config_file(actions))]
+            continue
+        if edit == "set":
+            action = draw(st.sampled_from(actions))
+            tokens = draw(flag_tokens(action))
+            given = [i for i, token in enumerate(argv) if token in action.option_strings]
+            if given and tokens and action.nargs is None and tokens[0] in action.option_strings \
+                    and len(tokens) == 2 and not draw(st.booleans()):
+                argv[given[0] + 1] = tokens[1]  # replace the command's value
+            else:
+                argv += tokens
+        elif edit == "drop":
+            flags = [i for i, token in enumerate(argv) if token.startswith("--")]
+            if flags:
+                i = draw(st.sampled_from(flags))
+                end = next((j for j in range(i + 1, len(argv)) if argv[j].startswith("--")),
+                           len(argv))
+                del argv[i:end]
+        else:
+            argv += draw(st.sampled_from([["--no-such-flag"], ["--no-such-flag", "1"], ["-x"],
+                                          ["stray"], ["--"], ["--data", "{data}"]]))
+    return argv
+
+
+@pytest.fixture(scope="module")
+def places(tiny_dataset_dir, target_dir, tmp_path_factory) -> dict[str, str]:
+    """What the commands' {names} stand for: datasets, a pretrained run, encoders, images, a
+    sweep, --config files, a plain file ({out}, each example's own folder, is added later)."""
+    from PIL import Image
+
+    from peftrec.dataset_tools.images import build_image_store
+
+    root = tmp_path_factory.mktemp("script_flags")
+    run_pretrain(tiny_dataset_dir, root / "run", "--epochs", "1")
+    (root / "images").mkdir()
+    for item in ("i0", "i1"):
+        Image.new("RGB", (4, 4), (200, 10, 10)).save(root / "images" / f"{item}.png")
+    build_image_store(root / "images", root / "store", size=32)
+    texts = {"log.csv": GOOD_LOG, "file.txt": "plain text\n", "good.yaml": "seed: 3\n",
+             "unknown.yaml": "no_such_setting: 1\n", "bad.yaml": "a: [\n", "list.yaml": "- 1\n",
+             "sweep.yaml": yaml.safe_dump({"script": "pretrain_id", "output_dir": "sweep",
+                                           "base": {"dataset": str(tiny_dataset_dir),
+                                                    "epochs": 1, "cpu": True},
+                                           "seeds": [0]})}
+    for name, text in texts.items():
+        (root / name).write_text(text, encoding="utf-8")
+    return {"data": str(tiny_dataset_dir), "target": str(target_dir), "run": str(root / "run"),
+            "bert": str(save_bert(root / "bert")), "vit": str(save_vision(root / "vit", "vit")),
+            "images": str(root / "images"), "store": str(root / "store"),
+            "log": str(root / "log.csv"), "file": str(root / "file.txt"),
+            "sweep": str(root / "sweep.yaml"), "config_good": str(root / "good.yaml"),
+            "config_unknown": str(root / "unknown.yaml"), "config_bad": str(root / "bad.yaml"),
+            "config_list": str(root / "list.yaml")}
+
+
+def flag_outcome(script: str, argv: list[str], places: dict[str, str]) -> str:
+    """Run scripts/<script>.py's main as the command line does (run_main), stopped where its
+    work starts: 'resolved', 'done' (it finished without reaching that point), or its one
+    error line. The shared inputs must stay as they were."""
+    module = MODULES[script]
+    inputs = {name: sorted(p.name for p in Path(places[name]).iterdir())
+              for name in ("data", "target", "run")}
+    with tempfile.TemporaryDirectory() as out, pytest.MonkeyPatch.context() as patch:
+        here = {**places, "out": out}
+        for name, value in here.items():
+            argv = [token.replace(f"{{{name}}}", value) for token in argv]
+        while "<yaml>" in argv:  # "<yaml>", TEXT: the drawn --config file's text
+            at = argv.index("<yaml>")
+            (Path(out) / "drawn.yaml").write_text(argv[at + 1], encoding="utf-8")
+            del argv[at:at + 2]
+
+        def stop(*args, **kwargs):
+            raise WorkStarts
+
+        for target in WORK_STARTS:
+            patch.setattr(target, stop)
+        for name in SCRIPT_WORK:
+            if hasattr(module, name):
+                patch.setattr(module, name, stop)
+        if script not in BASES:  # a script this test does not know yet: its parsing only
+            real_parse = module.parse_args
+            patch.setattr(module, "parse_args", lambda *a, **k: stop(real_parse(*a, **k)))
+        patch.chdir(out)  # a default output folder (runs/...) lands in the example's folder
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                run_main(module.main, argv)
+            result = "done"
+        except WorkStarts:
+            result = "resolved"
+        except SystemExit as exit_info:
+            result = one_error_line(exit_info.code, err.getvalue())
+    assert inputs == {name: sorted(p.name for p in Path(places[name]).iterdir())
+                      for name in inputs}, argv
+    return result
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in SKIPPED_SCRIPTS])
+@settings(SETTINGS, max_examples=SCRIPT_FLAG_EXAMPLES)
+@given(data=st.data())
+def test_random_flags_of_every_script(places, script, data):
+    argv = data.draw(script_command(script), label="argv")
+    result = flag_outcome(script, argv, places)
+    event("error" if result.startswith("error") or "error:" in result else result)
+
+
+def test_every_script_has_a_working_command(places):
+    """The property is not vacuous: each script's command reaches its work, and every
+    script in scripts/ has one (a new script: add it to BASES)."""
+    assert sorted(BASES) == [s for s in SCRIPTS if s not in SKIPPED_SCRIPTS]
+    for script, argv in BASES.items():
+        assert flag_outcome(script, argv, places) == "resolved", script
+
+
+FOUND_FLAGS = [  # (script, flags added to its command, the error expected): bugs the
+    # property found: each was a traceback, several lines, or a wrong value taken (a `cpu:
+    # 'no'` that turned --cpu on, a `k: 1.5`); docs/reliability.md lists them
+    ("build_image_store", ["--config", "{config_bad}"],
+     "bad.yaml is not valid YAML at line 2, column 1: expected the node content, but found"),
+    ("sweep", ["--config", "{out}/drawn.yaml", "<yaml>", "sweep: [a]\n"],
+     "sweep: one value expected, not ['a']"),
+    ("split_domains", ["--config", "x" * 300], "File name too long: 'xxx"),
+    ("build_image_store", ["--format=--"], "--format: one value expected, not '--'"),
+    ("pretrain_id", ["--config=--"], "--config: one value expected, not '--'"),
+    ("adapter_diffusion_step", ["--config", "{out}/drawn.yaml", "<yaml>", "epochs: null\n"],
+     "epochs: a value is needed, not null (default 200)"),
+    ("split_domains", ["--source-values=--"], "--source-values: one value expected, not '--'"),
+    ("pretrain_id", ["--config", "{out}/drawn.yaml", "<yaml>", "backbone: nope\n"],
+     "backbone: 'nope' is not one of ['adrec', "),
+    ("build_image_store", ["--config", "{out}/drawn.yaml", "<yaml>", "size: [8]\n"],
+     "size: one value expected, not [8]"),
+    ("evaluate", ["--config", "{out}/drawn.yaml", "<yaml>", "cpu: 'no'\n"],
+     "cpu: true or false, not 'no'"),
+    ("recommend", ["--config", "{out}/drawn.yaml", "<yaml>", "k: 1.5\n"],
+     "k: invalid literal for int() with base 10: '1.5'"),
+]
+
+
+def test_found_flag_bugs_are_one_line_errors(places):
+    for script, flags, expected in FOUND_FLAGS:
+        result = flag_outcome(script, [*BASES[script], *flags], places)
+        assert expected in result, (script, result)
+    # null in a file is unset: required again (was None, then an AttributeError).
+    command = [token for token in BASES["split_domains"] if token != "group0"]
+    command.remove("--source-values")
+    result = flag_outcome("split_domains", [*command, "--config", "{out}/drawn.yaml", "<yaml>",
+                                            "source_values: null\n"], places)
+    assert "one of the arguments --source-values --source-range is required" in result, result
+    # A sweep file is read as a --config file is (downstream.sweep.load_sweep).
+    result = flag_outcome("sweep", ["{config_bad}"], places)
+    assert "bad.yaml is not valid YAML at line 2, column 1: expected the node" in result, result

@@ -506,7 +506,7 @@ def test_an_unknown_head_is_refused_by_flag_and_by_config_file(bert, tiny_datase
     assert "invalid choice: 'deep'" in capsys.readouterr().err
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"item_head": "deep"}))
     err = run_text_script([*common, "--config", str(tmp_path / "c.yaml")], capsys)
-    assert "unknown item head 'deep' (--item-head); choose one of linear, mlp, moe" in err
+    assert "c.yaml: head: 'deep' is not one of ['linear', 'mlp', 'moe']" in err
     assert not (tmp_path / "run").exists()
 
 

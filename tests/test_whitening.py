@@ -127,7 +127,8 @@ def test_a_transferred_model_whitens_the_targets_catalog_with_its_own_statistics
     (["--whitening", "zca", "--train-encoder"], "--whitening zca whitens the cached outputs of "
                                                 "a frozen encoder; drop it or drop "
                                                 "--train-encoder"),
-    (["--config", "CONFIG"], "unknown --whitening 'pca'; choose one of none, center, zca"),
+    (["--config", "CONFIG"], "c.yaml: whitening: 'pca' is not one of ['none', 'center', "
+                             "'zca']"),
 ])
 def test_bad_whitening_settings_fail_in_one_line(whitened_base, tiny_dataset_dir, tmp_path,
                                                  capsys, flags, message):
