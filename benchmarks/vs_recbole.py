@@ -59,8 +59,10 @@ PEFTREC_SHAPE = [flag for name, value in SHAPE.items()
 # peftrec's rows: (name, flags over its defaults, the preset sasrec-default: the repeat bias
 # and every window of a history). Then each of the two taken away, both ("--preset none":
 # the flags' own defaults, each user's last max_len items only), and RecBole's recipe.
+# "lr 2e-3": the rate of the README's SASRec runs, twice the default.
 ROWS = [
     ("defaults", []),
+    ("lr 2e-3", ["--lr", "2e-3"]),
     ("no repeat bias", ["--no-repeat-bias"]),
     ("last window", ["--train-windows", "last"]),
     ("flag defaults", ["--preset", "none"]),
