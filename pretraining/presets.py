@@ -29,7 +29,7 @@ PRESETS: dict[str, Preset] = {
     "sasrec-default": Preset(
         description="what --backbone sasrec (the default backbone) trains unless --preset is "
         "given: the repeat bias, and every window of a history instead of its last one "
-        "(validation NDCG@10 on ML-100k and ML-1M: docs/default-presets.md#sasrec)",
+        "(chosen on validation NDCG@10: docs/default-presets.md#sasrec)",
         settings={"backbone": "sasrec", "repeat-bias": True, "train-windows": "all"},
     ),
     "diffrec-default": Preset(
