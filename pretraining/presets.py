@@ -7,9 +7,8 @@ checks the table against this file).
 
 `--backbone NAME` without `--preset` applies NAME's default preset (`DEFAULT_PRESETS`), so a
 first run of a backbone trains with a recipe known to learn; `--preset none` opts out and
-keeps the flags' own defaults. SASRec has none: its flags' defaults are its recipe. DreamRec's
-needs a SASRec run's item table (`needs`): it learns nothing without one, so it refuses in one
-line rather than waste the run.
+keeps the flags' own defaults. DreamRec's needs a SASRec run's item table (`needs`): it
+learns nothing without one, so it refuses in one line rather than waste the run.
 """
 
 from __future__ import annotations
@@ -28,6 +27,12 @@ class Preset:
 NO_PRESET = "none"  # --preset none: the flags' own defaults, no backbone default
 
 PRESETS: dict[str, Preset] = {
+    "sasrec-default": Preset(
+        description="what --backbone sasrec (the default backbone) trains unless --preset is "
+        "given: the repeat bias, and every window of a history instead of its last one "
+        "(chosen on validation NDCG@10: docs/default-presets.md#sasrec)",
+        settings={"backbone": "sasrec", "repeat-bias": True, "train-windows": "all"},
+    ),
     "diffrec-default": Preset(
         description="what --backbone diffrec trains unless --preset is given: the causal "
         "denoiser trained on every position's next item of every window (~50 targets per "
@@ -103,6 +108,6 @@ PRESETS: dict[str, Preset] = {
 
 # --backbone NAME -> the preset it trains with when no --preset is given.
 DEFAULT_PRESETS: dict[str, str] = {
-    "diffrec": "diffrec-default", "diffurec": "diffurec-default", "adrec": "adrec-default",
-    "dreamrec": "dreamrec-default", "dimerec": "dimerec-default",
+    "sasrec": "sasrec-default", "diffrec": "diffrec-default", "diffurec": "diffurec-default",
+    "adrec": "adrec-default", "dreamrec": "dreamrec-default", "dimerec": "dimerec-default",
 }

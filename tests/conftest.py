@@ -64,7 +64,7 @@ def text_pretraining(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFa
     pretrain(parse_args(pretrain_parser("t", modality="text"), [
         "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
         "--encoder", str(encoder), "--text-template", "{title} ({genre})",
-        "--encoder-cache-dir", str(root / "cache"), *MODEL, *TRAIN]))
+        "--encoder-cache-dir", str(root / "cache"), "--preset", "none", *MODEL, *TRAIN]))
     return run, root / "cache"
 
 

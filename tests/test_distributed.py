@@ -23,7 +23,9 @@ from tests.helpers import MODEL, ROOT, failure_report, free_port, run_pretrain
 BATCH = 5
 # Per optimizer step, 2 processes x 3 micro-batches or 1 process x 6: the same 30 sequences
 # (the seedable sampler deals the same global order, batch k to process k mod 2).
-SETTINGS = ["--batch-size", str(BATCH), "--eval-batch-size", "16", "--report-to", "none",
+# The flags' defaults (one window per user: the count above), not SASRec's default preset.
+SETTINGS = ["--preset", "none", "--batch-size", str(BATCH), "--eval-batch-size", "16",
+            "--report-to", "none",
             "--cpu", "--dropout", "0", "--scheduler", "cosine", "--warmup-steps", "2",
             "--weight-decay", "0.01", "--max-grad-norm", "1.0", "--save-steps", "1",
             "--lr", "5e-3", "--patience", "9"]

@@ -329,7 +329,8 @@ def fusion_base(tiny_dataset_dir, bert, tmp_path_factory) -> tuple[Path, Path]:
         "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "2",
         "--encoder", str(bert), "--text-template", "{title} ({genre})",
         "--encoder-cache-dir", str(root / "cache"), "--item-encoder", "text+id",
-        "--fusion", "gate", "--item-head", "moe", "--num-experts", "3", *MODEL, *TRAIN])
+        "--fusion", "gate", "--item-head", "moe", "--num-experts", "3", "--preset", "none",
+        *MODEL, *TRAIN])
     return run, root / "cache"
 
 

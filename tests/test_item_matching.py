@@ -105,7 +105,7 @@ def bases(domains, tmp_path_factory) -> dict[str, Path]:
     source, _ = domains
     root = tmp_path_factory.mktemp("bases")
     runs = {}
-    for name, flags in (("sasrec", []), ("diffrec", DIFFREC)):
+    for name, flags in (("sasrec", ["--preset", "none"]), ("diffrec", DIFFREC)):
         runs[name] = root / name
         pretrain(parse_args(pretrain_parser("t"), [
             "--dataset", str(source), "--output-dir", str(runs[name]), "--epochs", "1",
@@ -382,7 +382,7 @@ def text_base(domains, tmp_path_factory) -> tuple[Path, Path]:
     pretrain(parse_args(pretrain_parser("t", modality="text"), [
         "--dataset", str(source), "--output-dir", str(run), "--epochs", "1", "--max-steps",
         "1", "--encoder", str(save_bert(root / "bert")), "--text-template", "{title} ({year})",
-        "--encoder-cache-dir", str(root / "cache"), *MODEL, *TRAIN]))
+        "--encoder-cache-dir", str(root / "cache"), "--preset", "none", *MODEL, *TRAIN]))
     return run, root / "cache"
 
 

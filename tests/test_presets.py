@@ -85,8 +85,12 @@ def test_preset_none_and_a_named_preset_replace_the_default():
         "diffrec-paper", False, "prefixes")
 
 
-def test_sasrec_has_no_default_preset():
-    assert parse().preset is None and parse("--backbone", "sasrec").preset is None
+def test_the_default_backbone_trains_with_sasrecs_default_preset():
+    args = parse()
+    assert (args.preset, args.backbone, args.repeat_bias, args.train_windows) == (
+        "sasrec-default", "sasrec", True, "all")
+    plain = parse("--preset", "none")
+    assert (plain.preset, plain.repeat_bias, plain.train_windows) == ("none", False, "last")
 
 
 def test_config_json_records_the_default_preset(tiny_dataset_dir, tmp_path):
