@@ -440,10 +440,30 @@ def _resolve_preset(parser: argparse.ArgumentParser, given: dict, values: dict) 
     if "preset" not in {action.dest for action in parser._actions}:
         return None
     preset = given.get("preset", values.get("preset"))
+    if preset is None and given.get("resume", values.get("resume")):
+        preset = _resumed_runs_preset(given.get("output_dir", values.get("output_dir")))
     if preset is None:
         backbone = given.get("backbone", values.get("backbone", parser.get_default("backbone")))
         preset = DEFAULT_PRESETS.get(backbone)
     return None if preset == NO_PRESET else preset
+
+
+def _resumed_runs_preset(output_dir: str | Path | None) -> str | None:
+    """The preset the run in `output_dir` started with (`none` for a run from before its
+    backbone had a default preset), so that `--resume` without `--preset` continues it as
+    it was rather than under a default added since; None where there is no such run (its
+    config.json is then checked, and any damage named, when the run is loaded)."""
+    import json
+
+    if output_dir is None:
+        return None
+    try:
+        recorded = json.loads((Path(output_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    return recorded.get("preset") or NO_PRESET
 
 
 def _refuse_other_backbones_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -103,3 +103,18 @@ def test_config_json_records_the_default_preset(tiny_dataset_dir, tmp_path):
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["preset"] == "diffrec-default"
     assert recorded["model"]["backbone_config"]["every_position"] is True
+
+
+@pytest.mark.parametrize("recorded, expected", [
+    # None: recorded as such runs recorded it, so their config.json still matches.
+    ({}, (None, False, "last")),  # a run from before presets were recorded
+    ({"preset": None}, (None, False, "last")),  # before its backbone had a default preset
+    ({"preset": "sasrec-default"}, ("sasrec-default", True, "all")),
+])
+def test_resume_without_preset_continues_with_the_runs_own_preset(tmp_path, recorded, expected):
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    args = parse("--output-dir", str(tmp_path), "--resume")
+    assert (args.preset, args.repeat_bias, args.train_windows) == expected
+    # A preset given (or no run to resume) is what applies, as without --resume.
+    assert parse("--output-dir", str(tmp_path), "--resume", "--preset", "none").preset == "none"
+    assert parse("--output-dir", str(tmp_path / "new"), "--resume").preset == "sasrec-default"

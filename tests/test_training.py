@@ -197,17 +197,16 @@ def test_existing_run_is_not_overwritten_and_resume_checks_settings(tiny_dataset
 def test_a_run_written_before_a_setting_existed_resumes_with_its_old_behaviour(
         tiny_dataset_dir, tmp_path):
     run = tmp_path / "run"
-    old = ["--preset", "none"]  # such a run resumes without SASRec's default preset
-    run_pretrain(tiny_dataset_dir, run, *old, "--epochs", "1")
+    run_pretrain(tiny_dataset_dir, run, "--preset", "none", "--epochs", "1")
     config = json.loads((run / "config.json").read_text())
-    # as written before --train-windows, content item encoders and --repeat-bias existed
+    # as written before --train-windows, content item encoders, --repeat-bias and presets
+    # existed: it resumes without SASRec's default preset, with no flag to say so
     del config["dataset"]["train_windows"], config["model"]["item_encoder_config"]
-    del config["model"]["repeat_bias"]
+    del config["model"]["repeat_bias"], config["preset"]
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"dataset settings differ \(\['train_windows'\]\)"):
-        run_pretrain(tiny_dataset_dir, run, *old, "--epochs", "2", "--resume",
-                     "--train-windows", "all")
-    run_pretrain(tiny_dataset_dir, run, *old, "--epochs", "2", "--resume")
+        run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--resume", "--train-windows", "all")
+    run_pretrain(tiny_dataset_dir, run, "--epochs", "2", "--resume")
     assert len((run / "log.jsonl").read_text().splitlines()) == 2
 
 
