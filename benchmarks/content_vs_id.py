@@ -67,7 +67,10 @@ def run_one(script: str, flags: list[str], run_dir: Path, seed: int, dataset: st
         resume = ["--resume"] if (run_dir / "config.json").is_file() else []
         command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--dataset", dataset,
                    "--output-dir", str(run_dir), "--seed", str(seed), "--epochs", str(epochs),
-                   "--patience", str(epochs), "--report-to", "none", *extra, *flags, *resume]
+                   "--patience", str(epochs), "--report-to", "none",
+                   # Each row's settings are its flags alone (SASRec's default preset would
+                   # add its own), as the recorded results were trained.
+                   "--preset", "none", *extra, *flags, *resume]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -141,6 +141,7 @@ class Study:
                 "--num-layers", str(point.depth),
                 "--num-heads", str(max(1, point.width // HEAD_WIDTH)),
                 "--epochs", str(self.args.pretrain_epochs),
+                "--preset", "none",  # the flags' recipe, which the recorded study used
                 *shlex.split(self.args.pretrain_flags), *self.extra]
 
     def finetune_command(self, strategy: str, point: Point, seed: int) -> list[str]:
