@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results import add_run_arguments, write_result
+from results import add_run_arguments, publish_report
 from tables import markdown, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,13 +169,9 @@ def main() -> None:
     table = markdown(rows, COLUMNS)
     targets = check_targets(rows)
     report = table + "\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
-    print(report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "results.md").write_text(report)
-    if args.results and rows:
-        write_result(args.results, rows, report,
-                     {"dataset": args.dataset, "epochs": args.epochs, "seeds": args.seeds,
-                      "extra_flags": extra, "targets": targets})
+    publish_report(args, rows, report,
+                   {"dataset": args.dataset, "epochs": args.epochs, "seeds": args.seeds,
+                    "extra_flags": extra, "targets": targets})
 
 
 if __name__ == "__main__":

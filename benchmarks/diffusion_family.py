@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from diffrec_movielens import timed_test
-from results import add_run_arguments, write_result
+from results import add_run_arguments, publish_report
 from tables import markdown, spread
 
 from peftrec.pretraining.cli import evaluate_parser, parse_args, without_diffusion_flags
@@ -169,13 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     report = (f"History unmasked (test, {args.dataset}):\n\n{markdown(unmasked_rows, COLUMNS)}"
               f"\n\nHistory masked (test, the same checkpoints):\n\n"
               f"{markdown(masked_rows, MASKED_COLUMNS)}\n")
-    print(report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "results.md").write_text(report)
-    if args.results and unmasked_rows:
-        write_result(args.results, unmasked_rows, report,
-                     {"dataset": args.dataset, "epochs": args.epochs, "seeds": args.seeds,
-                      "extra_flags": extra, "masked_rows": masked_rows})
+    publish_report(args, unmasked_rows, report,
+                   {"dataset": args.dataset, "epochs": args.epochs, "seeds": args.seeds,
+                    "extra_flags": extra, "masked_rows": masked_rows})
 
 
 if __name__ == "__main__":

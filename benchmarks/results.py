@@ -82,6 +82,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
     parser.add_argument("extra", nargs=argparse.REMAINDER)
 
 
+def publish_report(args: argparse.Namespace, rows: list[dict], report: str,
+                   settings: dict) -> Path | None:
+    """A driver's report (the flags of `add_run_arguments`): printed, written as
+    OUTPUT_DIR/results.md, and, with `--results` and rows to show, as a results file
+    (`write_result`, whose .md path it returns)."""
+    print(report)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "results.md").write_text(report)
+    if args.results and rows:
+        return write_result(args.results, rows, report, settings)
+    return None
+
+
 def write_result(name: str, rows: list[dict], markdown_text: str, extra: dict | None = None,
                  results_dir: Path = RESULTS_DIR) -> Path:
     """Write `<name>.json` and `<name>.md` under `results_dir` (atomically: a reader never

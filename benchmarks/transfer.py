@@ -39,7 +39,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results import add_run_arguments, write_result
+from results import add_run_arguments, publish_report
 from tables import markdown, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,16 +414,12 @@ def main() -> None:
         rows.append(popularity(args.target))
     table = markdown(rows, COLUMNS)
     targets = check_targets(rows)
-    print(table, *targets, sep="\n")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "results.json").write_text(json.dumps(rows, indent=2))
     report = table + "\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
-    (args.output_dir / "results.md").write_text(report)
-    if args.results and rows:
-        settings = {"target": args.target, "sources": sources, "seeds": args.seeds,
-                    "match_items_by": args.match_items_by, "extra_flags": extra,
-                    "targets": targets}
-        path = write_result(args.results, rows, report, settings)
+    settings = {"target": args.target, "sources": sources, "seeds": args.seeds,
+                "match_items_by": args.match_items_by, "extra_flags": extra, "targets": targets}
+    path = publish_report(args, rows, report, settings)
+    (args.output_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    if path is not None:
         plot(rows, f"{', '.join(sources)} -> {args.target}", path.with_suffix(".png"))
         print(f"wrote {path} (+ .json, .png); README blocks: python benchmarks/results.py")
 
