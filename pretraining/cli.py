@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import os
 import sys
 import types
@@ -453,8 +454,6 @@ def _resumed_runs_preset(output_dir: str | Path | None) -> str | None:
     backbone had a default preset), so that `--resume` without `--preset` continues it as
     it was rather than under a default added since; None where there is no such run (its
     config.json is then checked, and any damage named, when the run is loaded)."""
-    import json
-
     if output_dir is None:
         return None
     try:
