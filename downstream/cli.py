@@ -18,7 +18,7 @@ from pathlib import Path
 
 from peftrec.adapters import ADAPTERS
 from peftrec.adapters.base import EXTRAS, AdapterConfig
-from peftrec.downstream.transfer import finetune
+from peftrec.downstream.transfer import ADDABLE_SETTINGS, finetune
 from peftrec.modality_encoders import ContentEncoderSettings
 from peftrec.pretraining.cli import (
     CommandLineError,
@@ -99,11 +99,12 @@ def finetune_parser(description: str, methods: Sequence[str] = ()) -> argparse.A
     model = parser.add_argument_group(
         "model (unset: the pretrained model's; --backbone is checked against it, the "
         "objective replaces its for training, evaluation always ranks the whole catalog; "
-        "--repeat-bias adds a score offset, starting at 0, to a base trained without one, "
-        "and a base's own is always kept and trained)")
+        "--repeat-bias and --item-bias add score offsets, starting at 0, to a base trained "
+        "without them, and a base's own are always kept and trained)")
     # The item encoder is the pretrained model's: no --item-encoder.
-    add_settings(model, RecommenderConfig, exclude=("repeat_bias", "item_encoder"), unset=True)
-    add_settings(model, RecommenderConfig, ("repeat_bias",))
+    add_settings(model, RecommenderConfig, exclude=(*ADDABLE_SETTINGS, "item_encoder"),
+                 unset=True)
+    add_settings(model, RecommenderConfig, ADDABLE_SETTINGS)
     add_settings(parser.add_argument_group("items matched across domains (per-item parameters)"),
                  TransferSettings, MATCHING)
     if not methods:

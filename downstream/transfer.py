@@ -101,8 +101,11 @@ from peftrec.pretraining.recommender import (
 from peftrec.pretraining.trainer import build_accelerator
 
 BASELINES = ("full", "scratch", "zero_shot")
-# Parameters a target may add to a base trained without them (`--repeat-bias`): they start
-# neutral (0: no change to any score) and, like the per-item ones, every fine-tuning trains them.
+# Score offsets a target may add to a base trained without them (`--repeat-bias`,
+# `--item-bias`): they start neutral (0: no change to any score) and every fine-tuning
+# trains them. The item bias is per item, restarted by every transfer like the other
+# per-item parameters; the repeat bias is one more parameter the base may lack.
+ADDABLE_SETTINGS = ("repeat_bias", "item_bias")
 ADDABLE_PARAMETERS = ("repeat_bias",)
 
 
@@ -111,11 +114,12 @@ def target_config(
     data: SequenceData,
     adapter: AdapterConfig | None = None,
     encoder_overrides: dict | None = None,
-    repeat_bias: bool = False,
+    added: tuple[str, ...] = (),
     objective: dict | None = None,
 ) -> RecommenderConfig:
-    """The base's architecture for the target catalog (`repeat_bias`: add one if the base
-    has none), trained with the base's objective unless `objective` replaces some of it
+    """The base's architecture for the target catalog (`added`: the `ADDABLE_SETTINGS` to
+    turn on where the base has them off), trained with the base's objective unless
+    `objective` replaces some of it
     (`loss`, `num_negatives`, `negative_sampling`: a training setting, not architecture;
     no weight depends on it).
 
@@ -151,9 +155,12 @@ def target_config(
         origin = "--loss full" if "loss" in objective else "the pretrained model's"
         raise ValueError(f"{flags}: settings of --loss sampled, but the loss is full "
                          f"({origin}); add --loss sampled or drop them")
+    unknown = sorted(set(added) - set(ADDABLE_SETTINGS))
+    if unknown:
+        raise ValueError(f"{unknown}: a target can add only {list(ADDABLE_SETTINGS)}")
     return replace(base, num_items=data.num_items, dataset_fingerprint=data.fingerprint,
-                   item_encoder_config=encoder_config,
-                   repeat_bias=base.repeat_bias or repeat_bias, **objective)
+                   item_encoder_config=encoder_config, **dict.fromkeys(added, True),
+                   **objective)
 
 
 OBJECTIVE = ("loss", "num_negatives", "negative_sampling")  # what a target may train with
@@ -379,7 +386,8 @@ def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: st
         raise ValueError("zero-shot transfer needs a content item encoder (text or image): an "
                          "ID model has never seen the target's items; fine-tune it instead, "
                          "or match the items both domains share (--match-items-by FIELDS)")
-    config = target_config(base, data, adapter, encoder_overrides(args), args.repeat_bias,
+    added = tuple(name for name in ADDABLE_SETTINGS if getattr(args, name))
+    config = target_config(base, data, adapter, encoder_overrides(args), added,
                            objective_overrides(args))
     output_dir = args.output_dir or Path("runs") / f"{data.name}-{method}"
     fingerprint = checkpoint_fingerprint(base_dir)

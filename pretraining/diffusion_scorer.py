@@ -74,6 +74,7 @@ class DiffusionScorer:
     `inference_settings` may change after training (`set_inference`)."""
 
     losses = ("full",)
+    item_bias = "always"
 
     def __init__(self, inference_settings: tuple[str, ...] = ()) -> None:
         self.inference_settings = inference_settings

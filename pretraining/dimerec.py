@@ -130,6 +130,7 @@ class DimeRecScorer(DotProductScorer):
     scores candidates by the cosine of the generated vector with theirs / temperature."""
 
     inference_settings = ("num_seeds", "inference_steps")
+    item_bias = "none"  # its losses and scores are cosines of its own
 
     def loss(self, model: SequentialRecommender,
              batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

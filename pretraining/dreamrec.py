@@ -71,6 +71,7 @@ class GeneratedVectorScorer(DotProductScorer):
     scores candidates by the dot product with the vector it generates from the history."""
 
     losses = ("full",)  # no softmax at all; "full" is the default the flag accepts
+    item_bias = "none"  # its MSE has no scores to offset
 
     def loss(self, model: SequentialRecommender,
              batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -154,8 +154,9 @@ def sampled_softmax_loss(
     so the sum over negatives estimates the full partition function without bias
     (Bengio & Senecal, 2008; Jean et al., 2015); a negative equal to the row's target
     is masked out. `negatives` fixes the negative items instead of sampling them (with
-    every item and uniform q this is exactly the full softmax). `item_offsets` [P, N + 1]
-    (one row per target, one column per catalog row) are added to the logits.
+    every item and uniform q this is exactly the full softmax). `item_offsets` are added to
+    the logits: [P, N + 1] (one row per target, one column per catalog row), or [N + 1],
+    shared by every target.
     """
     num_items = catalog.shape[0] - 1
     if negatives is None and sampling_probs is None:
@@ -168,7 +169,10 @@ def sampled_softmax_loss(
         log_q = sampling_probs.clamp_min(1e-12).log()[negatives - 1]
     pos_logits = (states * catalog[targets]).sum(-1)
     neg_logits = states @ catalog[negatives].T - log_q - math.log(len(negatives))
-    if item_offsets is not None:
+    if item_offsets is not None and item_offsets.dim() == 1:
+        pos_logits = pos_logits + item_offsets[targets]
+        neg_logits = neg_logits + item_offsets[negatives]
+    elif item_offsets is not None:
         pos_logits = pos_logits + item_offsets.gather(1, targets[:, None]).squeeze(1)
         neg_logits = neg_logits + item_offsets[:, negatives]
     neg_logits = neg_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))

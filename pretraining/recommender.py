@@ -109,6 +109,11 @@ class RecommenderConfig:
     repeat_bias: bool = field(default=False, metadata={
         "help": "learn one score offset for items already in the input sequence (negative "
         "where users rarely re-consume, positive where they repeat)"})
+    # A learned score offset per item: what a content model cannot give an item from its
+    # text alone (how popular it is here). Per catalog, so a transfer starts it at zero.
+    item_bias: bool = field(default=False, metadata={
+        "help": "learn one score offset per item (zero at start; per catalog: a transfer "
+        "starts it afresh)"})
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -124,7 +129,12 @@ class RecommenderConfig:
             )
         if self.loss == "sampled" and self.num_negatives < 1:
             raise ValueError(f"--num-negatives must be >= 1, got {self.num_negatives}")
-        losses = backbone_scorer(self.backbone).losses
+        scorer = backbone_scorer(self.backbone)
+        support = getattr(scorer, "item_bias", "none")
+        if self.item_bias and support != "flag":
+            why = "always learns one of its own" if support == "always" else "takes none"
+            raise ValueError(f"--item-bias: the {self.backbone} backbone {why}; drop the flag")
+        losses = scorer.losses
         if self.loss not in losses:
             raise ValueError(f"the {self.backbone} backbone trains with the "
                              f"{' or '.join(losses)} softmax only; use --loss {losses[0]}")
@@ -180,6 +190,9 @@ class SequentialRecommender(nn.Module):
         for name, parameter in scorer_parameters.items():
             setattr(self, name, parameter)
         self.scorer_catalog_parameters = list(scorer_parameters)
+        if config.item_bias:  # a scorer whose `item_bias` is "flag" (checked by the config)
+            self.item_bias = nn.Parameter(torch.zeros(config.num_items + 1))
+            self.scorer_catalog_parameters.append("item_bias")
         if self.output_items is not None:
             self.copy_items_to_output()
         if config.repeat_bias:

@@ -28,6 +28,10 @@ class Scorer(Protocol):
 
     losses: tuple[str, ...]  # the --loss values it trains with (recommender.LOSSES)
     inference_settings: tuple[str, ...]  # backbone settings `set_inference` may change
+    # A learned score offset per item (`model.item_bias`): "flag" when --item-bias adds one
+    # (the recommender registers it), "always" when the scorer declares its own in
+    # `catalog_parameters`; a scorer without the attribute takes none.
+    item_bias: str
 
     def catalog_parameters(self, num_items: int, backbone_config: Any) -> dict[str, nn.Parameter]:
         """New per-item parameters ([num_items + 1, ...], row 0 = padding) by name; one
@@ -110,9 +114,15 @@ class DotProductScorer:
 
     losses = ("full", "sampled")
     inference_settings = ()
+    item_bias = "flag"
 
     def catalog_parameters(self, num_items: int, backbone_config: Any) -> dict[str, nn.Parameter]:
         return {}
+
+    @staticmethod
+    def item_offsets(model: SequentialRecommender) -> torch.Tensor | None:
+        """The per-item score offsets [N + 1] (--item-bias), or None."""
+        return model.item_bias if model.config.item_bias else None
 
     def loss(self, model: SequentialRecommender,
              batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,8 +143,8 @@ class DotProductScorer:
             has_target = targets > 0
             states, targets = states[has_target], targets[has_target]
             seen_ids = None if seen_ids is None else seen_ids[has_target]
-        loss = full_softmax_loss(states, catalog, targets, seen_ids=seen_ids,
-                                 seen_bias=model.repeat_bias if seen_ids is not None else None)
+        loss = full_softmax_loss(states, catalog, targets, self.item_offsets(model), seen_ids,
+                                 model.repeat_bias if seen_ids is not None else None)
         return {"loss": loss}
 
     def loss_on_needed_items(self, model: SequentialRecommender,
@@ -169,6 +179,9 @@ class DotProductScorer:
         states = model.backbone(catalog[local_inputs], input_ids > 0)[has_target]
         offsets = model.repeat_offsets(input_ids, len(items), local_inputs)
         offsets = None if offsets is None else offsets[has_target]
+        item_bias = self.item_offsets(model)
+        if item_bias is not None:  # in the local catalog's numbering
+            offsets = item_bias[items] if offsets is None else offsets + item_bias[items]
         if sampling_probs is None or config.loss == "full":
             probs = catalog.new_full((len(items) - 1,), 1.0 / num_items)
         else:
@@ -192,9 +205,12 @@ class DotProductScorer:
                     item_ids: torch.Tensor) -> torch.Tensor:
         candidates = self.candidate_vectors(model, item_ids)
         if isinstance(query, HistoryQuery):
-            return (query.state @ candidates.T
-                    + model.repeat_bias * seen_items(query.input_ids, item_ids))
-        return query @ candidates.T
+            scores = (query.state @ candidates.T
+                      + model.repeat_bias * seen_items(query.input_ids, item_ids))
+        else:
+            scores = query @ candidates.T
+        item_bias = self.item_offsets(model)
+        return scores if item_bias is None else scores + item_bias[item_ids]
 
     def candidate_vectors(self, model: SequentialRecommender,
                           item_ids: torch.Tensor) -> torch.Tensor:
