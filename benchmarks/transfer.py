@@ -61,9 +61,10 @@ GRID = [
     ("full fine-tuning matched", "finetune_full", ["--match-items-by", MATCH],
      ("id", "text+id", "diffrec")),
     ("full fine-tuning b32", "finetune_full", ["--batch-size", "32"], TEXT),
-    # Full fine-tuning at a higher rate, chosen against 1e-3 on validation: an adapter's
+    # Full fine-tuning at higher rates, chosen against 1e-3 on validation: an adapter's
     # rate is tuned, so the reference it is measured against is too.
     ("full fine-tuning lr 3e-3", "finetune_full", ["--lr", "3e-3"], TEXT),
+    ("full fine-tuning lr 1e-2", "finetune_full", ["--lr", "1e-2"], TEXT),
     ("houlsby backbone all", "adapter_houlsby", ["--adapt", "backbone", "--layers", "all"],
      ("id", "text", "diffrec")),
     # Matched items keep their pretrained rows, frozen: only the new items' rows and the
