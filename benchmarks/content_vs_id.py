@@ -7,7 +7,8 @@ each seed, each run in its own process by the repository's scripts:
 - `text <head>`: the shipped MiniLM, frozen and cached, under each item head
   (`--item-head linear|mlp|moe`; `zca`: its outputs whitened first, `--whitening zca`);
 - `text+id <fusion>`: the text vector plus an ID vector (`--item-encoder text+id`,
-  `--fusion sum|gate`).
+  `--fusion sum|gate`);
+- `... item-bias`: with a learned score offset per item (`--item-bias`).
 With `--lrs`, every row runs at each learning rate (`NAME lr LR`), and the choices below
 include the rate. The table reports mean ± sample sd over seeds of test NDCG@10 / HR@10
 and validation NDCG@10, the parameters and the time per epoch, next to popularity, then checks the
@@ -55,6 +56,13 @@ ROWS = [
      [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum"]),
     ("text+id moe gate", "pretrain_text",
      [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "gate"]),
+    # A learned score offset per item (--item-bias): what a vector made from an item's text
+    # cannot hold. The ID row gets one too, so the reference has the same option.
+    ("id item-bias", "pretrain_id", ["--item-bias"]),
+    ("text moe item-bias", "pretrain_text", [*TEXT, "--item-head", "moe", "--item-bias"]),
+    ("text+id moe sum item-bias", "pretrain_text",
+     [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum",
+      "--item-bias"]),
 ]
 COLUMNS = ("model", "seeds", "test ndcg@10", "test hr@10", "valid ndcg@10", "parameters",
            "epochs", "s/epoch")
