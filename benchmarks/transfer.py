@@ -48,6 +48,9 @@ TEXT = ("text", "text+id")  # source kinds with a text encoder (a fusion one inc
 # (name, script, flags, which source kinds it applies to)
 GRID = [
     ("scratch", "finetune_full", ["--from-scratch"], ("id", *TEXT, "diffrec")),
+    # From scratch at a higher rate too: the reference adapters must beat, chosen on
+    # validation like full fine-tuning's.
+    ("scratch lr 3e-3", "finetune_full", ["--from-scratch", "--lr", "3e-3"], TEXT),
     ("zero-shot", "finetune_full", ["--zero-shot"], TEXT),
     # No training either, but the target's item counts: log(1 + count) added to the scores
     # with the weight chosen on validation.
@@ -319,14 +322,16 @@ def validation(row: dict) -> float:
 def check_targets(rows: list[dict]) -> list[str]:
     """The targets, per source, as lines of text: the best adapter training <= 5% of the
     model against full fine-tuning (>= 100%) and from scratch (>= 1.1x), the adapter and
-    the full fine-tuning both chosen on validation; zero-shot against popularity (>= 2x)."""
+    both references chosen on validation (each among the rows named after it: `full
+    fine-tuning lr 3e-3`, `scratch lr 3e-3`); zero-shot against popularity (>= 2x)."""
     lines = []
     popular = next((row for row in rows if row["method"] == "popularity"), None)
     for source in dict.fromkeys(row["source"] for row in rows if row["method"] != "popularity"):
         by_name = {row["method"]: row for row in rows if row["source"] == source}
         fulls = [row for name, row in by_name.items() if name.startswith("full fine-tuning")]
+        scratches = [row for name, row in by_name.items() if name.startswith("scratch")]
         adapters = [row for name, row in by_name.items()
-                    if name not in BASELINES and row not in fulls]
+                    if name not in BASELINES and row not in fulls + scratches]
         for name in ("zero-shot", "zero-shot + popularity prior", "zero-shot matched"):
             if name in by_name and popular is not None:
                 ratio = mean(by_name[name]) / mean(popular)
@@ -347,10 +352,11 @@ def check_targets(rows: list[dict]) -> list[str]:
                 f"({best['trainable %']}%) {mean(best):.4f} = {ratio:.1%} of full fine-tuning "
                 f"({full['method']}, {mean(full):.4f}) -> "
                 f"{'met' if ratio >= 1 else 'NOT met'} (target >= 100%)")
-        if "scratch" in by_name:
-            gain = mean(best) / mean(by_name["scratch"])
-            line += (f"; {gain:.2f}x from scratch ({mean(by_name['scratch']):.4f}) -> "
-                     f"{'met' if gain >= 1.1 else 'NOT met'} (target >= 1.1x)")
+        if scratches:
+            scratch = max(scratches, key=validation)
+            gain = mean(best) / mean(scratch)
+            line += (f"; {gain:.2f}x from scratch ({scratch['method']}, {mean(scratch):.4f})"
+                     f" -> {'met' if gain >= 1.1 else 'NOT met'} (target >= 1.1x)")
         lines.append(line)
     return lines
 

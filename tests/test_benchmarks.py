@@ -89,7 +89,12 @@ def test_transfer_targets_take_the_best_small_adapter_against_full_and_scratch()
     # the reference is the better full fine-tuning; 0.07 / 0.07 = 100%, 0.07 / 0.05 = 1.4x
     assert "houlsby small (4.00%) 0.0700 = 100.0% of full fine-tuning (full fine-tuning " \
         "matched, 0.0700) -> met" in lines[1]
-    assert lines[1].endswith("1.40x from scratch (0.0500) -> met (target >= 1.1x)")
+    assert lines[1].endswith("1.40x from scratch (scratch, 0.0500) -> met (target >= 1.1x)")
+    # Scratch at another rate is a reference too (never an adapter), chosen on validation.
+    rows.append(row("id", "scratch lr 3e-3", [0.066], 100, valid=[0.07]))
+    assert lines[1].replace("1.40x from scratch (scratch, 0.0500) -> met",
+                            "1.06x from scratch (scratch lr 3e-3, 0.0660) -> NOT met") \
+        == transfer.check_targets(rows)[1]
     rows[4]["ndcg"] = [0.05]
     assert "NOT met (target >= 100%)" in transfer.check_targets(rows)[1]
 
