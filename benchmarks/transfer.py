@@ -48,9 +48,10 @@ TEXT = ("text", "text+id")  # source kinds with a text encoder (a fusion one inc
 # (name, script, flags, which source kinds it applies to)
 GRID = [
     ("scratch", "finetune_full", ["--from-scratch"], ("id", *TEXT, "diffrec")),
-    # From scratch at a higher rate too: the reference adapters must beat, chosen on
+    # From scratch at higher rates too: the reference adapters must beat, chosen on
     # validation like full fine-tuning's.
     ("scratch lr 3e-3", "finetune_full", ["--from-scratch", "--lr", "3e-3"], TEXT),
+    ("scratch lr 1e-2", "finetune_full", ["--from-scratch", "--lr", "1e-2"], TEXT),
     ("zero-shot", "finetune_full", ["--zero-shot"], TEXT),
     # No training either, but the target's item counts: log(1 + count) added to the scores
     # with the weight chosen on validation.
