@@ -351,9 +351,8 @@ def load_any_checkpoint(
 
 def evaluate_any_run(args: argparse.Namespace) -> dict:
     """`scripts/evaluate.py`: re-evaluate a pretraining or fine-tuning run folder."""
-    cache_dir = getattr(args, "encoder_cache_dir", None)
-    return evaluate_run(args, lambda directory, data: load_any_checkpoint(directory, data,
-                                                                          cache_dir))
+    return evaluate_run(args, lambda directory, data: load_any_checkpoint(
+        directory, data, args.encoder_cache_dir))
 
 
 def finetune(args: argparse.Namespace, adapter: AdapterConfig | None, method: str) -> dict:

@@ -376,14 +376,16 @@ def evaluate_parser(description: str) -> argparse.ArgumentParser:
     parser.set_defaults(dataset=None)  # default: the dataset the run was trained on
     add_settings(parser, EvaluateSettings)
     add_settings(parser, TrainingConfig, ("eval_batch_size", "seed", "cpu"))
+    add_settings(parser, RunSettings, ("encoder_cache_dir",))
     add_protocol_arguments(parser)
-    add_settings(parser.add_argument_group("DiffRec inference (unset: the run's own)"),
+    add_settings(parser.add_argument_group("diffusion inference (unset: the run's own)"),
                  DiffRecConfig, INFERENCE_SETTINGS, unset=True)
     return parser
 
 
 def inference_overrides(args: argparse.Namespace) -> dict:
-    """The DiffRec inference settings given to scripts/evaluate.py (none: the run's own)."""
+    """The diffusion backbones' inference settings given to scripts/evaluate.py (none: the
+    run's own)."""
     return {name: value for name, value in settings(args, DiffRecConfig, INFERENCE_SETTINGS).items()
             if value is not None}
 

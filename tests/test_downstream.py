@@ -251,6 +251,17 @@ def test_zero_shot_and_lora_through_peft_on_the_text_encoder(text_base, target_d
         p.numel() for p in again.parameters() if p.requires_grad)
 
 
+def test_evaluate_reads_and_fills_the_encoder_cache_it_is_given(text_base, tmp_path):
+    run_dir, _ = text_base
+    cache = tmp_path / "elsewhere"
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(run_dir), "--cpu", "--output", str(tmp_path / "eval.json"),
+        "--encoder-cache-dir", str(cache)]))
+    # The frozen encoder's outputs were cached where the flag says, and score as before.
+    assert any(cache.rglob("*.safetensors"))
+    assert again["test"] == json.loads((run_dir / "metrics.json").read_text())["test"]
+
+
 def test_zero_shot_refuses_an_existing_run_folder_unless_resumed(text_base, target_dir,
                                                                  tmp_path):
     run_dir, cache = text_base
