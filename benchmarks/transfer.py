@@ -69,6 +69,9 @@ GRID = [
     # rate is tuned, so the reference it is measured against is too.
     ("full fine-tuning lr 3e-3", "finetune_full", ["--lr", "3e-3"], TEXT),
     ("full fine-tuning lr 1e-2", "finetune_full", ["--lr", "1e-2"], TEXT),
+    # With the score offset per item the best small adapter uses: the reference gets it too.
+    ("full fine-tuning + item bias lr 3e-3", "finetune_full", ["--lr", "3e-3", "--item-bias"],
+     TEXT),
     ("houlsby backbone all", "adapter_houlsby", ["--adapt", "backbone", "--layers", "all"],
      ("id", "text", "diffrec")),
     # Matched items keep their pretrained rows, frozen: only the new items' rows and the
