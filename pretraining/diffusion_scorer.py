@@ -24,7 +24,7 @@ from peftrec.pretraining.losses import full_softmax_loss
 from peftrec.pretraining.scoring import inputs_so_far, seen_items
 
 if TYPE_CHECKING:  # the type only: the recommender imports the backbones, which import this
-    from peftrec.pretraining.recommender import SequentialRecommender
+    from peftrec.pretraining.recommender import RecommenderConfig, SequentialRecommender
 
 NORMALIZER_ELEMENTS = 1 << 24  # logits held at once when normalising over items
 
@@ -79,7 +79,9 @@ class DiffusionScorer:
     def __init__(self, inference_settings: tuple[str, ...] = ()) -> None:
         self.inference_settings = inference_settings
 
-    def catalog_parameters(self, num_items: int, backbone_config: Any) -> dict[str, nn.Parameter]:
+    def catalog_parameters(self, config: RecommenderConfig,
+                           backbone_config: Any) -> dict[str, nn.Parameter]:
+        num_items = config.num_items
         parameters = {"item_bias": nn.Parameter(torch.zeros(num_items + 1))}
         # A separate output table (DiffRec's setting), set to the item vectors by the recommender.
         if getattr(backbone_config, "untied_output", False):

@@ -186,13 +186,10 @@ class SequentialRecommender(nn.Module):
         # The scorer's per-item parameters, registered here: their names are the keys
         # checkpoints hold (`item_bias`, `output_items`).
         self.output_items = None  # a separate output table, if the scorer declares one
-        scorer_parameters = self.scorer.catalog_parameters(config.num_items, backbone_config)
+        scorer_parameters = self.scorer.catalog_parameters(config, backbone_config)
         for name, parameter in scorer_parameters.items():
             setattr(self, name, parameter)
         self.scorer_catalog_parameters = list(scorer_parameters)
-        if config.item_bias:  # a scorer whose `item_bias` is "flag" (checked by the config)
-            self.item_bias = nn.Parameter(torch.zeros(config.num_items + 1))
-            self.scorer_catalog_parameters.append("item_bias")
         if self.output_items is not None:
             self.copy_items_to_output()
         if config.repeat_bias:

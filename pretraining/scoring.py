@@ -20,7 +20,7 @@ from torch import nn
 from peftrec.pretraining.losses import full_softmax_loss, sampled_softmax_loss
 
 if TYPE_CHECKING:  # the type only: the recommender imports the backbones, which import this
-    from peftrec.pretraining.recommender import SequentialRecommender
+    from peftrec.pretraining.recommender import RecommenderConfig, SequentialRecommender
 
 
 class Scorer(Protocol):
@@ -28,14 +28,16 @@ class Scorer(Protocol):
 
     losses: tuple[str, ...]  # the --loss values it trains with (recommender.LOSSES)
     inference_settings: tuple[str, ...]  # backbone settings `set_inference` may change
-    # A learned score offset per item (`model.item_bias`): "flag" when --item-bias adds one
-    # (the recommender registers it), "always" when the scorer declares its own in
-    # `catalog_parameters`; a scorer without the attribute takes none.
+    # A learned score offset per item (`model.item_bias`, declared in `catalog_parameters`):
+    # "flag" when the scorer declares one with --item-bias, "always" when it always does; a
+    # scorer without the attribute takes none.
     item_bias: str
 
-    def catalog_parameters(self, num_items: int, backbone_config: Any) -> dict[str, nn.Parameter]:
-        """New per-item parameters ([num_items + 1, ...], row 0 = padding) by name; one
-        named `output_items` is an output table kept equal to the item vectors at start."""
+    def catalog_parameters(self, config: RecommenderConfig,
+                           backbone_config: Any) -> dict[str, nn.Parameter]:
+        """New per-item parameters ([config.num_items + 1, ...], row 0 = padding) by name;
+        one named `output_items` is an output table kept equal to the item vectors at
+        start."""
 
     def loss(self, model: SequentialRecommender,
              batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,8 +118,11 @@ class DotProductScorer:
     inference_settings = ()
     item_bias = "flag"
 
-    def catalog_parameters(self, num_items: int, backbone_config: Any) -> dict[str, nn.Parameter]:
-        return {}
+    def catalog_parameters(self, config: RecommenderConfig,
+                           backbone_config: Any) -> dict[str, nn.Parameter]:
+        if not config.item_bias:
+            return {}
+        return {"item_bias": nn.Parameter(torch.zeros(config.num_items + 1))}
 
     @staticmethod
     def item_offsets(model: SequentialRecommender) -> torch.Tensor | None:

@@ -29,8 +29,8 @@ class BiasedScorer:
     losses = ("full",)
     inference_settings = ("temperature",)
 
-    def catalog_parameters(self, num_items: int, backbone_config) -> dict[str, nn.Parameter]:
-        return {"popularity": nn.Parameter(torch.zeros(num_items + 1))}
+    def catalog_parameters(self, config, backbone_config) -> dict[str, nn.Parameter]:
+        return {"popularity": nn.Parameter(torch.zeros(config.num_items + 1))}
 
     def loss(self, model, batch):
         scores = self.score_items(model, self.query(model, batch),
