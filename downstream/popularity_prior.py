@@ -75,15 +75,18 @@ def evaluate_with_prior(model: SequentialRecommender, data: SequenceData,
         scored.weight = float(prior)
         metrics = evaluate_model(scored, data, protocol, batch_size, accelerator)
         return metrics, {"weight": scored.weight, "counts": "target training split"}
-    valid = {}
+    valid = {}  # weight -> validation metrics
     for weight in WEIGHT_GRID:
         scored.weight = weight
         valid[weight] = evaluate_model(scored, data, protocol, batch_size, accelerator,
-                                       splits=("valid",))["valid"][METRIC]
-        accelerator.print(f"popularity prior weight {weight:g}: valid {METRIC} {valid[weight]:.4f}")
-    scored.weight = max(WEIGHT_GRID, key=lambda weight: valid[weight])  # first best on ties
-    metrics = evaluate_model(scored, data, protocol, batch_size, accelerator)
+                                       splits=("valid",))["valid"]
+        accelerator.print(f"popularity prior weight {weight:g}: valid {METRIC} "
+                          f"{valid[weight][METRIC]:.4f}")
+    # The first best on ties; its validation metrics are kept, only test is scored again.
+    scored.weight = max(WEIGHT_GRID, key=lambda weight: valid[weight][METRIC])
+    test = evaluate_model(scored, data, protocol, batch_size, accelerator, splits=("test",))
+    metrics = {"valid": valid[scored.weight], "test": test["test"], "protocol": test["protocol"]}
     record = {"weight": scored.weight, "chosen_on": f"valid {METRIC}",
-              "valid_by_weight": {f"{w:g}": score for w, score in valid.items()},
+              "valid_by_weight": {f"{w:g}": scores[METRIC] for w, scores in valid.items()},
               "counts": "target training split"}
     return metrics, record

@@ -65,13 +65,15 @@ def test_auto_chooses_the_weight_on_validation_and_tests_at_it_only(target, monk
     assert list(valid) == list(WEIGHT_GRID)
     best = max(valid.values())
     assert record["weight"] == next(w for w, score in valid.items() if score == best)
-    # Every weight scored on validation alone; the test split once, at the chosen weight.
+    # Every weight scored on validation alone; the test split once, at the chosen weight,
+    # and validation not again: the chosen weight's scores are kept.
     assert evaluated[:-1] == [(w, ("valid",)) for w in WEIGHT_GRID]
-    assert evaluated[-1] == (record["weight"], ("valid", "test"))
+    assert evaluated[-1] == (record["weight"], ("test",))
     assert metrics["valid"]["ndcg@10"] == best
     fixed, fixed_record = evaluate_with_prior(model, target, protocol, 64, accelerator,
                                               record["weight"])
     assert fixed["test"] == metrics["test"] and fixed_record["weight"] == record["weight"]
+    assert fixed["valid"] == metrics["valid"] and fixed["protocol"] == metrics["protocol"]
     # Weight 0 is the model as it is.
     zero, _ = evaluate_with_prior(model, target, protocol, 64, accelerator, 0.0)
     assert zero["test"] == original(model, target, protocol, 64, accelerator)["test"]
