@@ -8,7 +8,9 @@ each seed, each run in its own process by the repository's scripts:
   (`--item-head linear|mlp|moe`; `zca`: its outputs whitened first, `--whitening zca`);
 - `text+id <fusion>`: the text vector plus an ID vector (`--item-encoder text+id`,
   `--fusion sum|gate`);
-- `... item-bias`: with a learned score offset per item (`--item-bias`).
+- `... item-bias`: with a learned score offset per item (`--item-bias`);
+- `... token-vectors`: with learned word-piece vectors added to the text head's output
+  (`--token-vectors`).
 With `--lrs`, every row runs at each learning rate (`NAME lr LR`), and the choices below
 include the rate. The table reports mean ± sample sd over seeds of test NDCG@10 / HR@10
 and validation NDCG@10, the parameters and the time per epoch, next to popularity, then checks the
@@ -63,6 +65,13 @@ ROWS = [
     ("text+id moe sum item-bias", "pretrain_text",
      [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum",
       "--item-bias"]),
+    # Learned word-piece vectors added to the head's output (--token-vectors): what tells
+    # apart items whose frozen text vectors are close, still from the text alone.
+    ("text moe item-bias token-vectors", "pretrain_text",
+     [*TEXT, "--item-head", "moe", "--item-bias", "--token-vectors"]),
+    ("text+id moe sum item-bias token-vectors", "pretrain_text",
+     [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum",
+      "--item-bias", "--token-vectors"]),
 ]
 COLUMNS = ("model", "seeds", "test ndcg@10", "test hr@10", "valid ndcg@10", "parameters",
            "epochs", "s/epoch")

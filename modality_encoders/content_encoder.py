@@ -103,6 +103,10 @@ class ContentEncoderSettings:
         "choices": FUSIONS,
         "help": "--item-encoder text+id or image+id: content + ID vector (sum; unset: sum), "
         "or content + a learned sigmoid gate times the ID vector (gate)"})
+    token_vectors: bool = field(default=False, metadata={
+        "help": "text: add to each item's head output the mean of learned vectors of its "
+        "word pieces (one per tokenizer entry, zero at start, shared by every catalog that "
+        "uses the tokenizer)"})
     whitening: str = field(default="none", metadata={
         "choices": WHITENINGS,
         "help": "frozen encoder: whiten its cached outputs with the catalog's own statistics "
@@ -177,6 +181,7 @@ class ContentItemEncoder(nn.Module):
             settings.head_hidden_size = self.hidden_size
         self.projection = build_head(settings.head, self.hidden_size, output_dim,
                                      settings.head_settings())
+        self.token_vectors: nn.Embedding | None = None  # text, `token_vectors`
         self.prepare_inputs(encoder_config)
         self._catalog_memo: torch.Tensor | None = None
         self.encoder: TransformerStages | None = None
@@ -228,6 +233,11 @@ class ContentItemEncoder(nn.Module):
         """Settings that change the encoder's inputs (part of cache keys)."""
         return {}
 
+    def extra_vectors(self, items: torch.Tensor) -> torch.Tensor | None:
+        """What the modality adds to the head's output for real items (1..N) [U]: [U, d],
+        or None (text with `token_vectors`: its learned word-piece vectors)."""
+        return None
+
     # --- the ItemEncoder contract --------------------------------------------------------
     @property
     def encodes_on_demand(self) -> bool:
@@ -267,8 +277,15 @@ class ContentItemEncoder(nn.Module):
         out = self.head_parameter().new_zeros(len(items), self.output_dim)
         real = (items > 0).nonzero().squeeze(1)
         if len(real):
-            out = out.index_copy(0, real, self.projection(self.encode_pooled(items[real])))
+            out = out.index_copy(0, real, self.head_output(items[real],
+                                                           self.encode_pooled(items[real])))
         return out
+
+    def head_output(self, items: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Content vectors [U, d] of real items [U] from their pooled encoder outputs."""
+        vectors = self.projection(pooled)
+        extra = self.extra_vectors(items)
+        return vectors if extra is None else vectors + extra
 
     def encode_pooled(self, items: torch.Tensor) -> torch.Tensor:
         """Pooled encoder outputs [B, H] of real items (1..N).
@@ -326,7 +343,8 @@ class ContentItemEncoder(nn.Module):
     # --- building ------------------------------------------------------------------------
     def _encode_catalog(self) -> torch.Tensor:
         if self.encoder is None:  # cached encoder outputs: the head over all of them at once
-            vectors = self.projection(self.outputs)
+            items = torch.arange(1, self.num_items + 1, device=self.outputs.device)
+            vectors = self.head_output(items, self.outputs)
             return torch.cat([vectors.new_zeros(1, self.output_dim), vectors])
         # In chunks of `encode_batch_size` items, by input length (see `encode_pooled`).
         return self.content_vectors(torch.arange(self.num_items + 1,

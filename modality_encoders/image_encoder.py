@@ -21,6 +21,9 @@ class ImageItemEncoder(ContentItemEncoder):
     def check_settings(self, settings: ContentEncoderSettings) -> None:
         if not settings.image_store:
             raise ValueError("the image item encoder needs an image store (--image-store DIR)")
+        if settings.token_vectors:
+            raise ValueError("--token-vectors: images have no word pieces; drop it or use "
+                             "--item-encoder text")
 
     def prepare_inputs(self, encoder_config) -> None:
         from transformers import AutoImageProcessor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from peftrec.modality_encoders.base import register_item_encoder
 from peftrec.modality_encoders.content_encoder import ContentEncoderSettings, ContentItemEncoder
@@ -35,10 +36,36 @@ class TextItemEncoder(ContentItemEncoder):
         limit = min(self.settings.max_text_length,
                     getattr(encoder_config, "max_position_embeddings", 512))
         tokens = tokenizer(list(self.content.texts), padding="longest", truncation=True,
-                           max_length=limit, return_tensors="pt")
+                           max_length=limit, return_tensors="pt", return_special_tokens_mask=True)
         self.register_buffer("input_ids", tokens["input_ids"], persistent=False)
         self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)
         self.register_buffer("token_counts", tokens["attention_mask"].sum(1), persistent=False)
+        if self.settings.token_vectors:
+            self.add_token_vectors(encoder_config.vocab_size,
+                                   tokens["attention_mask"] * (1 - tokens["special_tokens_mask"]))
+
+    def add_token_vectors(self, vocab_size: int, word_pieces: torch.Tensor) -> None:
+        """`--token-vectors`: a learned vector per tokenizer entry (zero at start, so the
+        model starts as its head alone), and each item's averaging weights over its word
+        pieces (`word_pieces`: 1 where a position holds one, not padding or [CLS]/[SEP]).
+
+        Why: a frozen encoder's pooled vector places items with similar titles, years and
+        genres close together, and a head over it cannot tell them apart much better; the
+        encoder's own input embeddings, trained, could, but training them means running
+        the encoder in the step. A bag of learned word-piece vectors is that signal at the
+        cost of a lookup. The table is indexed by the tokenizer, not by item, so it moves
+        to any catalog the tokenizer reads: a new item starts from the vectors its words
+        learned."""
+        self.token_vectors = nn.Embedding(vocab_size, self.output_dim)
+        nn.init.zeros_(self.token_vectors.weight)
+        weights = word_pieces.float() / word_pieces.sum(1, keepdim=True).clamp(min=1)
+        self.register_buffer("token_weights", weights, persistent=False)
+
+    def extra_vectors(self, items: torch.Tensor) -> torch.Tensor | None:
+        if self.token_vectors is None:
+            return None
+        ids, weights = self.input_ids[items - 1], self.token_weights[items - 1]
+        return (self.token_vectors(ids) * weights.unsqueeze(-1)).sum(1)
 
     def inputs(self, indices: torch.Tensor, trim: bool = True,
                width: int | None = None) -> dict[str, torch.Tensor]:

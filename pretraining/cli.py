@@ -352,7 +352,8 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
         add_settings(group, ContentEncoderSettings, exclude=("image_store",),
                      defaults={"encoder": "minilm"})
     else:
-        add_settings(group, ContentEncoderSettings, exclude=("template", "max_text_length"),
+        add_settings(group, ContentEncoderSettings,
+                     exclude=("template", "max_text_length", "token_vectors"),
                      defaults={"pooling": "cls"}, required=("image_store",))
     add_settings(group, RunSettings, ("encoder_cache_dir",))
 

@@ -1,0 +1,108 @@
+"""`--token-vectors`: learned word-piece vectors added to a text encoder's head output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from peftrec.dataset_tools import load_dataset_folder
+from peftrec.downstream import build_target_model, target_config
+from peftrec.modality_encoders import build_item_encoder
+from peftrec.pretraining.recommender import load_recommender_config
+from tests.helpers import (
+    MODEL,
+    TEXTS,
+    TRAIN,
+    finetune,
+    load_script,
+    save_bert,
+    text_content,
+    text_encoder,
+)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return save_bert(tmp_path_factory.mktemp("tv") / "bert", dropout=0.0)
+
+
+def word_pieces(bert, text: str) -> list[int]:
+    """The tokenizer's ids of a text's word pieces, [CLS] and [SEP] left out."""
+    return AutoTokenizer.from_pretrained(bert)(text, add_special_tokens=False)["input_ids"]
+
+
+def test_the_vectors_start_at_zero_and_add_the_mean_of_each_items_word_pieces(bert, tmp_path):
+    encoder = text_encoder(bert, text_content(tmp_path, TEXTS), token_vectors=True)
+    table = encoder.token_vectors.weight
+    assert table.shape == (AutoTokenizer.from_pretrained(bert).vocab_size, 8)
+    assert torch.all(table == 0)
+    head = torch.cat([torch.zeros(1, 8), encoder.projection(encoder.outputs)])
+    torch.testing.assert_close(encoder.catalog(), head)  # at start: the head alone
+
+    with torch.no_grad():
+        table.normal_()
+    expected = torch.stack([encoder.projection(encoder.outputs[i])
+                            + table[word_pieces(bert, text)].mean(0)
+                            for i, text in enumerate(TEXTS)])
+    catalog = encoder.catalog()
+    torch.testing.assert_close(catalog[1:], expected)
+    assert torch.all(catalog[0] == 0)
+    items = torch.tensor([3, 0, 1])
+    torch.testing.assert_close(encoder.encode_items(items), catalog[items])
+
+
+def test_a_partially_trained_encoder_adds_them_too(bert, tmp_path):
+    content = text_content(tmp_path, TEXTS)
+    encoder = text_encoder(bert, content, token_vectors=True, freeze=False,
+                           trainable_layers=1).train()
+    with torch.no_grad():
+        encoder.token_vectors.weight.normal_()
+    items = torch.tensor([2, 5])
+    pooled = encoder.encode_pooled(items)
+    expected = torch.stack([encoder.projection(pooled[k])
+                            + encoder.token_vectors.weight[word_pieces(bert, TEXTS[i - 1])]
+                            .mean(0) for k, i in enumerate(items.tolist())])
+    torch.testing.assert_close(encoder(items), expected)
+
+
+def test_only_the_catalogs_word_pieces_get_gradients(bert, tmp_path):
+    encoder = text_encoder(bert, text_content(tmp_path, TEXTS), token_vectors=True)
+    encoder.catalog().sum().backward()
+    grad = encoder.token_vectors.weight.grad
+    used = sorted({piece for text in TEXTS for piece in word_pieces(bert, text)})
+    touched = grad.abs().sum(1).nonzero().squeeze(1).tolist()
+    assert touched == used
+
+
+def test_images_refuse_the_flag_in_one_line(bert):
+    config = {"encoder": str(bert), "image_store": "store", "token_vectors": True}
+    with pytest.raises(ValueError, match="^--token-vectors: images have no word pieces; drop "
+                                         "it or use --item-encoder text$"):
+        build_item_encoder("image", 3, 8, config, None)
+
+
+def test_the_table_moves_to_a_new_catalog_bit_for_bit_and_adapters_leave_it(
+        bert, tiny_dataset_dir, target_dir, tmp_path):
+    run = tmp_path / "base"
+    cache = tmp_path / "cache"
+    load_script("pretrain_text").main([
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "2",
+        "--encoder", str(bert), "--text-template", "{title} ({genre})", "--encoder-cache-dir",
+        str(cache), "--token-vectors", "--preset", "none", *MODEL, *TRAIN])
+    base_dir = run / "best_model"
+    config = load_recommender_config(base_dir)
+    assert config.item_encoder_config["token_vectors"]
+    target = load_dataset_folder(target_dir)
+    model = build_target_model(target_config(config, target), base_dir, target, cache)
+    learned = load_file(base_dir / "model.safetensors")["item_encoder.token_vectors.weight"]
+    assert learned.abs().sum() > 0
+    assert torch.equal(model.item_encoder.token_vectors.weight.detach(), learned)
+
+    adapted = finetune(("lora",), "--pretrained", str(run), "--dataset", str(target_dir),
+                       "--output-dir", str(tmp_path / "lora"), "--encoder-cache-dir",
+                       str(cache), "--epochs", "1", "--adapt", "item_encoder")
+    saved = load_file(tmp_path / "lora" / "best_model" / "adapter_model.safetensors")
+    assert not any("token_vectors" in name for name in saved)
+    assert adapted["parameters"]["trainable"] < learned.numel()
