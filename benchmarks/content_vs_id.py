@@ -69,6 +69,8 @@ ROWS = [
     # apart items whose frozen text vectors are close, still from the text alone.
     ("text moe item-bias token-vectors", "pretrain_text",
      [*TEXT, "--item-head", "moe", "--item-bias", "--token-vectors"]),
+    ("text moe item-bias token-vectors sum", "pretrain_text",
+     [*TEXT, "--item-head", "moe", "--item-bias", "--token-vectors", "--token-pooling", "sum"]),
     ("text+id moe sum item-bias token-vectors", "pretrain_text",
      [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum",
       "--item-bias", "--token-vectors"]),

@@ -53,6 +53,8 @@ from peftrec.modality_encoders.whitening import WHITENINGS, whiten
 
 # How the content + ID encoders (`fusion.py`) combine the two vectors.
 FUSIONS = ("sum", "gate")
+# How `--token-vectors` combines the vectors of an item's word pieces.
+TOKEN_POOLINGS = ("mean", "sum")
 
 
 @dataclass
@@ -107,6 +109,10 @@ class ContentEncoderSettings:
         "help": "text: add to each item's head output the mean of learned vectors of its "
         "word pieces (one per tokenizer entry, zero at start, shared by every catalog that "
         "uses the tokenizer)"})
+    token_pooling: str = field(default="mean", metadata={
+        "choices": TOKEN_POOLINGS,
+        "help": "--token-vectors: their mean over an item's word pieces, or their sum (each "
+        "word's vector counts in full, however long the text)"})
     whitening: str = field(default="none", metadata={
         "choices": WHITENINGS,
         "help": "frozen encoder: whiten its cached outputs with the catalog's own statistics "
@@ -133,6 +139,12 @@ class ContentEncoderSettings:
         if self.fusion is not None and self.fusion not in FUSIONS:
             raise ValueError(f"unknown --fusion {self.fusion!r}; choose one of "
                              f"{', '.join(FUSIONS)}")
+        if self.token_pooling not in TOKEN_POOLINGS:
+            raise ValueError(f"unknown --token-pooling {self.token_pooling!r}; choose one of "
+                             f"{', '.join(TOKEN_POOLINGS)}")
+        if self.token_pooling != "mean" and not self.token_vectors:
+            raise ValueError(f"--token-pooling {self.token_pooling} pools --token-vectors; "
+                             "add --token-vectors or drop it")
         if self.whitening not in WHITENINGS:
             raise ValueError(f"unknown --whitening {self.whitening!r}; choose one of "
                              f"{', '.join(WHITENINGS)}")

@@ -46,8 +46,9 @@ class TextItemEncoder(ContentItemEncoder):
 
     def add_token_vectors(self, vocab_size: int, word_pieces: torch.Tensor) -> None:
         """`--token-vectors`: a learned vector per tokenizer entry (zero at start, so the
-        model starts as its head alone), and each item's averaging weights over its word
-        pieces (`word_pieces`: 1 where a position holds one, not padding or [CLS]/[SEP]).
+        model starts as its head alone), and each item's weights over its word pieces
+        (`word_pieces`: 1 where a position holds one, not padding or [CLS]/[SEP]): 1/count
+        for `token_pooling` mean, 1 for sum.
 
         Why: a frozen encoder's pooled vector places items with similar titles, years and
         genres close together, and a head over it cannot tell them apart much better; the
@@ -58,7 +59,9 @@ class TextItemEncoder(ContentItemEncoder):
         learned."""
         self.token_vectors = nn.Embedding(vocab_size, self.output_dim)
         nn.init.zeros_(self.token_vectors.weight)
-        weights = word_pieces.float() / word_pieces.sum(1, keepdim=True).clamp(min=1)
+        weights = word_pieces.float()
+        if self.settings.token_pooling == "mean":
+            weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
         self.register_buffer("token_weights", weights, persistent=False)
 
     def extra_vectors(self, items: torch.Tensor) -> torch.Tensor | None:

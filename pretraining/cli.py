@@ -353,7 +353,8 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
                      defaults={"encoder": "minilm"})
     else:
         add_settings(group, ContentEncoderSettings,
-                     exclude=("template", "max_text_length", "token_vectors"),
+                     exclude=("template", "max_text_length", "token_vectors",
+                              "token_pooling"),
                      defaults={"pooling": "cls"}, required=("image_store",))
     add_settings(group, RunSettings, ("encoder_cache_dir",))
 

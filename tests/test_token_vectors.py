@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,6 +53,29 @@ def test_the_vectors_start_at_zero_and_add_the_mean_of_each_items_word_pieces(be
     assert torch.all(catalog[0] == 0)
     items = torch.tensor([3, 0, 1])
     torch.testing.assert_close(encoder.encode_items(items), catalog[items])
+
+
+def test_sum_pooling_counts_each_word_piece_in_full(bert, tmp_path):
+    encoder = text_encoder(bert, text_content(tmp_path, TEXTS), token_vectors=True,
+                           token_pooling="sum")
+    with torch.no_grad():
+        encoder.token_vectors.weight.normal_()
+    pieces = word_pieces(bert, TEXTS[1])
+    assert len(pieces) > 5
+    expected = (encoder.projection(encoder.outputs[1])
+                + encoder.token_vectors.weight[pieces].sum(0))
+    torch.testing.assert_close(encoder.catalog()[2], expected)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"token_pooling": "sum"}, "--token-pooling sum pools --token-vectors; add "
+                               "--token-vectors or drop it"),
+    ({"token_vectors": True, "token_pooling": "max"}, "unknown --token-pooling 'max'; "
+                                                      "choose one of mean, sum"),
+])
+def test_bad_pooling_settings_are_named(bert, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        text_encoder(bert, text_content(tmp_path, TEXTS), **settings)
 
 
 def test_a_partially_trained_encoder_adds_them_too(bert, tmp_path):
