@@ -106,9 +106,9 @@ class ContentEncoderSettings:
         "help": "--item-encoder text+id or image+id: content + ID vector (sum; unset: sum), "
         "or content + a learned sigmoid gate times the ID vector (gate)"})
     token_vectors: bool = field(default=False, metadata={
-        "help": "text: add to each item's head output the mean of learned vectors of its "
-        "word pieces (one per tokenizer entry, zero at start, shared by every catalog that "
-        "uses the tokenizer)"})
+        "help": "text: add to each item's head output the mean (or sum: --token-pooling) of "
+        "learned vectors of its word pieces (one per tokenizer entry, zero at start, shared "
+        "by every catalog that uses the tokenizer)"})
     token_pooling: str = field(default="mean", metadata={
         "choices": TOKEN_POOLINGS,
         "help": "--token-vectors: their mean over an item's word pieces, or their sum (each "
