@@ -74,6 +74,9 @@ ROWS = [
     ("text+id moe sum item-bias token-vectors", "pretrain_text",
      [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum",
       "--item-bias", "--token-vectors"]),
+    ("text+id moe sum item-bias token-vectors sum", "pretrain_text",
+     [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum",
+      "--item-bias", "--token-vectors", "--token-pooling", "sum"]),
 ]
 COLUMNS = ("model", "seeds", "test ndcg@10", "test hr@10", "valid ndcg@10", "parameters",
            "epochs", "s/epoch")
