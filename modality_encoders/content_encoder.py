@@ -129,8 +129,11 @@ class ContentEncoderSettings:
         return cls(**config)
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
+        for flag, value, choices in (("--pooling", self.pooling, POOLINGS),
+                                     ("--token-pooling", self.token_pooling, TOKEN_POOLINGS),
+                                     ("--whitening", self.whitening, WHITENINGS)):
+            if value not in choices:
+                raise ValueError(f"unknown {flag} {value!r}; choose one of {', '.join(choices)}")
         if self.trainable_layers == 0 or self.trainable_layers < -1:
             raise ValueError(f"--trainable-layers must be >= 1 (or -1: all), got "
                              f"{self.trainable_layers}; use --freeze-encoder for none")
@@ -139,15 +142,9 @@ class ContentEncoderSettings:
         if self.fusion is not None and self.fusion not in FUSIONS:
             raise ValueError(f"unknown --fusion {self.fusion!r}; choose one of "
                              f"{', '.join(FUSIONS)}")
-        if self.token_pooling not in TOKEN_POOLINGS:
-            raise ValueError(f"unknown --token-pooling {self.token_pooling!r}; choose one of "
-                             f"{', '.join(TOKEN_POOLINGS)}")
         if self.token_pooling != "mean" and not self.token_vectors:
             raise ValueError(f"--token-pooling {self.token_pooling} pools --token-vectors; "
                              "add --token-vectors or drop it")
-        if self.whitening not in WHITENINGS:
-            raise ValueError(f"unknown --whitening {self.whitening!r}; choose one of "
-                             f"{', '.join(WHITENINGS)}")
         if self.whitening != "none" and not self.freeze:
             raise ValueError(f"--whitening {self.whitening} whitens the cached outputs of a "
                              "frozen encoder; drop it or drop --train-encoder")
