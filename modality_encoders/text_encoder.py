@@ -57,7 +57,9 @@ class TextItemEncoder(ContentItemEncoder):
         cost of a lookup. The table is indexed by the tokenizer, not by item, so it moves
         to any catalog the tokenizer reads: a new item starts from the vectors its words
         learned."""
-        self.token_vectors = nn.Embedding(vocab_size, self.output_dim)
+        # A weighted bag per item, summed inside the lookup: a catalog's [N, T, d] word-piece
+        # vectors are never materialised (at a million items that is gigabytes).
+        self.token_vectors = nn.EmbeddingBag(vocab_size, self.output_dim, mode="sum")
         nn.init.zeros_(self.token_vectors.weight)
         weights = word_pieces.float()
         if self.settings.token_pooling == "mean":
@@ -67,8 +69,8 @@ class TextItemEncoder(ContentItemEncoder):
     def extra_vectors(self, items: torch.Tensor) -> torch.Tensor | None:
         if self.token_vectors is None:
             return None
-        ids, weights = self.input_ids[items - 1], self.token_weights[items - 1]
-        return (self.token_vectors(ids) * weights.unsqueeze(-1)).sum(1)
+        return self.token_vectors(self.input_ids[items - 1],
+                                  per_sample_weights=self.token_weights[items - 1])
 
     def inputs(self, indices: torch.Tensor, trim: bool = True,
                width: int | None = None) -> dict[str, torch.Tensor]:
