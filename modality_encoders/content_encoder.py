@@ -190,7 +190,6 @@ class ContentItemEncoder(nn.Module):
             settings.head_hidden_size = self.hidden_size
         self.projection = build_head(settings.head, self.hidden_size, output_dim,
                                      settings.head_settings())
-        self.token_vectors: nn.EmbeddingBag | None = None  # text, `token_vectors`
         self.prepare_inputs(encoder_config)
         self._catalog_memo: torch.Tensor | None = None
         self.encoder: TransformerStages | None = None

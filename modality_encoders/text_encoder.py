@@ -40,6 +40,7 @@ class TextItemEncoder(ContentItemEncoder):
         self.register_buffer("input_ids", tokens["input_ids"], persistent=False)
         self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)
         self.register_buffer("token_counts", tokens["attention_mask"].sum(1), persistent=False)
+        self.token_vectors: nn.EmbeddingBag | None = None
         if self.settings.token_vectors:
             self.add_token_vectors(encoder_config.vocab_size,
                                    tokens["attention_mask"] * (1 - tokens["special_tokens_mask"]))
