@@ -133,9 +133,11 @@ def adapts_item_tables(config: AdapterConfig) -> bool:
 
 
 def item_tables(model: nn.Module, adapt: str = "both") -> list[tuple[nn.Module, str]]:
-    """(owner, attribute) of every per-item nn.Embedding table within the component
-    `adapt`: the tables that modules declare in `catalog_parameters` (an ID item encoder's
-    `embedding`, a content + ID encoder's `id_embedding`)."""
+    """(owner, attribute) of every lookup table within the component `adapt` that LoRA may
+    adapt: the per-item nn.Embedding tables that modules declare in `catalog_parameters`
+    (an ID item encoder's `embedding`, a content + ID encoder's `id_embedding`), and the
+    tables they declare in `vocabulary_tables` (a text encoder's word-piece vectors, an
+    nn.EmbeddingBag indexed by the tokenizer), where the module has built them."""
     check_known((adapt,), COMPONENTS, "--adapt component", "choose one of")
     tables = []
     for name, module in model.named_modules():
@@ -145,6 +147,9 @@ def item_tables(model: nn.Module, adapt: str = "both") -> list[tuple[nn.Module, 
         for parameter in getattr(module, "catalog_parameters", ()):
             attribute, _, kind = parameter.rpartition(".")
             if kind == "weight" and isinstance(getattr(module, attribute, None), nn.Embedding):
+                tables.append((module, attribute))
+        for attribute in getattr(module, "vocabulary_tables", ()):
+            if isinstance(getattr(module, attribute, None), nn.EmbeddingBag):
                 tables.append((module, attribute))
     return tables
 

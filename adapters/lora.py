@@ -3,9 +3,11 @@
 peft's LoRA layers go on every layer chosen here: the Linear layers of SASRec and DiffRec
 blocks, of a content encoder's output head and of a `transformers` encoder, and the
 per-item tables (`nn.Embedding`: an ID model's item table, a content + ID model's ID
-part). peft keeps the pretrained layer (as `base_layer`, never re-initialised) and adds
-`dropout(x) @ A^T @ B^T * alpha / rank` with B zero (a table's A is zero instead), so the
-output is unchanged at injection; `merge()` folds the update into the weight.
+part), and a text encoder's word-piece table (`--token-vectors`, an `nn.EmbeddingBag`,
+through `lora_embedding_bag.py`) when a target names it. peft keeps the pretrained layer
+(as `base_layer`, never re-initialised) and adds `dropout(x) @ A^T @ B^T * alpha / rank`
+with B zero (a table's A is zero instead), so the output is unchanged at injection;
+`merge()` folds the update into the weight.
 
 Placement is decided here and peft receives the exact module names, so one rule decides
 where LoRA goes: the chosen layers' Linear modules whose names end with one of
@@ -14,9 +16,9 @@ those their owner lists in `lora_targets`, as the ID item encoder does). A host 
 a `transformers` model as `.model` (the content encoders' `TransformerStages`) gets its
 layers named under that model, so its LoRA state dict is peft's own.
 
-Every layer peft reaches is a plain `nn.Linear` or `nn.Embedding` (no fused projection
-such as a QKV matrix), so loralib's `MergedLinear` has nothing to adapt and loralib is no
-dependency.
+Every layer peft reaches is a plain `nn.Linear`, `nn.Embedding` or `nn.EmbeddingBag` (no
+fused projection such as a QKV matrix), so loralib's `MergedLinear` has nothing to adapt
+and loralib is no dependency.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,12 +90,13 @@ class LoRAConfig(AdapterConfig):
 @register_adapter("lora", LoRAConfig)
 class LoRAInjector:
     def __init__(self) -> None:
-        self.table_names: set[str] = set()  # the item tables `inject_tables` adapted
+        self.table_names: set[str] = set()  # the tables `inject_tables` adapted
 
     def inject_tables(self, model: nn.Module, config: LoRAConfig) -> list[str]:
-        """peft's LoRA on the per-item tables of the component `config.adapt` that the
-        targets name (unset: those the table's owner lists in its `lora_targets`, as the ID
-        item encoder does); returns their attribute names."""
+        """peft's LoRA on the lookup tables (`item_tables`: per-item tables, a word-piece
+        table) of the component `config.adapt` that the targets name (unset: those the
+        table's owner lists in its `lora_targets`, as the ID item encoder does); returns
+        their attribute names."""
         adapted = []
         for owner, table in item_tables(model, config.adapt):
             targets = config.target_modules or getattr(owner, "lora_targets", None) or ()
@@ -216,15 +220,26 @@ def _inject_peft(model: nn.Module, names: list[str], config: LoRAConfig) -> None
     """peft LoRA layers on exactly the modules `names` (full names under `model`)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    ranks = dict(entry.split("=") for entry in config.rank_pattern or ())
-    # peft matches a pattern against the end of a module's name, as target_modules does.
+    # peft matches a pattern against the end of a module's name, as target_modules does;
+    # only the patterns of this call's modules go to peft (it warns of the others).
+    ranks = {pattern: rank for pattern, rank in
+             (entry.split("=") for entry in config.rank_pattern or ())
+             if any(name == pattern or name.endswith("." + pattern) for name in names)}
     peft_config = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=names,
         rank_pattern={name: int(rank) for name, rank in ranks.items()},
         alpha_pattern={name: config.alpha * int(rank) / config.rank
                        for name, rank in ranks.items()})
-    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+    if any(isinstance(model.get_submodule(name), nn.EmbeddingBag) for name in names):
+        from peftrec.adapters.lora_embedding_bag import LoraEmbeddingBag  # lazy, as peft is
+
+        peft_config._register_custom_module({nn.EmbeddingBag: LoraEmbeddingBag})
+    with warnings.catch_warnings():
+        # A component with a table and layers (a text encoder's word pieces and head) gets
+        # one peft injection for each, on purpose; peft warns at the second.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
 
 
 def _parse_rank_pattern(pattern: str | tuple[str, ...]) -> tuple[str, ...]:

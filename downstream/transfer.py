@@ -177,7 +177,8 @@ def adapts_encoder_layers(adapter: AdapterConfig, model_type: str,
     """Whether `adapter` reaches a content encoder's transformer layers, rather than only
     what lies above the cache: it does unless it names the output head (`--sites
     projection`, `--target-modules projection`) or one of the encoder's `item_tables` (a
-    content + ID encoder's `id_embedding`) and nothing those layers hold."""
+    content + ID encoder's `id_embedding`, a text encoder's `token_vectors`) and nothing
+    those layers hold."""
     names = set(adapter.placement())
     above_cache = {HEAD_SITE, *item_tables}
     if not names & above_cache:

@@ -80,10 +80,13 @@ def check_item_encoder_weights(name: str, config: dict, output_dim: int,
 
 
 def item_table_names(name: str) -> tuple[str, ...]:
-    """The module names of encoder `name`'s per-item tables (from its `catalog_parameters`:
-    `embedding` for `id`, `id_embedding` for `text+id`; none for a content encoder)."""
-    parameters = getattr(_encoder_class(name), "catalog_parameters", ())
-    return tuple(p.removesuffix(".weight") for p in parameters if p.endswith(".weight"))
+    """The module names of encoder `name`'s lookup tables: its per-item tables (from its
+    `catalog_parameters`: `embedding` for `id`, `id_embedding` for `text+id`) and its
+    `vocabulary_tables` (a text encoder's `token_vectors`)."""
+    encoder = _encoder_class(name)
+    parameters = getattr(encoder, "catalog_parameters", ())
+    return (tuple(p.removesuffix(".weight") for p in parameters if p.endswith(".weight"))
+            + tuple(getattr(encoder, "vocabulary_tables", ())))
 
 
 def table_rows(table: nn.Module, num_rows: int) -> torch.Tensor:

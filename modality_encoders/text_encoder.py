@@ -14,6 +14,9 @@ class TextItemEncoder(ContentItemEncoder):
     """Item texts (`ItemContent.texts`) are tokenised once, padded to the longest."""
 
     modality = "text"
+    # Indexed by the tokenizer, not by item: it moves to any catalog as it is, and LoRA
+    # may adapt it when a target names it (adapters.base.item_tables).
+    vocabulary_tables = ("token_vectors",)
 
     def check_settings(self, settings: ContentEncoderSettings) -> None:
         if not settings.template:
