@@ -1,17 +1,23 @@
-"""`--token-vectors`: learned word-piece vectors added to a text encoder's head output."""
+"""`--token-vectors`: learned word-piece vectors added to a text encoder's head output, and
+LoRA on that table (peft's LoRA Embedding as a custom layer for nn.EmbeddingBag)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoTokenizer
 
+from peftrec.adapters import LoRAConfig, get_adapted_model
+from peftrec.adapters.lora_embedding_bag import LoraEmbeddingBag
 from peftrec.dataset_tools import load_dataset_folder
-from peftrec.downstream import build_target_model, target_config
+from peftrec.downstream import build_target_model, evaluate_any_run, target_config
 from peftrec.modality_encoders import build_item_encoder
+from peftrec.pretraining.cli import evaluate_parser, parse_args
 from peftrec.pretraining.recommender import load_recommender_config
 from tests.helpers import (
     MODEL,
@@ -108,6 +114,69 @@ def test_images_refuse_the_flag_in_one_line(bert):
         build_item_encoder("image", 3, 8, config, None)
 
 
+def adapted_table(bert, tmp_path, rank: int = 2) -> tuple[nn.Module, torch.Tensor]:
+    """A text encoder with word-piece vectors (moved from zero, as a source's are), LoRA on
+    its head and table (the table at `rank`, factors moved as training would); its table."""
+    encoder = text_encoder(bert, text_content(tmp_path, TEXTS), token_vectors=True,
+                           token_pooling="sum")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        encoder.token_vectors.weight.normal_()
+    learned = encoder.token_vectors.weight.detach().clone()
+    get_adapted_model(encoder, LoRAConfig(rank=4, alpha=8, adapt="item_encoder",
+                                          target_modules="projection,token_vectors",
+                                          rank_pattern=f"token_vectors={rank}"))
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            if "lora_embedding_" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return encoder, learned
+
+
+def test_lora_on_the_word_piece_table_starts_as_identity_and_trains_only_its_factors(
+        bert, tmp_path):
+    encoder = text_encoder(bert, text_content(tmp_path, TEXTS), token_vectors=True)
+    with torch.no_grad():
+        encoder.token_vectors.weight.normal_()
+    before = encoder.catalog().detach()
+    learned = encoder.token_vectors.weight.detach().clone()
+    get_adapted_model(encoder, LoRAConfig(rank=2, adapt="item_encoder",
+                                          target_modules="token_vectors"))
+    wrapped = encoder.token_vectors
+    assert isinstance(wrapped, LoraEmbeddingBag)
+    assert wrapped.lora_embedding_A["default"].shape == (2, learned.shape[0])
+    torch.testing.assert_close(encoder.catalog(), before, atol=0, rtol=0)
+    trainable = {name for name, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"token_vectors.lora_embedding_A.default",
+                         "token_vectors.lora_embedding_B.default"}
+
+    optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=0.1)
+    encoder.catalog().pow(2).sum().backward()
+    # A is zero at start, so B's gradient is too; A's reaches exactly the catalog's pieces.
+    used = sorted({piece for text in TEXTS for piece in word_pieces(bert, text)})
+    grad_a = wrapped.lora_embedding_A["default"].grad
+    assert grad_a.abs().sum(0).nonzero().squeeze(1).tolist() == used
+    optimizer.step()
+    assert torch.equal(wrapped.base_layer.weight, learned)
+    assert not torch.allclose(encoder.catalog(), before)
+
+
+def test_the_adapted_table_is_the_table_plus_the_low_rank_update_and_merges(bert, tmp_path):
+    encoder, learned = adapted_table(bert, tmp_path, rank=3)
+    wrapped = encoder.token_vectors
+    assert wrapped.r["default"] == 3 and wrapped.scaling["default"] == 2.0  # 8/4 kept
+    delta = wrapped.get_delta_weight("default")
+    assert delta.shape == learned.shape
+    head = encoder.projection(encoder.outputs)
+    expected = torch.stack([head[i] + (learned + delta)[word_pieces(bert, text)].sum(0)
+                            for i, text in enumerate(TEXTS)])
+    catalog = encoder.catalog().detach()
+    torch.testing.assert_close(catalog[1:], expected)
+    wrapped.merge()
+    torch.testing.assert_close(encoder.catalog().detach(), catalog, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wrapped.base_layer.weight, learned + delta)
+
+
 def test_the_table_moves_to_a_new_catalog_bit_for_bit_and_adapters_leave_it(
         bert, tiny_dataset_dir, target_dir, tmp_path):
     run = tmp_path / "base"
@@ -131,3 +200,21 @@ def test_the_table_moves_to_a_new_catalog_bit_for_bit_and_adapters_leave_it(
     saved = load_file(tmp_path / "lora" / "best_model" / "adapter_model.safetensors")
     assert not any("token_vectors" in name for name in saved)
     assert adapted["parameters"]["trainable"] < learned.numel()
+
+    # Named by --target-modules, LoRA adapts the table too; the checkpoint holds its factors
+    # (not the table), the encoder stays above its cache, and the run reloads to its metrics.
+    lora = tmp_path / "lora-table"
+    metrics = finetune(("lora",), "--pretrained", str(run), "--dataset", str(target_dir),
+                       "--output-dir", str(lora), "--encoder-cache-dir", str(cache),
+                       "--epochs", "1", "--adapt", "item_encoder", "--target-modules",
+                       "projection,token_vectors", "--rank-pattern", "token_vectors=2")
+    saved = load_file(lora / "best_model" / "adapter_model.safetensors")
+    table = "item_encoder.token_vectors"
+    assert {name for name in saved if "token_vectors" in name} == {
+        f"{table}.lora_embedding_A.default", f"{table}.lora_embedding_B.default"}
+    assert saved[f"{table}.lora_embedding_A.default"].shape == (2, learned.shape[0])
+    config = json.loads((lora / "config.json").read_text())
+    assert config["model"]["item_encoder_config"]["freeze"] is True  # above the cache
+    again = evaluate_any_run(parse_args(evaluate_parser("t"), [
+        "--run", str(lora), "--cpu", "--output", str(tmp_path / "eval.json")]))
+    assert again["test"] == metrics["test"]
