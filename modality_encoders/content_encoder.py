@@ -113,6 +113,10 @@ class ContentEncoderSettings:
         "choices": TOKEN_POOLINGS,
         "help": "--token-vectors: their mean over an item's word pieces, or their sum (each "
         "word's vector counts in full, however long the text)"})
+    token_dropout: float = field(default=0.0, metadata={
+        "help": "--token-vectors: in training, drop each of an item's word pieces with this "
+        "probability (the others scaled by 1/(1-p)), so the model learns to score items "
+        "whose words it knows only in part, as a new catalog's"})
     whitening: str = field(default="none", metadata={
         "choices": WHITENINGS,
         "help": "frozen encoder: whiten its cached outputs with the catalog's own statistics "
@@ -145,6 +149,11 @@ class ContentEncoderSettings:
         if self.token_pooling != "mean" and not self.token_vectors:
             raise ValueError(f"--token-pooling {self.token_pooling} pools --token-vectors; "
                              "add --token-vectors or drop it")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ValueError(f"--token-dropout must be in [0, 1), got {self.token_dropout}")
+        if self.token_dropout and not self.token_vectors:
+            raise ValueError(f"--token-dropout {self.token_dropout} drops word pieces of "
+                             "--token-vectors; add --token-vectors or drop it")
         if self.whitening != "none" and not self.freeze:
             raise ValueError(f"--whitening {self.whitening} whitens the cached outputs of a "
                              "frozen encoder; drop it or drop --train-encoder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftrec.modality_encoders.base import register_item_encoder
@@ -73,8 +74,13 @@ class TextItemEncoder(ContentItemEncoder):
     def extra_vectors(self, items: torch.Tensor) -> torch.Tensor | None:
         if self.token_vectors is None:
             return None
-        return self.token_vectors(self.input_ids[items - 1],
-                                  per_sample_weights=self.token_weights[items - 1])
+        weights = self.token_weights[items - 1]
+        if self.training and self.settings.token_dropout:
+            # Word dropout: a new catalog's items come with words the source never saw
+            # (their vectors zero); trained on items with words missing, the head and the
+            # backbone learn not to lean on every word being known.
+            weights = F.dropout(weights, self.settings.token_dropout)
+        return self.token_vectors(self.input_ids[items - 1], per_sample_weights=weights)
 
     def inputs(self, indices: torch.Tensor, trim: bool = True,
                width: int | None = None) -> dict[str, torch.Tensor]:

@@ -354,7 +354,7 @@ def add_item_encoder_arguments(parser: argparse.ArgumentParser, modality: str) -
     else:
         add_settings(group, ContentEncoderSettings,
                      exclude=("template", "max_text_length", "token_vectors",
-                              "token_pooling"),
+                              "token_pooling", "token_dropout"),
                      defaults={"pooling": "cls"}, required=("image_store",))
     add_settings(group, RunSettings, ("encoder_cache_dir",))
 

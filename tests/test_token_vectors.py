@@ -78,10 +78,39 @@ def test_sum_pooling_counts_each_word_piece_in_full(bert, tmp_path):
                                "--token-vectors or drop it"),
     ({"token_vectors": True, "token_pooling": "max"}, "unknown --token-pooling 'max'; "
                                                       "choose one of mean, sum"),
+    ({"token_dropout": 0.2}, "--token-dropout 0.2 drops word pieces of --token-vectors; "
+                             "add --token-vectors or drop it"),
+    ({"token_vectors": True, "token_dropout": 1.0}, "--token-dropout must be in [0, 1), "
+                                                    "got 1.0"),
 ])
 def test_bad_pooling_settings_are_named(bert, tmp_path, settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         text_encoder(bert, text_content(tmp_path, TEXTS), **settings)
+
+
+def test_token_dropout_drops_word_pieces_in_training_only_and_keeps_the_expectation(
+        bert, tmp_path):
+    encoder = text_encoder(bert, text_content(tmp_path, TEXTS), token_vectors=True,
+                           token_pooling="sum", token_dropout=0.5)
+    with torch.no_grad():
+        encoder.token_vectors.weight.normal_()
+    items = torch.tensor([2, 4])
+    full = encoder.eval().extra_vectors(items).detach()
+    assert torch.equal(encoder.extra_vectors(items), full)  # evaluation: every word
+    encoder.train()
+    torch.manual_seed(0)
+    draws = torch.stack([encoder.extra_vectors(items).detach() for _ in range(4000)])
+    assert not torch.allclose(draws[0], full)
+    # Each kept piece counts 1 / (1 - p) = 2, so the mean over draws is the full sum.
+    torch.testing.assert_close(draws.mean(0), full, atol=0.15, rtol=0)
+    one_piece = text_encoder(bert, text_content(tmp_path, ["x"]), token_vectors=True,
+                             token_pooling="sum", token_dropout=0.5).train()
+    with torch.no_grad():
+        one_piece.token_vectors.weight.normal_()
+    row = one_piece.token_vectors.weight[word_pieces(bert, "x")].sum(0).detach()
+    seen = {tuple(torch.round(one_piece.extra_vectors(torch.tensor([1]))[0] / row, decimals=4)
+                  .tolist()) for _ in range(50)}
+    assert seen == {(0.0,) * 8, (2.0,) * 8}  # dropped, or kept at twice its weight
 
 
 def test_a_partially_trained_encoder_adds_them_too(bert, tmp_path):
