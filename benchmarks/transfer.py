@@ -174,6 +174,10 @@ GRID = [
      ["--adapt", "item_encoder", "--target-modules", "projection,token_vectors", "--rank", "4",
       "--alpha", "8", "--rank-pattern", "token_vectors=2", "--lr", "5e-3", "--tune",
       "layernorm", "--item-bias"], TEXT),
+    ("lora head r4 + token table r2 + layernorm + item bias lr 2e-2", "adapter_lora",
+     ["--adapt", "item_encoder", "--target-modules", "projection,token_vectors", "--rank", "4",
+      "--alpha", "8", "--rank-pattern", "token_vectors=2", "--lr", "2e-2", "--tune",
+      "layernorm", "--item-bias"], TEXT),
     # With rank 1 in the backbone's feed-forward layers too (4.8% on ML-100k): full
     # fine-tuning's lead grew with its rate, and it is the backbone that moves then.
     ("lora head r8 + ffn r1 + layernorm + item bias lr 1e-2", "adapter_lora",
