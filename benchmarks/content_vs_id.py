@@ -77,6 +77,14 @@ ROWS = [
     ("text+id moe sum item-bias token-vectors sum", "pretrain_text",
      [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "sum",
       "--item-bias", "--token-vectors", "--token-pooling", "sum"]),
+    # The ID vector plus a learned per-dimension scale (zero at start) times the content
+    # vector: it starts as the ID model and takes in as much content as helps.
+    ("text+id moe scaled item-bias", "pretrain_text",
+     [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "scaled",
+      "--item-bias"]),
+    ("text+id moe scaled item-bias token-vectors sum", "pretrain_text",
+     [*TEXT, "--item-encoder", "text+id", "--item-head", "moe", "--fusion", "scaled",
+      "--item-bias", "--token-vectors", "--token-pooling", "sum"]),
 ]
 COLUMNS = ("model", "seeds", "test ndcg@10", "test hr@10", "valid ndcg@10", "parameters",
            "epochs", "s/epoch")

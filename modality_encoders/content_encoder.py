@@ -52,7 +52,7 @@ from peftrec.modality_encoders.transformer import (
 from peftrec.modality_encoders.whitening import WHITENINGS, whiten
 
 # How the content + ID encoders (`fusion.py`) combine the two vectors.
-FUSIONS = ("sum", "gate")
+FUSIONS = ("sum", "gate", "scaled")
 # How `--token-vectors` combines the vectors of an item's word pieces.
 TOKEN_POOLINGS = ("mean", "sum")
 
@@ -104,7 +104,8 @@ class ContentEncoderSettings:
     fusion: str | None = field(default=None, metadata={
         "choices": FUSIONS,
         "help": "--item-encoder text+id or image+id: content + ID vector (sum; unset: sum), "
-        "or content + a learned sigmoid gate times the ID vector (gate)"})
+        "content + a learned sigmoid gate times the ID vector (gate), or ID vector + a "
+        "learned per-dimension scale, zero at start, times the content vector (scaled)"})
     token_vectors: bool = field(default=False, metadata={
         "help": "text: add to each item's head output the mean (or sum: --token-pooling) of "
         "learned vectors of its word pieces (one per tokenizer entry, zero at start, shared "

@@ -8,6 +8,13 @@ from torch import nn
 from peftrec.modality_encoders.base import register_item_encoder, table_rows
 
 
+def init_item_table(table: nn.Embedding) -> None:
+    """An ID item table's start: small random rows (std 0.02), row 0 (padding) zero."""
+    nn.init.normal_(table.weight, std=0.02)
+    with torch.no_grad():
+        table.weight[0].zero_()
+
+
 @register_item_encoder("id")
 class IDEncoder(nn.Module):
     """An embedding table with row 0 reserved for padding (kept at zero)."""
@@ -28,9 +35,7 @@ class IDEncoder(nn.Module):
         self.output_dim = output_dim
         self.num_items = num_items
         self.embedding = nn.Embedding(num_items + 1, output_dim, padding_idx=0)
-        nn.init.normal_(self.embedding.weight, std=0.02)
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
+        init_item_table(self.embedding)
 
     def forward(self, item_indices: torch.Tensor) -> torch.Tensor:
         return self.embedding(item_indices)
