@@ -306,6 +306,51 @@ def test_the_id_table_starts_at_zero_and_the_item_vector_is_the_content_vector(b
     assert grad[1:].any() and not grad[0].any()
 
 
+def test_the_scaled_fusion_starts_as_an_id_model_and_learns_how_much_content_to_take(
+        bert, tmp_path):
+    model = text_model(bert, tmp_path, "text+id", fusion="scaled", head="mlp").eval()
+    items = model.item_encoder
+    assert model.catalog_parameter_names() == ["item_encoder.id_embedding.weight"]
+    assert items.content_scale.shape == (8,) and not items.content_scale.any()
+    ids = items.id_embedding.weight
+    assert not ids[0].any() and 0.005 < ids[1:].std() < 0.05  # an ID model's start
+    assert torch.equal(items.catalog(), ids)  # the content scaled to zero
+    # At the start only the scale reaches the content: the head learns once it has grown.
+    model.train().loss(batch())["loss"].backward()
+    assert items.content_scale.grad.any() and ids.grad[1:].any() and not ids.grad[0].any()
+    assert all(not p.grad.any() for p in items.projection.parameters())
+    model.eval()
+    with torch.no_grad():
+        items.content_scale.normal_()
+    expected = ids + items.content_scale * items.content_catalog()
+    torch.testing.assert_close(items.catalog(), expected)
+    real = torch.tensor([0, 3, 1])
+    torch.testing.assert_close(items.encode_items(real), expected[real])
+
+
+def test_the_scaled_fusion_transfers_its_scale_and_head_and_restarts_its_table(
+        bert, tiny_dataset_dir, target_dir, tmp_path):
+    run = tmp_path / "scaled"
+    load_script("pretrain_text").main([
+        "--dataset", str(tiny_dataset_dir), "--output-dir", str(run), "--epochs", "1",
+        "--encoder", str(bert), "--text-template", "{title} ({genre})", "--encoder-cache-dir",
+        str(tmp_path / "cache"), "--item-encoder", "text+id", "--fusion", "scaled",
+        "--preset", "none", *MODEL, *TRAIN])
+    base_dir = run / "best_model"
+    source = load_file(base_dir / "model.safetensors")
+    assert source["item_encoder.content_scale"].any()  # trained off zero
+    target = load_dataset_folder(target_dir)
+    torch.manual_seed(0)
+    model = build_target_model(target_config(load_recommender_config(base_dir), target),
+                               base_dir, target, tmp_path / "cache")
+    state = model.state_dict()
+    for name in set(state) - {"item_encoder.id_embedding.weight"}:
+        assert torch.equal(state[name], source[name]), name
+    table = state["item_encoder.id_embedding.weight"]
+    assert table.shape == (target.num_items + 1, 16)
+    assert not table[0].any() and 0.005 < table[1:].std() < 0.05  # fresh, as an ID model's
+
+
 def test_a_fusion_model_trains_its_encoder_end_to_end(bert, tmp_path):
     model = text_model(bert, tmp_path, "text+id", freeze=False, head="moe", num_experts=2)
     items = model.item_encoder
