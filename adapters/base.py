@@ -132,7 +132,7 @@ def adapts_item_tables(config: AdapterConfig) -> bool:
     return hasattr(_registered(config.method)[1], "inject_tables")
 
 
-def item_tables(model: nn.Module, adapt: str = "both") -> list[tuple[nn.Module, str]]:
+def lookup_tables(model: nn.Module, adapt: str = "both") -> list[tuple[nn.Module, str]]:
     """(owner, attribute) of every lookup table within the component `adapt` that LoRA may
     adapt: the per-item nn.Embedding tables that modules declare in `catalog_parameters`
     (an ID item encoder's `embedding`, a content + ID encoder's `id_embedding`), and the

@@ -38,8 +38,8 @@ from torch import nn
 from peftrec.adapters.base import (
     AdapterConfig,
     AdapterLayer,
-    item_tables,
     layer_path,
+    lookup_tables,
     num_layers,
     register_adapter,
 )
@@ -93,12 +93,12 @@ class LoRAInjector:
         self.table_names: set[str] = set()  # the tables `inject_tables` adapted
 
     def inject_tables(self, model: nn.Module, config: LoRAConfig) -> list[str]:
-        """peft's LoRA on the lookup tables (`item_tables`: per-item tables, a word-piece
+        """peft's LoRA on the lookup tables (`lookup_tables`: per-item tables, a word-piece
         table) of the component `config.adapt` that the targets name (unset: those the
         table's owner lists in its `lora_targets`, as the ID item encoder does); returns
         their attribute names."""
         adapted = []
-        for owner, table in item_tables(model, config.adapt):
+        for owner, table in lookup_tables(model, config.adapt):
             targets = config.target_modules or getattr(owner, "lora_targets", None) or ()
             if table in targets:
                 _inject_peft(owner, [table], config)

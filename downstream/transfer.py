@@ -70,7 +70,7 @@ from peftrec.downstream.matching import (
     read_matching,
 )
 from peftrec.downstream.popularity_prior import evaluate_with_prior, parse_prior
-from peftrec.modality_encoders.base import item_table_names
+from peftrec.modality_encoders.base import lookup_table_names
 from peftrec.modality_encoders.content_encoder import HEAD_SITE
 from peftrec.modality_encoders.transformer import (
     ADAPTER_LAYOUTS,
@@ -142,7 +142,7 @@ def target_config(
         name = encoder_config["encoder"]
         encoder = load_encoder_config(resolve_encoder_path(name), name)
         if adapts_encoder_layers(adapter, encoder.model_type,
-                                 item_table_names(base.item_encoder)):
+                                 lookup_table_names(base.item_encoder)):
             num_layers = encoder.num_hidden_layers
             lowest = parse_layers(adapter.layers, num_layers)[0]
             encoder_config.update(freeze=False,
@@ -173,14 +173,14 @@ def objective_overrides(args: argparse.Namespace) -> dict:
 
 
 def adapts_encoder_layers(adapter: AdapterConfig, model_type: str,
-                          item_tables: tuple[str, ...] = ()) -> bool:
+                          lookup_tables: tuple[str, ...] = ()) -> bool:
     """Whether `adapter` reaches a content encoder's transformer layers, rather than only
     what lies above the cache: it does unless it names the output head (`--sites
-    projection`, `--target-modules projection`) or one of the encoder's `item_tables` (a
+    projection`, `--target-modules projection`) or one of the encoder's `lookup_tables` (a
     content + ID encoder's `id_embedding`, a text encoder's `token_vectors`) and nothing
     those layers hold."""
     names = set(adapter.placement())
-    above_cache = {HEAD_SITE, *item_tables}
+    above_cache = {HEAD_SITE, *lookup_tables}
     if not names & above_cache:
         return True
     layout = ADAPTER_LAYOUTS.get(model_type)

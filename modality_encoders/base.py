@@ -79,7 +79,7 @@ def check_item_encoder_weights(name: str, config: dict, output_dim: int,
     return check(config, output_dim, shapes) if check is not None else None
 
 
-def item_table_names(name: str) -> tuple[str, ...]:
+def lookup_table_names(name: str) -> tuple[str, ...]:
     """The module names of encoder `name`'s lookup tables: its per-item tables (from its
     `catalog_parameters`: `embedding` for `id`, `id_embedding` for `text+id`) and its
     `vocabulary_tables` (a text encoder's `token_vectors`)."""

@@ -16,7 +16,7 @@ class TextItemEncoder(ContentItemEncoder):
 
     modality = "text"
     # Indexed by the tokenizer, not by item: it moves to any catalog as it is, and LoRA
-    # may adapt it when a target names it (adapters.base.item_tables).
+    # may adapt it when a target names it (adapters.base.lookup_tables).
     vocabulary_tables = ("token_vectors",)
 
     def check_settings(self, settings: ContentEncoderSettings) -> None:
