@@ -166,18 +166,11 @@ GRID = [
     # that the source never saw are zero there and stay zero under a head adapter; a rank 2
     # table update gives each word piece two numbers of its own (2 x (V + d) as built).
     # Under 5% of the model as built and of the parameters the target's items use.
-    ("lora head r4 + token table r2 + layernorm + item bias lr 1e-2", "adapter_lora",
-     ["--adapt", "item_encoder", "--target-modules", "projection,token_vectors", "--rank", "4",
-      "--alpha", "8", "--rank-pattern", "token_vectors=2", "--lr", "1e-2", "--tune",
-      "layernorm", "--item-bias"], TEXT),
-    ("lora head r4 + token table r2 + layernorm + item bias lr 5e-3", "adapter_lora",
-     ["--adapt", "item_encoder", "--target-modules", "projection,token_vectors", "--rank", "4",
-      "--alpha", "8", "--rank-pattern", "token_vectors=2", "--lr", "5e-3", "--tune",
-      "layernorm", "--item-bias"], TEXT),
-    ("lora head r4 + token table r2 + layernorm + item bias lr 2e-2", "adapter_lora",
-     ["--adapt", "item_encoder", "--target-modules", "projection,token_vectors", "--rank", "4",
-      "--alpha", "8", "--rank-pattern", "token_vectors=2", "--lr", "2e-2", "--tune",
-      "layernorm", "--item-bias"], TEXT),
+    *[(f"lora head r4 + token table r2 + layernorm + item bias lr {lr}", "adapter_lora",
+       ["--adapt", "item_encoder", "--target-modules", "projection,token_vectors", "--rank",
+        "4", "--alpha", "8", "--rank-pattern", "token_vectors=2", "--lr", lr, "--tune",
+        "layernorm", "--item-bias"], TEXT)
+      for lr in ("1e-2", "5e-3", "2e-2")],
     # With rank 1 in the backbone's feed-forward layers too (4.8% on ML-100k): full
     # fine-tuning's lead grew with its rate, and it is the backbone that moves then.
     ("lora head r8 + ffn r1 + layernorm + item bias lr 1e-2", "adapter_lora",

@@ -48,7 +48,6 @@ class IDFusion(ContentItemEncoder):
         super().__init__(num_items, output_dim, config, content)
         self.fusion = self.settings.fusion or "sum"
         self.id_embedding = nn.Embedding(num_items + 1, output_dim, padding_idx=0)
-        nn.init.zeros_(self.id_embedding.weight)
         self.fusion_gate = None
         self.content_scale = None
         if self.fusion == "scaled":
@@ -57,6 +56,8 @@ class IDFusion(ContentItemEncoder):
             # would start every item at the same vector (on ML-100k that cost as much as
             # the content part's drag did: training loss 5.99 against 5.81 at epoch 5).
             init_item_table(self.id_embedding)
+        else:
+            nn.init.zeros_(self.id_embedding.weight)
         if self.fusion == "gate":
             # Zero at start: g = 1/2 for every item until the ID vectors move.
             self.fusion_gate = nn.Linear(2 * output_dim, output_dim)
